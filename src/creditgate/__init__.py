@@ -1,0 +1,1 @@
+"""creditgate: the credit meter of a B2B contact-data platform."""

@@ -1,0 +1,243 @@
+"""Decision records and the messages rendered from them.
+
+The charge script returns a compact *record* of its decision; everything published
+(the result, the ledger entry, the notifications) is rendered from the record and the
+request alone. Rendering is pure, so a replayed request re-emits identical messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from creditgate.domain.charges import Action, ChargeRequest, Outcome, Reason
+from creditgate.domain.ids import rfc3339
+
+RESULT_APPROVED = "charge.approved"
+RESULT_REJECTED = "charge.rejected"
+
+
+def _as_list(value: Any) -> list[Any]:
+    # Redis's cjson encodes an empty Lua table as {}: read that back as an empty list.
+    return list(value) if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class ChargeRecord:
+    """The stored decision of one request, as the charge script wrote it."""
+
+    request_id: str
+    fingerprint: str
+    decided_ms: int
+    approved: bool
+    reason: Reason | None
+    detail: str | None
+    credits: int
+    needed: int
+    balance: int
+    period_id: str | None
+    outcomes: list[Outcome]
+    free_until_ms: list[int]
+    opened: list[tuple[int, int]]
+    notes: list[dict[str, Any]]
+    saved: int
+    sequence: int | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_script(cls, data: dict[str, Any]) -> ChargeRecord:
+        return cls(
+            request_id=data["request_id"],
+            fingerprint=data["fp"],
+            decided_ms=int(data["at"]),
+            approved=data["status"] == "approved",
+            reason=Reason(data["reason"]) if data.get("reason") else None,
+            detail=data.get("detail"),
+            credits=int(data["credits"]),
+            needed=int(data["needed"]),
+            balance=int(data["balance"]),
+            period_id=data.get("period") or None,
+            outcomes=[Outcome(o) for o in _as_list(data.get("outcomes"))],
+            free_until_ms=[int(u) for u in _as_list(data.get("until"))],
+            opened=[(int(i), int(e)) for i, e in _as_list(data.get("opened"))],
+            notes=_as_list(data.get("notes")),
+            saved=int(data.get("saved", 0)),
+            sequence=int(data["seq"]) if data.get("seq") is not None else None,
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """What rendering needs of a request; an invalid request has no items or user."""
+
+    org_id: str
+    request_id: str
+    user_id: str | None
+    action: Action
+    items: list[dict[str, Any]]
+    reference: dict[str, Any] | None = None
+    max_credits: int | None = None
+
+    @classmethod
+    def of(cls, request: ChargeRequest) -> RequestView:
+        return cls(
+            org_id=request.org_id,
+            request_id=request.request_id,
+            user_id=request.user_id,
+            action=request.action,
+            items=[item.model_dump(exclude_none=True) for item in request.items],
+            reference=request.reference,
+            max_credits=request.max_credits,
+        )
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def charge_message(view: RequestView, record: ChargeRecord, window_days: float) -> str:
+    """One sentence a person can read: what was charged, or why nothing was."""
+    if record.approved:
+        counts = {o: record.outcomes.count(o) for o in Outcome}
+        parts = [f"{_plural(record.credits, 'credit')} charged"]
+        if counts[Outcome.FREE_REPEAT]:
+            parts.append(f"{_plural(counts[Outcome.FREE_REPEAT], 'item')} free within "
+                         f"its {window_days:g}-day window")
+        if counts[Outcome.DUPLICATE_IN_REQUEST]:
+            parts.append(f"{_plural(counts[Outcome.DUPLICATE_IN_REQUEST], 'duplicate')} "
+                         "in the request")
+        if counts[Outcome.NO_VERIFIED_EMAIL]:
+            parts.append("no verified email found")
+        if counts[Outcome.NOT_CHARGED]:
+            parts.append(f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not charged: "
+                         "the balance ran out")
+        return ", ".join(parts)
+    if record.detail:
+        return record.detail
+    user, org = view.user_id, view.org_id
+    match record.reason:
+        case Reason.CREDITS_DISALLOWED:
+            return f"{user} is not allowed to use the credits of {org}; an admin can allow it"
+        case Reason.INSUFFICIENT_CREDITS:
+            return (f"the request needs {_plural(record.needed, 'credit')}, "
+                    f"{record.balance} left")
+        case Reason.EXCEEDS_MAX_CREDITS:
+            return (f"the request needs {_plural(record.needed, 'credit')}, more than its "
+                    f"max_credits of {view.max_credits}")
+        case Reason.NOT_A_MEMBER:
+            return f"{user} is not a member of {org}"
+        case Reason.NO_ACTIVE_LICENSE:
+            return f"{org} has no active license period"
+        case Reason.LICENSE_PERIOD_ENDED:
+            return f"the license period {record.period_id} of {org} has ended"
+        case _:
+            return str(record.reason)
+
+
+def _items(view: RequestView, record: ChargeRecord) -> list[dict[str, Any]]:
+    items = []
+    for item, outcome, until in zip(view.items, record.outcomes, record.free_until_ms,
+                                    strict=False):
+        entry = {**item, "outcome": outcome.value}
+        if outcome is Outcome.FREE_REPEAT:
+            entry["free_until"] = rfc3339(until)
+        items.append(entry)
+    return items
+
+
+def charge_result(view: RequestView, record: ChargeRecord, window_days: float) -> dict[str, Any]:
+    """The ``charge.approved`` / ``charge.rejected`` message of a decision."""
+    return {
+        "type": RESULT_APPROVED if record.approved else RESULT_REJECTED,
+        "request_id": view.request_id,
+        "org_id": view.org_id,
+        "user_id": view.user_id,
+        "action": view.action.value,
+        "credits_charged": record.credits,
+        "items": _items(view, record),
+        "balance_after": record.balance,
+        "period_id": record.period_id,
+        "reason": record.reason.value if record.reason else None,
+        "message": charge_message(view, record, window_days),
+        "decided_at": rfc3339(record.decided_ms),
+        "sequence": record.sequence,
+        "reference": view.reference,
+    }
+
+
+def conflict_result(view: RequestView, stored: ChargeRecord, now_ms: int) -> dict[str, Any]:
+    """The answer to a second, different body under a used ``request_id``.
+
+    It charges nothing and is not the request's decision: the stored one stands, so
+    this answer carries no ledger sequence.
+    """
+    return {
+        "type": RESULT_REJECTED,
+        "request_id": view.request_id,
+        "org_id": view.org_id,
+        "user_id": view.user_id,
+        "action": view.action.value,
+        "credits_charged": 0,
+        "items": [{**item, "outcome": Outcome.NOT_CHARGED.value} for item in view.items],
+        "balance_after": None,
+        "period_id": stored.period_id,
+        "reason": Reason.REQUEST_ID_CONFLICT.value,
+        "message": (f"request_id {view.request_id} was already decided for another body "
+                    f"at {rfc3339(stored.decided_ms)}; that decision stands"),
+        "decided_at": rfc3339(now_ms),
+        "sequence": None,
+        "reference": view.reference,
+    }
+
+
+def charge_ledger_entry(view: RequestView, record: ChargeRecord,
+                        window_names: list[str]) -> dict[str, Any]:
+    """The ledger entry of a decision: enough to rebuild every key it wrote."""
+    return {
+        "org_id": view.org_id,
+        "sequence": record.sequence,
+        "kind": "charged" if record.approved else "rejected",
+        "request_id": view.request_id,
+        "user_id": view.user_id,
+        "action": view.action.value,
+        "credits_delta": -record.credits,
+        "balance_after": record.balance,
+        "period_id": record.period_id,
+        "recorded_at": rfc3339(record.decided_ms),
+        "windows": [{"window": window_names[index], "ends_at_ms": ends}
+                    for index, ends in record.opened],
+        "decision": record.raw,
+    }
+
+
+def charge_notifications(view: RequestView, record: ChargeRecord) -> list[dict[str, Any]]:
+    """Notifications the decision asked for, each with a deterministic id."""
+    out = []
+    for note in record.notes:
+        kind = note["type"]
+        recipient: dict[str, str]
+        if note["to"] == "user" and view.user_id:
+            recipient = {"user_id": view.user_id}
+        else:
+            recipient = {"role": "admin"}
+        tag = recipient.get("user_id") or "admins"
+        figures: dict[str, Any] = {"request_id": view.request_id, "action": view.action.value}
+        if kind == "credits.insufficient":
+            figures |= {"credits_needed": record.needed, "credits_left": record.balance}
+        elif kind == "credits.threshold_reached":
+            figures |= {"threshold_percent": note["threshold"], "credits_left": record.balance,
+                        "period_id": record.period_id}
+        elif kind == "credits.disallowed":
+            figures |= {"message": "you do not have access to credits; ask an admin of "
+                                   "your organisation"}
+        suffix = f":{note['threshold']}" if "threshold" in note else ""
+        out.append({
+            "notification_id": f"{view.org_id}:{view.request_id}:{kind}:{tag}{suffix}",
+            "type": kind,
+            "org_id": view.org_id,
+            "recipient": recipient,
+            "created_at": rfc3339(record.decided_ms),
+            **figures,
+        })
+    return out

@@ -1,0 +1,41 @@
+"""Identifiers and timestamps as DESIGN §3 defines them."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, StringConstraints
+
+ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+def is_identifier(value: Any) -> bool:
+    """True when ``value`` is a string the contracts accept as an id."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def _must_be_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp needs a time zone (RFC 3339)")
+    return value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_must_be_utc)]
+
+
+def to_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def rfc3339(ms: int) -> str:
+    """Milliseconds since the epoch as an RFC 3339 UTC string with millisecond precision."""
+    return from_ms(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")

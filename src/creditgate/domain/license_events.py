@@ -1,0 +1,171 @@
+"""Outcomes of license commands and the messages rendered from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from creditgate.domain.ids import rfc3339
+
+COMMAND_APPLIED = "command.applied"
+COMMAND_REJECTED = "command.rejected"
+
+LEDGER_KINDS = {
+    "license.start_period": "period_started",
+    "credits.grant": "granted",
+    "member.upsert": "member_changed",
+    "member.remove": "member_changed",
+    "member.set_credits_allowed": "member_changed",
+}
+
+
+def _state(raw: Any) -> dict[str, Any] | None:
+    if not isinstance(raw, dict) or not raw:
+        return None
+    state = {k: (None if v is False and k != "credits_allowed" else v) for k, v in raw.items()}
+    for name in ("starts_ms", "ends_ms"):
+        value = state.pop(name, None)
+        if isinstance(value, int | float):
+            state[name.replace("_ms", "_at")] = rfc3339(int(value))
+    return state
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    command_id: str
+    fingerprint: str
+    decided_ms: int
+    applied: bool
+    reason: str | None
+    detail: str | None
+    sequence: int | None
+    state: dict[str, Any] | None
+    delta: int
+    balance: int | None
+    expired: int
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_script(cls, data: dict[str, Any]) -> CommandRecord:
+        return cls(
+            command_id=data["command_id"],
+            fingerprint=data["fp"],
+            decided_ms=int(data["at"]),
+            applied=data["status"] == "applied",
+            reason=data.get("reason") or None,
+            detail=data.get("detail") or None,
+            sequence=int(data["seq"]) if data.get("seq") is not None else None,
+            state=_state(data.get("state")),
+            delta=int(data.get("delta", 0)),
+            balance=int(data["balance"]) if data.get("balance") is not None else None,
+            expired=int(data.get("expired", 0)),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class CommandView:
+    """What rendering needs of a command (an invalid one has only its ids)."""
+
+    org_id: str
+    command_id: str
+    command_type: str
+    body: dict[str, Any]
+
+
+_MESSAGES = {
+    "not_an_admin": "only an admin of the organisation can allow or disallow credit use",
+    "not_a_member": "the user is not a member of the organisation",
+    "no_active_license": "the organisation has no license period to add credits to",
+    "command_id_conflict": "this command_id was already used for another command; "
+                           "its outcome stands",
+}
+
+
+def command_message(view: CommandView, record: CommandRecord) -> str:
+    if not record.applied:
+        return record.detail or _MESSAGES.get(record.reason or "", record.reason or "")
+    body = view.body
+    match view.command_type:
+        case "license.start_period":
+            return (f"period {body['period_id']} started with {body['credits']} credits; "
+                    f"{record.expired} left from the previous period expired")
+        case "credits.grant":
+            return f"{body['credits']} credits granted, balance {record.balance}"
+        case "member.upsert":
+            return f"{body['user_id']} is now {body['role']}"
+        case "member.remove":
+            return f"{body['user_id']} is no longer a member"
+        case _:
+            verb = "allowed" if body.get("allowed") else "disallowed"
+            return f"{body['user_id']} is {verb} to use credits"
+
+
+def license_event(view: CommandView, record: CommandRecord) -> dict[str, Any]:
+    return {
+        "type": COMMAND_APPLIED if record.applied else COMMAND_REJECTED,
+        "command_id": view.command_id,
+        "command_type": view.command_type,
+        "org_id": view.org_id,
+        "reason": record.reason,
+        "message": command_message(view, record),
+        "state": record.state,
+        "sequence": record.sequence,
+        "decided_at": rfc3339(record.decided_ms),
+    }
+
+
+def conflict_event(view: CommandView, now_ms: int) -> dict[str, Any]:
+    return {
+        "type": COMMAND_REJECTED,
+        "command_id": view.command_id,
+        "command_type": view.command_type,
+        "org_id": view.org_id,
+        "reason": "command_id_conflict",
+        "message": _MESSAGES["command_id_conflict"],
+        "state": None,
+        "sequence": None,
+        "decided_at": rfc3339(now_ms),
+    }
+
+
+def command_ledger_entry(view: CommandView, record: CommandRecord) -> dict[str, Any]:
+    return {
+        "org_id": view.org_id,
+        "sequence": record.sequence,
+        "kind": LEDGER_KINDS[view.command_type],
+        "command_id": view.command_id,
+        "command_type": view.command_type,
+        "credits_delta": record.delta,
+        "balance_after": record.balance,
+        "expired_credits": record.expired,
+        "recorded_at": rfc3339(record.decided_ms),
+        "command": view.body,
+        "state": record.state,
+        "decision": record.raw,
+    }
+
+
+def command_notifications(view: CommandView, record: CommandRecord) -> list[dict[str, Any]]:
+    if not record.applied or view.command_type not in ("license.start_period", "credits.grant"):
+        return []
+    kind = ("license.period_started" if view.command_type == "license.start_period"
+            else "credits.granted")
+    body = view.body
+    figures: dict[str, Any]
+    if kind == "license.period_started":
+        figures = {"period_id": body["period_id"], "credits": body["credits"],
+                   "starts_at": body["starts_at"], "ends_at": body["ends_at"],
+                   "expired_credits": record.expired}
+    else:
+        figures = {"grant_id": body["grant_id"], "credits": body["credits"],
+                   "reason": body["reason"], "granted_by": body["granted_by"],
+                   "balance_after": record.balance}
+    return [{
+        "notification_id": f"{view.org_id}:{view.command_id}:{kind}:admins",
+        "type": kind,
+        "org_id": view.org_id,
+        "recipient": {"role": "admin"},
+        "created_at": rfc3339(record.decided_ms),
+        **figures,
+    }]

@@ -1,0 +1,34 @@
+"""creditgate's exceptions: one root, infrastructure failures wrapped at the edge.
+
+Business outcomes (a rejected charge, a refused command) are return values, not
+exceptions; these classes are for what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class CreditgateError(Exception):
+    """Root of every error creditgate raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigurationError(CreditgateError):
+    """The settings or the environment cannot work (a missing topic, a bad URL)."""
+
+
+class InfrastructureError(CreditgateError):
+    """Redis or Kafka could not be reached; the work must be retried, never acknowledged."""
+
+
+class StoreUnavailable(InfrastructureError):
+    """Redis did not answer or refused the call."""
+
+
+class UnreadableMessage(CreditgateError):
+    """A message whose bytes cannot be read as a request or command; it is dead-lettered."""

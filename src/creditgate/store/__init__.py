@@ -1,0 +1,1 @@
+"""Redis: the key builders, the Lua scripts and the gateway that calls them."""

@@ -1,0 +1,81 @@
+"""Every Redis key creditgate uses, built in this one module.
+
+All keys of an organisation carry the hash tag ``{org_id}``: Redis Cluster hashes only
+the part between the braces, so an organisation's keys share one slot and a Lua script
+may touch all of them in one atomic call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Window kinds. Export and CRM push share one window per entity; email verification
+# has its own, per contact.
+SHARED_CONTACT = "contact"
+SHARED_COMPANY = "company"
+VERIFIED_CONTACT = "verify"
+
+
+@dataclass(frozen=True)
+class OrgKeys:
+    """The keys of one organisation under one prefix."""
+
+    prefix: str
+    org_id: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.org_id}}}"
+
+    @property
+    def license(self) -> str:
+        return f"{self.base}:license"
+
+    @property
+    def members(self) -> str:
+        return f"{self.base}:members"
+
+    @property
+    def disallowed(self) -> str:
+        return f"{self.base}:disallowed"
+
+    @property
+    def sequence(self) -> str:
+        return f"{self.base}:seq"
+
+    @property
+    def usage(self) -> str:
+        return f"{self.base}:usage"
+
+    @property
+    def grants(self) -> str:
+        return f"{self.base}:grants"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.base}:req:{request_id}"
+
+    def command(self, command_id: str) -> str:
+        return f"{self.base}:cmd:{command_id}"
+
+    def history(self, user_id: str, action: str) -> str:
+        return f"{self.base}:hist:{action}:{user_id}"
+
+    def window(self, name: str) -> str:
+        """A repeat window; ``name`` is ``window_name(kind, entity_id)``."""
+        return f"{self.base}:win:{name}"
+
+
+def window_name(kind: str, entity_id: str) -> str:
+    return f"{kind}:{entity_id}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "cg"
+
+    def org(self, org_id: str) -> OrgKeys:
+        return OrgKeys(self.prefix, org_id)
+
+    def org_pattern(self, org_id: str = "*") -> str:
+        """A SCAN pattern for an organisation's keys (tests and rebuilds, not the hot path)."""
+        return f"{self.prefix}:{{{org_id}}}:*"

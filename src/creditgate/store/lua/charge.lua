@@ -1,0 +1,228 @@
+--[[
+charge.lua — decide one charge request, atomically.
+
+Every check runs before the first write, because Redis does not roll a script back
+when it fails half-way: idempotency → member → credits allowed → period → repeat
+windows → max_credits → balance → writes.
+
+KEYS
+  1  license      hash   period_id, starts_ms, ends_ms, credits, granted, balance,
+                         thr:<percent>, insufficient_notified
+  2  members      hash   user_id -> role ("admin" | "member")
+  3  disallowed   set    user_ids an admin disallowed from using credits
+  4  sequence     string the organisation's ledger sequence (gap-free)
+  5  request      hash   fp, rec: the stored decision of this request_id
+  6  usage        hash   "<period>|<user>|<action>|<metric>" -> count
+  7  history      zset   request_ids of this user and action, scored by decision time
+  8… windows      string window end (ms); each also expires at that time. The items
+                         below point at these keys by their index in KEYS.
+ARGV
+  1 now_ms  2 request_id  3 user_id  4 action  5 fingerprint
+  6 partial ("1" | "0")  7 max_credits ("" = none)  8 verified_email_found ("1" | "0" | "")
+  9 window_ms  10 idempotency_ttl_ms  11 preset reason ("" or a reason decided before,
+  e.g. invalid_request)  12 preset detail  13 threshold percents, comma-separated
+  14 mode ("charge" | "quote": quote decides the same way and writes nothing)
+  15 n items, then two numbers per item: its window key index, and the index of the
+  company window a contact opens (0 = none)
+RETURNS
+  {status, record_json}; status is "decided", "replay" (the stored decision) or
+  "conflict" (the stored decision of another body with this request_id).
+  The record holds outcomes per item, credits, balance, sequence and notifications;
+  times are integer milliseconds since the epoch.
+]]
+
+local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
+local sequence_key, request_key, usage_key, history_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+
+local now = tonumber(ARGV[1])
+local request_id = ARGV[2]
+local user_id = ARGV[3]
+local action = ARGV[4]
+local fingerprint = ARGV[5]
+local partial = ARGV[6] == "1"
+local max_credits = tonumber(ARGV[7])
+local verified = ARGV[8]
+local window_ms = tonumber(ARGV[9])
+local idempotency_ttl_ms = tonumber(ARGV[10])
+local preset_reason = ARGV[11]
+local preset_detail = ARGV[12]
+local thresholds_csv = ARGV[13]
+local quote = ARGV[14] == "quote"
+local n_items = tonumber(ARGV[15])
+local ITEMS = 15
+
+local function ms(value)
+  -- Lua numbers are doubles: format them as integers, never as 1.7e+12.
+  return string.format("%d", value)
+end
+
+-- 1. idempotency: the same request decides once; another body under its id is refused.
+if not quote then
+  local stored = redis.call("HMGET", request_key, "fp", "rec")
+  if stored[1] then
+    if stored[1] == fingerprint then return {"replay", stored[2]} end
+    return {"conflict", stored[2]}
+  end
+end
+
+local license = redis.call("HMGET", license_key,
+  "period_id", "starts_ms", "ends_ms", "credits", "granted", "balance", "insufficient_notified")
+local period_id = license[1]
+local balance = tonumber(license[6]) or 0
+
+local record = {
+  request_id = request_id, fp = fingerprint, at = now, status = "rejected",
+  credits = 0, needed = 0, balance = balance, period = period_id or "",
+  outcomes = {}, ["until"] = {}, opened = {}, notes = {}, saved = 0,
+}
+
+local function finish()
+  if quote then return {"decided", cjson.encode(record)} end
+  record.seq = redis.call("INCR", sequence_key)
+  local encoded = cjson.encode(record)
+  redis.call("HSET", request_key, "fp", fingerprint, "rec", encoded)
+  redis.call("PEXPIRE", request_key, idempotency_ttl_ms)
+  redis.call("ZADD", history_key, now, request_id)
+  redis.call("ZREMRANGEBYSCORE", history_key, "-inf", "(" .. ms(now - idempotency_ttl_ms))
+  redis.call("PEXPIRE", history_key, idempotency_ttl_ms)
+  return {"decided", encoded}
+end
+
+local function not_charged_items()
+  for i = 1, n_items do
+    record.outcomes[i] = "not_charged"
+    record["until"][i] = 0
+  end
+end
+
+local function reject(reason, detail)
+  record.reason = reason
+  record.detail = detail
+  not_charged_items()
+  if not quote and period_id then
+    redis.call("HINCRBY", usage_key, period_id .. "|" .. user_id .. "|" .. action .. "|rejected", 1)
+  end
+  return finish()
+end
+
+if preset_reason ~= "" then return reject(preset_reason, preset_detail) end
+
+-- 2. member and permission
+if not redis.call("HGET", members_key, user_id) then
+  return reject("not_a_member", nil)
+end
+if redis.call("SISMEMBER", disallowed_key, user_id) == 1 then
+  table.insert(record.notes, {type = "credits.disallowed", to = "user"})
+  return reject("credits_disallowed", nil)
+end
+
+-- 3. period
+if not period_id then return reject("no_active_license", nil) end
+if now < tonumber(license[2]) then
+  return reject("no_active_license", "period " .. period_id .. " has not started yet")
+end
+if now >= tonumber(license[3]) then return reject("license_period_ended", nil) end
+
+-- 4. repeat windows. One pass over the items, in request order; `budget` is how many
+-- items may still be charged (all of them on the first pass).
+local stored_ends = {}
+local function window_end(index)
+  local value = stored_ends[index]
+  if value == nil then
+    value = tonumber(redis.call("GET", KEYS[index])) or 0
+    stored_ends[index] = value
+  end
+  return value
+end
+
+local function assess(budget)
+  local outcomes, untils, opened, seen = {}, {}, {}, {}
+  local cost, charged, free = 0, 0, 0
+  local new_end = now + window_ms
+  for i = 1, n_items do
+    local key = tonumber(ARGV[ITEMS + 2 * i - 1])
+    local company = tonumber(ARGV[ITEMS + 2 * i])
+    local outcome, free_until = nil, 0
+    if verified == "0" then
+      outcome = "no_verified_email"
+    elseif seen[key] then
+      outcome = "duplicate_in_request"
+    else
+      seen[key] = true
+      local ends = opened[key] or window_end(key)
+      if ends > now then
+        outcome, free_until, free = "free_repeat", ends, free + 1
+      else
+        cost = cost + 1
+        if charged < budget then
+          outcome, free_until, charged = "charged", new_end, charged + 1
+          opened[key] = new_end
+          -- the company's data went out with the contact: its window opens too
+          if company > 0 and (opened[company] or window_end(company)) <= now then
+            opened[company] = new_end
+          end
+        else
+          outcome = "not_charged"
+        end
+      end
+    end
+    outcomes[i], untils[i] = outcome, free_until
+  end
+  return outcomes, untils, opened, cost, charged, free
+end
+
+local outcomes, untils, opened, cost, charged, free = assess(math.huge)
+record.needed = cost
+
+-- 5. the quote the user accepted is a ceiling
+if max_credits and cost > max_credits then
+  return reject("exceeds_max_credits", nil)
+end
+
+-- 6. balance: all or nothing, or as many items as the balance covers
+local short = cost > balance
+if short then
+  table.insert(record.notes, {type = "credits.insufficient", to = "user"})
+  if license[7] ~= "1" then
+    table.insert(record.notes, {type = "credits.insufficient", to = "admin"})
+    if not quote then redis.call("HSET", license_key, "insufficient_notified", "1") end
+  end
+  if not partial then return reject("insufficient_credits", nil) end
+  outcomes, untils, opened, cost, charged, free = assess(balance)
+  if charged + free == 0 then return reject("insufficient_credits", nil) end
+end
+
+-- 7. writes
+record.status = "approved"
+record.outcomes, record["until"] = outcomes, untils
+record.credits, record.saved = charged, free
+record.balance = balance - charged
+
+if not quote then
+  for index, ends in pairs(opened) do
+    redis.call("SET", KEYS[index], ms(ends), "PXAT", ms(ends))
+    table.insert(record.opened, {index, ends})
+  end
+  table.sort(record.opened, function(a, b) return a[1] < b[1] end)
+  if charged > 0 then redis.call("HINCRBY", license_key, "balance", -charged) end
+  local field = period_id .. "|" .. user_id .. "|" .. action .. "|"
+  redis.call("HINCRBY", usage_key, field .. "credits", charged)
+  redis.call("HINCRBY", usage_key, field .. "requests", 1)
+  if free > 0 then redis.call("HINCRBY", usage_key, field .. "saved", free) end
+end
+
+-- thresholds of the period's credits (amount plus grants) used, once each per period
+local total = (tonumber(license[4]) or 0) + (tonumber(license[5]) or 0)
+if charged > 0 and total > 0 then
+  local used = total - record.balance
+  for percent in string.gmatch(thresholds_csv, "%d+") do
+    local field = "thr:" .. percent
+    if used * 100 >= tonumber(percent) * total and redis.call("HEXISTS", license_key, field) == 0 then
+      table.insert(record.notes, {type = "credits.threshold_reached", to = "admin",
+        threshold = tonumber(percent)})
+      if not quote then redis.call("HSET", license_key, field, "1") end
+    end
+  end
+end
+
+return finish()
