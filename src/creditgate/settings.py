@@ -51,5 +51,7 @@ class Settings(BaseSettings):
 
     def safe_dump(self) -> dict[str, object]:
         """The settings as loggable data: secrets stay masked."""
-        return {name: str(value) if isinstance(value, SecretStr) else value
-                for name, value in self.model_dump().items()}
+        return {
+            name: str(value) if isinstance(value, SecretStr) else value
+            for name, value in self.model_dump().items()
+        }

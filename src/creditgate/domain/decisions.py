@@ -102,16 +102,20 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
         counts = {o: record.outcomes.count(o) for o in Outcome}
         parts = [f"{_plural(record.credits, 'credit')} charged"]
         if counts[Outcome.FREE_REPEAT]:
-            parts.append(f"{_plural(counts[Outcome.FREE_REPEAT], 'item')} free within "
-                         f"its {window_days:g}-day window")
+            parts.append(
+                f"{_plural(counts[Outcome.FREE_REPEAT], 'item')} free within "
+                f"its {window_days:g}-day window"
+            )
         if counts[Outcome.DUPLICATE_IN_REQUEST]:
-            parts.append(f"{_plural(counts[Outcome.DUPLICATE_IN_REQUEST], 'duplicate')} "
-                         "in the request")
+            parts.append(
+                f"{_plural(counts[Outcome.DUPLICATE_IN_REQUEST], 'duplicate')} in the request"
+            )
         if counts[Outcome.NO_VERIFIED_EMAIL]:
             parts.append("no verified email found")
         if counts[Outcome.NOT_CHARGED]:
-            parts.append(f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not charged: "
-                         "the balance ran out")
+            parts.append(
+                f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not charged: the balance ran out"
+            )
         return ", ".join(parts)
     if record.detail:
         return record.detail
@@ -120,11 +124,12 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
         case Reason.CREDITS_DISALLOWED:
             return f"{user} is not allowed to use the credits of {org}; an admin can allow it"
         case Reason.INSUFFICIENT_CREDITS:
-            return (f"the request needs {_plural(record.needed, 'credit')}, "
-                    f"{record.balance} left")
+            return f"the request needs {_plural(record.needed, 'credit')}, {record.balance} left"
         case Reason.EXCEEDS_MAX_CREDITS:
-            return (f"the request needs {_plural(record.needed, 'credit')}, more than its "
-                    f"max_credits of {view.max_credits}")
+            return (
+                f"the request needs {_plural(record.needed, 'credit')}, more than its "
+                f"max_credits of {view.max_credits}"
+            )
         case Reason.NOT_A_MEMBER:
             return f"{user} is not a member of {org}"
         case Reason.NO_ACTIVE_LICENSE:
@@ -137,8 +142,9 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
 
 def _items(view: RequestView, record: ChargeRecord) -> list[dict[str, Any]]:
     items = []
-    for item, outcome, until in zip(view.items, record.outcomes, record.free_until_ms,
-                                    strict=False):
+    for item, outcome, until in zip(
+        view.items, record.outcomes, record.free_until_ms, strict=False
+    ):
         entry = {**item, "outcome": outcome.value}
         if outcome is Outcome.FREE_REPEAT:
             entry["free_until"] = rfc3339(until)
@@ -183,16 +189,19 @@ def conflict_result(view: RequestView, stored: ChargeRecord, now_ms: int) -> dic
         "balance_after": None,
         "period_id": stored.period_id,
         "reason": Reason.REQUEST_ID_CONFLICT.value,
-        "message": (f"request_id {view.request_id} was already decided for another body "
-                    f"at {rfc3339(stored.decided_ms)}; that decision stands"),
+        "message": (
+            f"request_id {view.request_id} was already decided for another body "
+            f"at {rfc3339(stored.decided_ms)}; that decision stands"
+        ),
         "decided_at": rfc3339(now_ms),
         "sequence": None,
         "reference": view.reference,
     }
 
 
-def charge_ledger_entry(view: RequestView, record: ChargeRecord,
-                        window_names: list[str]) -> dict[str, Any]:
+def charge_ledger_entry(
+    view: RequestView, record: ChargeRecord, window_names: list[str]
+) -> dict[str, Any]:
     """The ledger entry of a decision: enough to rebuild every key it wrote."""
     return {
         "org_id": view.org_id,
@@ -205,8 +214,9 @@ def charge_ledger_entry(view: RequestView, record: ChargeRecord,
         "balance_after": record.balance,
         "period_id": record.period_id,
         "recorded_at": rfc3339(record.decided_ms),
-        "windows": [{"window": window_names[index], "ends_at_ms": ends}
-                    for index, ends in record.opened],
+        "windows": [
+            {"window": window_names[index], "ends_at_ms": ends} for index, ends in record.opened
+        ],
         "decision": record.raw,
     }
 
@@ -226,18 +236,24 @@ def charge_notifications(view: RequestView, record: ChargeRecord) -> list[dict[s
         if kind == "credits.insufficient":
             figures |= {"credits_needed": record.needed, "credits_left": record.balance}
         elif kind == "credits.threshold_reached":
-            figures |= {"threshold_percent": note["threshold"], "credits_left": record.balance,
-                        "period_id": record.period_id}
+            figures |= {
+                "threshold_percent": note["threshold"],
+                "credits_left": record.balance,
+                "period_id": record.period_id,
+            }
         elif kind == "credits.disallowed":
-            figures |= {"message": "you do not have access to credits; ask an admin of "
-                                   "your organisation"}
+            figures |= {
+                "message": "you do not have access to credits; ask an admin of your organisation"
+            }
         suffix = f":{note['threshold']}" if "threshold" in note else ""
-        out.append({
-            "notification_id": f"{view.org_id}:{view.request_id}:{kind}:{tag}{suffix}",
-            "type": kind,
-            "org_id": view.org_id,
-            "recipient": recipient,
-            "created_at": rfc3339(record.decided_ms),
-            **figures,
-        })
+        out.append(
+            {
+                "notification_id": f"{view.org_id}:{view.request_id}:{kind}:{tag}{suffix}",
+                "type": kind,
+                "org_id": view.org_id,
+                "recipient": recipient,
+                "created_at": rfc3339(record.decided_ms),
+                **figures,
+            }
+        )
     return out

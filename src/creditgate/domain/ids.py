@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 from pydantic import AfterValidator, StringConstraints
 
@@ -14,7 +14,7 @@ _ID_RE = re.compile(ID_PATTERN)
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
 
-def is_identifier(value: Any) -> bool:
+def is_identifier(value: Any) -> TypeGuard[str]:
     """True when ``value`` is a string the contracts accept as an id."""
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 

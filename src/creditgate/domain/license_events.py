@@ -78,7 +78,7 @@ _MESSAGES = {
     "not_a_member": "the user is not a member of the organisation",
     "no_active_license": "the organisation has no license period to add credits to",
     "command_id_conflict": "this command_id was already used for another command; "
-                           "its outcome stands",
+    "its outcome stands",
 }
 
 
@@ -88,8 +88,10 @@ def command_message(view: CommandView, record: CommandRecord) -> str:
     body = view.body
     match view.command_type:
         case "license.start_period":
-            return (f"period {body['period_id']} started with {body['credits']} credits; "
-                    f"{record.expired} left from the previous period expired")
+            return (
+                f"period {body['period_id']} started with {body['credits']} credits; "
+                f"{record.expired} left from the previous period expired"
+            )
         case "credits.grant":
             return f"{body['credits']} credits granted, balance {record.balance}"
         case "member.upsert":
@@ -149,23 +151,36 @@ def command_ledger_entry(view: CommandView, record: CommandRecord) -> dict[str, 
 def command_notifications(view: CommandView, record: CommandRecord) -> list[dict[str, Any]]:
     if not record.applied or view.command_type not in ("license.start_period", "credits.grant"):
         return []
-    kind = ("license.period_started" if view.command_type == "license.start_period"
-            else "credits.granted")
+    kind = (
+        "license.period_started"
+        if view.command_type == "license.start_period"
+        else "credits.granted"
+    )
     body = view.body
     figures: dict[str, Any]
     if kind == "license.period_started":
-        figures = {"period_id": body["period_id"], "credits": body["credits"],
-                   "starts_at": body["starts_at"], "ends_at": body["ends_at"],
-                   "expired_credits": record.expired}
+        figures = {
+            "period_id": body["period_id"],
+            "credits": body["credits"],
+            "starts_at": body["starts_at"],
+            "ends_at": body["ends_at"],
+            "expired_credits": record.expired,
+        }
     else:
-        figures = {"grant_id": body["grant_id"], "credits": body["credits"],
-                   "reason": body["reason"], "granted_by": body["granted_by"],
-                   "balance_after": record.balance}
-    return [{
-        "notification_id": f"{view.org_id}:{view.command_id}:{kind}:admins",
-        "type": kind,
-        "org_id": view.org_id,
-        "recipient": {"role": "admin"},
-        "created_at": rfc3339(record.decided_ms),
-        **figures,
-    }]
+        figures = {
+            "grant_id": body["grant_id"],
+            "credits": body["credits"],
+            "reason": body["reason"],
+            "granted_by": body["granted_by"],
+            "balance_after": record.balance,
+        }
+    return [
+        {
+            "notification_id": f"{view.org_id}:{view.command_id}:{kind}:admins",
+            "type": kind,
+            "org_id": view.org_id,
+            "recipient": {"role": "admin"},
+            "created_at": rfc3339(record.decided_ms),
+            **figures,
+        }
+    ]

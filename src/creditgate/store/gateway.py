@@ -27,7 +27,7 @@ from creditgate.domain.commands import (
     StartPeriod,
 )
 from creditgate.domain.decisions import ChargeRecord
-from creditgate.domain.ids import to_ms
+from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.license_events import CommandRecord
 from creditgate.errors import CreditgateError, StoreUnavailable
 from creditgate.settings import Settings
@@ -78,8 +78,12 @@ class ChargeCall:
                 items.append((slot(window_name(VERIFIED_CONTACT, item.id)), None))
             elif item.type == "contact":
                 company = item.company_id
-                items.append((slot(window_name(SHARED_CONTACT, item.id)),
-                              slot(window_name(SHARED_COMPANY, company)) if company else None))
+                items.append(
+                    (
+                        slot(window_name(SHARED_CONTACT, item.id)),
+                        slot(window_name(SHARED_COMPANY, company)) if company else None,
+                    )
+                )
             else:
                 items.append((slot(window_name(SHARED_COMPANY, item.id)), None))
         return cls(
@@ -96,12 +100,26 @@ class ChargeCall:
         )
 
     @classmethod
-    def invalid(cls, *, org_id: str, request_id: str, user_id: str | None, action: Action,
-                fingerprint: str, detail: str) -> ChargeCall:
+    def invalid(
+        cls,
+        *,
+        org_id: str,
+        request_id: str,
+        user_id: str | None,
+        action: Action,
+        fingerprint: str,
+        detail: str,
+    ) -> ChargeCall:
         """A readable request that failed validation: recorded as rejected, once."""
-        return cls(org_id=org_id, request_id=request_id, user_id=user_id or "",
-                   action=action, fingerprint=fingerprint,
-                   preset_reason="invalid_request", preset_detail=detail)
+        return cls(
+            org_id=org_id,
+            request_id=request_id,
+            user_id=user_id or "",
+            action=action,
+            fingerprint=fingerprint,
+            preset_reason="invalid_request",
+            preset_detail=detail,
+        )
 
 
 @dataclass(frozen=True)
@@ -143,8 +161,11 @@ class CreditStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> CreditStore:
         client = aioredis.Redis.from_url(
-            settings.redis_url.get_secret_value(), decode_responses=True,
-            socket_timeout=10, socket_connect_timeout=5, health_check_interval=15,
+            settings.redis_url.get_secret_value(),
+            decode_responses=True,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=15,
         )
         return cls(client, settings)
 
@@ -163,19 +184,37 @@ class CreditStore:
 
     # ---- charges ---------------------------------------------------------------
 
-    def _charge_keys_args(self, call: ChargeCall, now_ms: int, mode: str
-                          ) -> tuple[list[str], list[str | int]]:
+    def _charge_keys_args(
+        self, call: ChargeCall, now_ms: int, mode: str
+    ) -> tuple[list[str], list[str | int]]:
         org = self.keys.org(call.org_id)
-        keys = [org.license, org.members, org.disallowed, org.sequence,
-                org.request(call.request_id), org.usage, org.history(call.user_id, call.action)]
+        keys = [
+            org.license,
+            org.members,
+            org.disallowed,
+            org.sequence,
+            org.request(call.request_id),
+            org.usage,
+            org.history(call.user_id, call.action),
+        ]
         keys.extend(org.window(name) for name in call.windows)
         verified = {None: "", True: "1", False: "0"}[call.verified_email_found]
         args: list[str | int] = [
-            now_ms, call.request_id, call.user_id, call.action.value, call.fingerprint,
+            now_ms,
+            call.request_id,
+            call.user_id,
+            call.action.value,
+            call.fingerprint,
             "1" if call.partial else "0",
             "" if call.max_credits is None else call.max_credits,
-            verified, self._settings.repeat_window_ms, self._settings.idempotency_ttl_ms,
-            call.preset_reason, call.preset_detail, self._thresholds, mode, len(call.items),
+            verified,
+            self._settings.repeat_window_ms,
+            self._settings.idempotency_ttl_ms,
+            call.preset_reason,
+            call.preset_detail,
+            self._thresholds,
+            mode,
+            len(call.items),
         ]
         for window, company in call.items:
             # Lua indexes KEYS from 1
@@ -189,9 +228,12 @@ class CreditStore:
             return []
         prepared = [self._charge_keys_args(call, now_ms, "charge") for call in calls]
         replies = await self._run_batch(
-            lambda: self._charge_sha, prepared, "deciding charge requests")
-        return [ChargeAnswer(status, ChargeRecord.from_script(orjson.loads(raw)))
-                for status, raw in replies]
+            lambda: self._charge_sha, prepared, "deciding charge requests"
+        )
+        return [
+            ChargeAnswer(status, ChargeRecord.from_script(orjson.loads(raw)))
+            for status, raw in replies
+        ]
 
     async def quote(self, call: ChargeCall, now_ms: int) -> ChargeRecord:
         """The decision the charge script would take now, computed without writing."""
@@ -201,21 +243,43 @@ class CreditStore:
 
     # ---- license commands ------------------------------------------------------
 
-    def _command_keys_args(self, command: LicenseCommand | InvalidCommand, now_ms: int
-                           ) -> tuple[list[str], list[str | int]]:
+    def _command_keys_args(
+        self, command: LicenseCommand | InvalidCommand, now_ms: int
+    ) -> tuple[list[str], list[str | int]]:
         org = self.keys.org(command.org_id)
-        keys = [org.license, org.members, org.disallowed, org.sequence,
-                org.command(command.command_id), org.grants]
+        keys = [
+            org.license,
+            org.members,
+            org.disallowed,
+            org.sequence,
+            org.command(command.command_id),
+            org.grants,
+        ]
         ttl = self._settings.idempotency_ttl_ms
         if isinstance(command, InvalidCommand):
-            return keys, [now_ms, command.command_id, command.fingerprint, "invalid", ttl,
-                          command.detail]
-        head: list[str | int] = [now_ms, command.command_id, command.fingerprint(),
-                                 command.type, ttl]
+            return keys, [
+                now_ms,
+                command.command_id,
+                command.fingerprint,
+                "invalid",
+                ttl,
+                command.detail,
+            ]
+        head: list[str | int] = [
+            now_ms,
+            command.command_id,
+            command.fingerprint(),
+            command.type,
+            ttl,
+        ]
         match command:
             case StartPeriod():
-                tail: list[str | int] = [command.period_id, to_ms(command.starts_at),
-                                         to_ms(command.ends_at), command.credits]
+                tail: list[str | int] = [
+                    command.period_id,
+                    to_ms(command.starts_at),
+                    to_ms(command.ends_at),
+                    command.credits,
+                ]
             case Grant():
                 tail = [command.grant_id, command.credits]
             case MemberUpsert():
@@ -226,20 +290,47 @@ class CreditStore:
                 tail = [command.user_id, "1" if command.allowed else "0", command.set_by]
         return keys, head + tail
 
-    async def apply_commands(self, commands: Sequence[LicenseCommand | InvalidCommand],
-                             now_ms: int) -> list[CommandAnswer]:
+    async def apply_commands(
+        self, commands: Sequence[LicenseCommand | InvalidCommand], now_ms: int
+    ) -> list[CommandAnswer]:
         if not commands:
             return []
         prepared = [self._command_keys_args(command, now_ms) for command in commands]
         replies = await self._run_batch(
-            lambda: self._command_sha, prepared, "applying license commands")
-        return [CommandAnswer(status, CommandRecord.from_script(orjson.loads(raw)))
-                for status, raw in replies]
+            lambda: self._command_sha, prepared, "applying license commands"
+        )
+        return [
+            CommandAnswer(status, CommandRecord.from_script(orjson.loads(raw)))
+            for status, raw in replies
+        ]
+
+    # ---- reads ---------------------------------------------------------------
+
+    async def credits(self, org_id: str, now_ms: int) -> dict[str, Any] | None:
+        """The organisation's current period: amount, grants, used and remaining."""
+        async with _infrastructure("reading credits"):
+            raw = await self._redis.hgetall(self.keys.org(org_id).license)
+        if not raw:
+            return None
+        credits, granted, balance = int(raw["credits"]), int(raw["granted"]), int(raw["balance"])
+        starts, ends = int(raw["starts_ms"]), int(raw["ends_ms"])
+        return {
+            "org_id": org_id,
+            "period_id": raw["period_id"],
+            "starts_at": rfc3339(starts),
+            "ends_at": rfc3339(ends),
+            "active": starts <= now_ms < ends,
+            "period_credits": credits,
+            "granted": granted,
+            "used": credits + granted - balance,
+            "remaining": balance,
+        }
 
     # ---- plumbing --------------------------------------------------------------
 
-    async def _run_batch(self, sha: Any, prepared: list[tuple[list[str], list[str | int]]],
-                         doing: str) -> list[tuple[AnswerStatus, str]]:
+    async def _run_batch(
+        self, sha: Any, prepared: list[tuple[list[str], list[str | int]]], doing: str
+    ) -> list[tuple[AnswerStatus, str]]:
         async with _infrastructure(doing):
             for attempt in range(2):
                 if not sha():

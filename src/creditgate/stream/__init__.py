@@ -1,0 +1,1 @@
+"""Kafka: the topic registry, the faust app and its agents."""

@@ -1,0 +1,296 @@
+"""Turns a batch of input messages into decisions and the messages that publish them.
+
+Kafka-free and faust-free on purpose: the agents feed it batches and publish what it
+returns, so the same code serves the worker, the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from creditgate.domain.charges import Action, ChargeRequest
+from creditgate.domain.commands import LicenseCommand
+from creditgate.domain.decisions import (
+    ChargeRecord,
+    RequestView,
+    charge_ledger_entry,
+    charge_notifications,
+    charge_result,
+    conflict_result,
+)
+from creditgate.domain.ids import rfc3339
+from creditgate.domain.intake import (
+    InvalidLicenseCommand,
+    InvalidRequest,
+    Unreadable,
+    read_charge_request,
+    read_license_command,
+)
+from creditgate.domain.license_events import (
+    CommandView,
+    command_ledger_entry,
+    command_notifications,
+    conflict_event,
+    license_event,
+)
+from creditgate.settings import Settings
+from creditgate.store.gateway import ChargeCall, CreditStore, InvalidCommand
+from creditgate.stream import topics as t
+from creditgate.stream.events import Outgoing, outgoing
+from creditgate.stream.topics import TopicRegistry
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One consumed message, with where it came from (for the dead-letter topic)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Clock:
+    """The decision clock: the worker's clock shifted by the configured offset."""
+
+    def __init__(self, offset_seconds: float = 0.0) -> None:
+        self.offset_seconds = offset_seconds
+
+    def now_ms(self) -> int:
+        return int((time.time() + self.offset_seconds) * 1000)
+
+
+class Processor:
+    def __init__(
+        self,
+        store: CreditStore,
+        registry: TopicRegistry,
+        settings: Settings,
+        clock: Clock | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock or Clock(settings.clock_offset_seconds)
+        self._window_days = settings.repeat_window_days
+        self._actions = {
+            registry.name(logical): action for logical, action in t.REQUEST_ACTIONS.items()
+        }
+        self._results = registry.name(t.CHARGE_RESULTS)
+        self._events = registry.name(t.LICENSE_EVENTS)
+        self._notifications = registry.name(t.NOTIFICATIONS)
+        self._ledger = registry.name(t.LEDGER)
+        self._deadletter = registry.name(t.DEADLETTER)
+
+    # ---- charge requests -------------------------------------------------------
+
+    async def decide(self, batch: Sequence[Incoming]) -> list[Outgoing]:
+        """Decide every readable request of the batch in one Redis round trip."""
+        out: list[Outgoing] = []
+        views: list[RequestView] = []
+        calls: list[ChargeCall] = []
+        windows: list[tuple[str, ...]] = []
+        for message in batch:
+            action = self._actions[message.topic]
+            read = read_charge_request(message.value, action, self.settings.max_items)
+            if isinstance(read, Unreadable):
+                out.append(self._dead_letter(message, read.error))
+                continue
+            if isinstance(read, ChargeRequest):
+                call = ChargeCall.of(read)
+                views.append(RequestView.of(read))
+            else:
+                call = self._invalid_call(read, action)
+                views.append(RequestView(read.org_id, read.request_id, read.user_id, action, []))
+            calls.append(call)
+            windows.append(call.windows)
+        now = self.clock.now_ms()
+        answers = await self.store.charge_many(calls, now)
+        for view, names, answer in zip(views, windows, answers, strict=True):
+            out.extend(self._publish_charge(view, names, answer.status, answer.record, now))
+        return out
+
+    @staticmethod
+    def _invalid_call(read: InvalidRequest, action: Action) -> ChargeCall:
+        return ChargeCall.invalid(
+            org_id=read.org_id,
+            request_id=read.request_id,
+            user_id=read.user_id,
+            action=action,
+            fingerprint=read.fingerprint,
+            detail=read.detail,
+        )
+
+    def _publish_charge(
+        self,
+        view: RequestView,
+        window_names: tuple[str, ...],
+        status: str,
+        record: ChargeRecord,
+        now: int,
+    ) -> list[Outgoing]:
+        org = view.org_id
+        if status == "conflict":
+            body = conflict_result(view, record, now)
+            return [
+                outgoing(
+                    self._results,
+                    org,
+                    body,
+                    ce_type=body["type"],
+                    ce_id=f"{org}/{view.request_id}/conflict/{now}",
+                    ce_time=body["decided_at"],
+                )
+            ]
+        # a replay re-emits exactly what the first decision published
+        result = charge_result(view, record, self._window_days)
+        at = result["decided_at"]
+        msgs = [
+            outgoing(
+                self._results,
+                org,
+                result,
+                ce_type=result["type"],
+                ce_id=f"{org}/{view.request_id}/result",
+                ce_time=at,
+            )
+        ]
+        ledger = charge_ledger_entry(view, record, list(window_names))
+        msgs.append(
+            outgoing(
+                self._ledger,
+                org,
+                ledger,
+                ce_type=f"ledger.{ledger['kind']}",
+                ce_id=f"{org}/ledger/{record.sequence}",
+                ce_time=at,
+            )
+        )
+        for note in charge_notifications(view, record):
+            msgs.append(
+                outgoing(
+                    self._notifications,
+                    org,
+                    note,
+                    ce_type=note["type"],
+                    ce_id=note["notification_id"],
+                    ce_time=at,
+                )
+            )
+        return msgs
+
+    # ---- license commands ------------------------------------------------------
+
+    async def apply(self, batch: Sequence[Incoming]) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        views: list[CommandView] = []
+        commands: list[LicenseCommand | InvalidCommand] = []
+        for message in batch:
+            read = read_license_command(message.value)
+            if isinstance(read, Unreadable):
+                out.append(self._dead_letter(message, read.error))
+                continue
+            if isinstance(read, InvalidLicenseCommand):
+                views.append(
+                    CommandView(read.org_id, read.command_id, read.command_type, read.body)
+                )
+                commands.append(
+                    InvalidCommand(read.org_id, read.command_id, read.fingerprint, read.detail)
+                )
+            else:
+                views.append(
+                    CommandView(
+                        read.org_id, read.command_id, read.type, read.model_dump(mode="json")
+                    )
+                )
+                commands.append(read)
+        now = self.clock.now_ms()
+        for view, answer in zip(views, await self.store.apply_commands(commands, now), strict=True):
+            org, record = view.org_id, answer.record
+            if answer.status == "conflict":
+                event = conflict_event(view, now)
+                out.append(
+                    outgoing(
+                        self._events,
+                        org,
+                        event,
+                        ce_type=event["type"],
+                        ce_id=f"{org}/{view.command_id}/conflict/{now}",
+                        ce_time=event["decided_at"],
+                    )
+                )
+                continue
+            event = license_event(view, record)
+            at = event["decided_at"]
+            out.append(
+                outgoing(
+                    self._events,
+                    org,
+                    event,
+                    ce_type=event["type"],
+                    ce_id=f"{org}/{view.command_id}/event",
+                    ce_time=at,
+                )
+            )
+            if record.applied:
+                entry = command_ledger_entry(view, record)
+                out.append(
+                    outgoing(
+                        self._ledger,
+                        org,
+                        entry,
+                        ce_type=f"ledger.{entry['kind']}",
+                        ce_id=f"{org}/ledger/{record.sequence}",
+                        ce_time=at,
+                    )
+                )
+            for note in command_notifications(view, record):
+                out.append(
+                    outgoing(
+                        self._notifications,
+                        org,
+                        note,
+                        ce_type=note["type"],
+                        ce_id=note["notification_id"],
+                        ce_time=at,
+                    )
+                )
+        return out
+
+    # ---- unreadable input ------------------------------------------------------
+
+    def _dead_letter(self, message: Incoming, error: str) -> Outgoing:
+        value = message.value or b""
+        try:
+            text: str | None = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        body: dict[str, object] = {
+            "source": {
+                "topic": message.topic,
+                "partition": message.partition,
+                "offset": message.offset,
+            },
+            "error": error,
+            "key": message.key.decode("utf-8", "replace") if message.key else None,
+            "value": text,
+            "value_hex": value.hex() if text is None else None,
+        }
+        received_at = rfc3339(self.clock.now_ms())
+        body["received_at"] = received_at
+        return Outgoing(
+            self._deadletter,
+            message.key or b"",
+            orjson.dumps(body),
+            [
+                ("ce_specversion", b"1.0"),
+                ("ce_id", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+                ("ce_type", b"deadletter"),
+                ("ce_source", b"creditgate"),
+                ("ce_time", received_at.encode()),
+            ],
+        )

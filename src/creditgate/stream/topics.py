@@ -1,0 +1,156 @@
+"""The topic registry: ``topics/*.json`` are the source of truth for every topic.
+
+``apply`` creates what is missing, ``check`` reports drift, and the worker refuses to
+start on a missing topic or a wrong partition count (keys by ``org_id`` only keep an
+organisation in order while partition counts stay put).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import TopicAlreadyExistsError
+
+from creditgate.domain.charges import Action
+from creditgate.errors import ConfigurationError
+
+EXPORT_REQUESTS = "credits.export.requests"
+PUSH_REQUESTS = "credits.push.requests"
+VERIFICATION_REQUESTS = "credits.verification.requests"
+LICENSE_COMMANDS = "credits.license.commands"
+CHARGE_RESULTS = "credits.charge.results"
+LICENSE_EVENTS = "credits.license.events"
+NOTIFICATIONS = "credits.notifications"
+LEDGER = "credits.ledger"
+DEADLETTER = "credits.deadletter"
+
+REQUEST_ACTIONS = {
+    EXPORT_REQUESTS: Action.EXPORT,
+    PUSH_REQUESTS: Action.CRM_PUSH,
+    VERIFICATION_REQUESTS: Action.EMAIL_VERIFICATION,
+}
+
+
+def default_topics_dir() -> Path:
+    """``topics/`` of the checkout this package runs from, else of the working directory."""
+    here = Path(__file__).resolve().parents[3] / "topics"
+    return here if here.is_dir() else Path.cwd() / "topics"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TopicRegistry:
+    """The topic definitions, with the deployment's prefix applied to every name."""
+
+    specs: dict[str, TopicSpec]
+    prefix: str = ""
+
+    @classmethod
+    def load(cls, directory: Path | None = None, prefix: str = "") -> TopicRegistry:
+        directory = directory or default_topics_dir()
+        specs = {}
+        for path in sorted(directory.glob("*.json")):
+            data = json.loads(path.read_text())
+            specs[data["name"]] = TopicSpec(
+                name=prefix + data["name"],
+                partitions=int(data["partitions"]),
+                replication_factor=int(data["replication_factor"]),
+                configs={k: str(v) for k, v in data.get("configs", {}).items()},
+            )
+        if not specs:
+            raise ConfigurationError(f"no topic definitions found in {directory}")
+        return cls(specs, prefix)
+
+    def name(self, logical: str) -> str:
+        return self.specs[logical].name
+
+    def with_partitions(self, partitions: int) -> TopicRegistry:
+        """The same topics with another partition count (tests and benchmarks)."""
+        return TopicRegistry(
+            {
+                k: TopicSpec(s.name, partitions, s.replication_factor, s.configs)
+                for k, s in self.specs.items()
+            },
+            self.prefix,
+        )
+
+
+async def _admin(bootstrap: str) -> AIOKafkaAdminClient:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    return admin
+
+
+async def apply_topics(bootstrap: str, registry: TopicRegistry) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    admin = await _admin(bootstrap)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in registry.specs.values() if s.name not in existing]
+        created = []
+        for spec in missing:
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            spec.name,
+                            spec.partitions,
+                            spec.replication_factor,
+                            topic_configs=spec.configs,
+                        )
+                    ]
+                )
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass  # another process created it meanwhile: that is what we wanted
+        return created
+    finally:
+        await admin.close()
+
+
+async def check_topics(bootstrap: str, registry: TopicRegistry) -> list[str]:
+    """Drift between the definitions and the broker, one sentence per problem."""
+    admin = await _admin(bootstrap)
+    try:
+        existing = set(await admin.list_topics())
+        problems = [
+            f"topic {s.name} is missing (run `creditgate topics apply`)"
+            for s in registry.specs.values()
+            if s.name not in existing
+        ]
+        present = [s for s in registry.specs.values() if s.name in existing]
+        if not present:
+            return problems
+        described = await admin.describe_topics([s.name for s in present])
+        partitions = {d["topic"]: len(d["partitions"]) for d in described}
+        resources = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
+        configs: dict[str, dict[str, str]] = {}
+        for response in await admin.describe_configs(resources):
+            for resource in response.resources:
+                configs[resource[3]] = {entry[0]: entry[1] for entry in resource[4]}
+        for spec in present:
+            if partitions.get(spec.name) != spec.partitions:
+                problems.append(
+                    f"topic {spec.name} has {partitions.get(spec.name)} partitions, "
+                    f"its definition says {spec.partitions}"
+                )
+            for key, want in spec.configs.items():
+                have = configs.get(spec.name, {}).get(key)
+                if have != want:
+                    problems.append(
+                        f"topic {spec.name}: {key} is {have}, its definition says {want}"
+                    )
+        return problems
+    finally:
+        await admin.close()
