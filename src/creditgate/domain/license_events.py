@@ -99,8 +99,9 @@ def command_message(view: CommandView, record: CommandRecord) -> str:
         case "member.remove":
             return f"{body['user_id']} is no longer a member"
         case _:
-            verb = "allowed" if body.get("allowed") else "disallowed"
-            return f"{body['user_id']} is {verb} to use credits"
+            if body.get("allowed"):
+                return f"{body['user_id']} may use credits again"
+            return f"{body['user_id']} may no longer use credits"
 
 
 def license_event(view: CommandView, record: CommandRecord) -> dict[str, Any]:

@@ -27,7 +27,8 @@ ARGV
 RETURNS
   {status, record_json}; status is "decided", "replay" (the stored decision) or
   "conflict" (the stored decision of another body with this request_id).
-  The record holds outcomes per item, credits, balance, sequence and notifications;
+  The record holds outcomes per item, credits, balance, sequence, notifications and
+  the windows it opened (as 0-based window slots with their end);
   times are integer milliseconds since the epoch.
 ]]
 
@@ -50,6 +51,7 @@ local thresholds_csv = ARGV[13]
 local quote = ARGV[14] == "quote"
 local n_items = tonumber(ARGV[15])
 local ITEMS = 15
+local FIRST_WINDOW = 8
 
 local function ms(value)
   -- Lua numbers are doubles: format them as integers, never as 1.7e+12.
@@ -201,7 +203,8 @@ record.balance = balance - charged
 if not quote then
   for index, ends in pairs(opened) do
     redis.call("SET", KEYS[index], ms(ends), "PXAT", ms(ends))
-    table.insert(record.opened, {index, ends})
+    -- recorded as the caller's 0-based window slot, not as a KEYS index
+    table.insert(record.opened, {index - FIRST_WINDOW, ends})
   end
   table.sort(record.opened, function(a, b) return a[1] < b[1] end)
   if charged > 0 then redis.call("HINCRBY", license_key, "balance", -charged) end

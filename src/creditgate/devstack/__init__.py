@@ -1,0 +1,22 @@
+"""A local single-node Apache Kafka (KRaft) and Redis, without Docker.
+
+`DevStack(Path(".devstack")).up()` starts both (or finds them running), waits
+until they answer, writes `.devstack/env` and returns the `Endpoints`;
+`down()` stops them and deletes their data.
+"""
+
+from creditgate.devstack.errors import DevStackError
+from creditgate.devstack.kafka import KAFKA_VERSION, default_jars_cache_dir, ensure_kafka_jars
+from creditgate.devstack.process import find_free_port
+from creditgate.devstack.stack import DevStack, Endpoints, StackStatus
+
+__all__ = [
+    "KAFKA_VERSION",
+    "DevStack",
+    "DevStackError",
+    "Endpoints",
+    "StackStatus",
+    "default_jars_cache_dir",
+    "ensure_kafka_jars",
+    "find_free_port",
+]
