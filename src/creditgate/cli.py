@@ -40,6 +40,7 @@ def main() -> None:
 
 # ---- the local stack -------------------------------------------------------------
 
+
 @main.group()
 def dev() -> None:
     """A local single-node Kafka (KRaft) and Redis, without Docker."""
@@ -57,8 +58,9 @@ def dev_up() -> None:
         return
     for name, value in endpoints.as_env().items():
         click.echo(f"{name}={value}")
-    click.echo(f"# written to {DEVSTACK_DIR / 'env'}; load with: set -a; . {DEVSTACK_DIR}/env",
-               err=True)
+    click.echo(
+        f"# written to {DEVSTACK_DIR / 'env'}; load with: set -a; . {DEVSTACK_DIR}/env", err=True
+    )
 
 
 @dev.command("down")
@@ -80,6 +82,7 @@ def dev_status() -> None:
 
 
 # ---- topics ----------------------------------------------------------------------
+
 
 @main.group()
 def topics() -> None:
@@ -105,6 +108,7 @@ def topics_check() -> None:
 
 
 # ---- the worker ------------------------------------------------------------------
+
 
 def fatal_topic_problems(problems: list[str]) -> list[str]:
     """Missing topics and wrong partition counts stop the worker; config drift does not."""
@@ -133,6 +137,7 @@ def worker(loglevel: str) -> None:
 
 # ---- license commands ------------------------------------------------------------
 
+
 def _publish_command(body: dict[str, Any], wait: float) -> None:
     from creditgate.stream.client import CreditgateClient
 
@@ -141,8 +146,9 @@ def _publish_command(body: dict[str, Any], wait: float) -> None:
 
     async def run() -> dict[str, Any] | None:
         follow = (t.LICENSE_EVENTS,) if wait > 0 else ()
-        async with CreditgateClient(settings.kafka_bootstrap, _registry(settings),
-                                    follow) as client:
+        async with CreditgateClient(
+            settings.kafka_bootstrap, _registry(settings), follow
+        ) as client:
             if wait <= 0:
                 await client.send(t.LICENSE_COMMANDS, body)
                 return None
@@ -157,8 +163,13 @@ def _publish_command(body: dict[str, Any], wait: float) -> None:
         sys.exit(1)
 
 
-_wait = click.option("--wait", type=float, default=30.0, show_default=True,
-                     help="seconds to wait for the worker's answer (0: do not wait)")
+_wait = click.option(
+    "--wait",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="seconds to wait for the worker's answer (0: do not wait)",
+)
 
 
 @main.group()
@@ -173,12 +184,22 @@ def license() -> None:
 @click.option("--starts-at", default=None, help="RFC 3339; default now")
 @click.option("--ends-at", required=True, help="RFC 3339")
 @_wait
-def start_period(org: str, period_id: str, amount: int, starts_at: str | None, ends_at: str,
-                 wait: float) -> None:
+def start_period(
+    org: str, period_id: str, amount: int, starts_at: str | None, ends_at: str, wait: float
+) -> None:
     """Start a new period: the balance becomes its credits (no rollover)."""
     starts = starts_at or datetime.now(UTC).isoformat()
-    _publish_command({"org_id": org, "type": "license.start_period", "period_id": period_id,
-                      "starts_at": starts, "ends_at": ends_at, "credits": amount}, wait)
+    _publish_command(
+        {
+            "org_id": org,
+            "type": "license.start_period",
+            "period_id": period_id,
+            "starts_at": starts,
+            "ends_at": ends_at,
+            "credits": amount,
+        },
+        wait,
+    )
 
 
 @main.group()
@@ -193,12 +214,21 @@ def credits() -> None:
 @click.option("--granted-by", required=True)
 @click.option("--grant-id", default=None)
 @_wait
-def grant(org: str, amount: int, reason: str, granted_by: str, grant_id: str | None,
-          wait: float) -> None:
+def grant(
+    org: str, amount: int, reason: str, granted_by: str, grant_id: str | None, wait: float
+) -> None:
     """Top up the current period."""
-    _publish_command({"org_id": org, "type": "credits.grant",
-                      "grant_id": grant_id or f"grant-{uuid.uuid4().hex[:12]}",
-                      "credits": amount, "reason": reason, "granted_by": granted_by}, wait)
+    _publish_command(
+        {
+            "org_id": org,
+            "type": "credits.grant",
+            "grant_id": grant_id or f"grant-{uuid.uuid4().hex[:12]}",
+            "credits": amount,
+            "reason": reason,
+            "granted_by": granted_by,
+        },
+        wait,
+    )
 
 
 @credits.command("show")
@@ -236,8 +266,7 @@ def member() -> None:
 @click.option("--role", type=click.Choice(["admin", "member"]), default="member")
 @_wait
 def member_upsert(org: str, user: str, role: str, wait: float) -> None:
-    _publish_command({"org_id": org, "type": "member.upsert", "user_id": user, "role": role},
-                     wait)
+    _publish_command({"org_id": org, "type": "member.upsert", "user_id": user, "role": role}, wait)
 
 
 @member.command("remove")
@@ -255,8 +284,16 @@ def member_remove(org: str, user: str, wait: float) -> None:
 @_wait
 def member_allow(org: str, user: str, admin: str, wait: float) -> None:
     """Allow a user to use credits again."""
-    _publish_command({"org_id": org, "type": "member.set_credits_allowed", "user_id": user,
-                      "allowed": True, "set_by": admin}, wait)
+    _publish_command(
+        {
+            "org_id": org,
+            "type": "member.set_credits_allowed",
+            "user_id": user,
+            "allowed": True,
+            "set_by": admin,
+        },
+        wait,
+    )
 
 
 @member.command("disallow")
@@ -266,11 +303,20 @@ def member_allow(org: str, user: str, admin: str, wait: float) -> None:
 @_wait
 def member_disallow(org: str, user: str, admin: str, wait: float) -> None:
     """Disallow a user from using credits."""
-    _publish_command({"org_id": org, "type": "member.set_credits_allowed", "user_id": user,
-                      "allowed": False, "set_by": admin}, wait)
+    _publish_command(
+        {
+            "org_id": org,
+            "type": "member.set_credits_allowed",
+            "user_id": user,
+            "allowed": False,
+            "set_by": admin,
+        },
+        wait,
+    )
 
 
 # ---- the demo --------------------------------------------------------------------
+
 
 @main.command()
 def demo() -> None:

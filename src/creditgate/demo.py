@@ -67,7 +67,10 @@ class _Worker:
         with self._log.open("ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "creditgate", "worker", "--loglevel", "warning"],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
@@ -97,8 +100,10 @@ class _Report:
         verdict = "approved" if result["type"] == "charge.approved" else "REJECTED"
         reason = f" ({result['reason']})" if result["reason"] else ""
         print(f"    {what:<44} {verdict}{reason}")
-        print(f"        credits charged {result['credits_charged']}, balance after "
-              f"{result['balance_after']} — {result['message']}")
+        print(
+            f"        credits charged {result['credits_charged']}, balance after "
+            f"{result['balance_after']} — {result['message']}"
+        )
         for item in result["items"]:
             until = f" until {item['free_until'][:10]}" if "free_until" in item else ""
             print(f"          {item['type']:<8} {item['id']:<6} {item['outcome']}{until}")
@@ -108,15 +113,21 @@ async def _scenario(client: CreditgateClient, worker: _Worker, report: _Report) 
     now = datetime.now(UTC)
     counter = iter(range(1, 1000))
 
-    def request(user: str, action: str, items: list[dict[str, Any]], **extra: Any
-                ) -> dict[str, Any]:
-        return {"request_id": f"req-{next(counter):03d}", "org_id": ORG, "user_id": user,
-                "action": action, "items": items, "requested_at": _iso(datetime.now(UTC)),
-                **extra}
+    def request(
+        user: str, action: str, items: list[dict[str, Any]], **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "request_id": f"req-{next(counter):03d}",
+            "org_id": ORG,
+            "user_id": user,
+            "action": action,
+            "items": items,
+            "requested_at": _iso(datetime.now(UTC)),
+            **extra,
+        }
 
     def command(kind: str, **fields: Any) -> dict[str, Any]:
-        return {"command_id": f"cmd-{next(counter):03d}", "org_id": ORG, "type": kind,
-                **fields}
+        return {"command_id": f"cmd-{next(counter):03d}", "org_id": ORG, "type": kind, **fields}
 
     async def charge(what: str, body: dict[str, Any]) -> dict[str, Any]:
         result = await client.request(body, timeout=60)
@@ -125,8 +136,13 @@ async def _scenario(client: CreditgateClient, worker: _Worker, report: _Report) 
 
     report.title("A license of 5 credits; ana is admin, bob and cid are members")
     for body in (
-        command("license.start_period", period_id="2026-Q4", credits=5,
-                starts_at=_iso(now - DAY), ends_at=_iso(now + 60 * DAY)),
+        command(
+            "license.start_period",
+            period_id="2026-Q4",
+            credits=5,
+            starts_at=_iso(now - DAY),
+            ends_at=_iso(now + 60 * DAY),
+        ),
         command("member.upsert", user_id="ana", role="admin"),
         command("member.upsert", user_id="bob", role="member"),
         command("member.upsert", user_id="cid", role="member"),
@@ -134,53 +150,109 @@ async def _scenario(client: CreditgateClient, worker: _Worker, report: _Report) 
         report.event(await client.command(body, timeout=60))
 
     report.title("bob exports a contact with its company, then pushes it to the CRM")
-    await charge("export c-1 (with company co-9)", request(
-        "bob", "export", [{"type": "contact", "id": "c-1", "company_id": "co-9"}],
-        max_credits=1, reference={"export_id": "e-1"}))
-    await charge("push c-1 and company co-9 to hubspot", request(
-        "bob", "crm_push", [{"type": "contact", "id": "c-1"}, {"type": "company", "id": "co-9"}],
-        reference={"crm": "hubspot"}))
+    await charge(
+        "export c-1 (with company co-9)",
+        request(
+            "bob",
+            "export",
+            [{"type": "contact", "id": "c-1", "company_id": "co-9"}],
+            max_credits=1,
+            reference={"export_id": "e-1"},
+        ),
+    )
+    await charge(
+        "push c-1 and company co-9 to hubspot",
+        request(
+            "bob",
+            "crm_push",
+            [{"type": "contact", "id": "c-1"}, {"type": "company", "id": "co-9"}],
+            reference={"crm": "hubspot"},
+        ),
+    )
 
     report.title("Email verification costs a credit only when a verified email is found")
-    await charge("verify c-2: verified email found", request(
-        "bob", "email_verification", [{"type": "contact", "id": "c-2"}],
-        verified_email_found=True))
-    await charge("verify c-3: none found", request(
-        "bob", "email_verification", [{"type": "contact", "id": "c-3"}],
-        verified_email_found=False))
+    await charge(
+        "verify c-2: verified email found",
+        request(
+            "bob",
+            "email_verification",
+            [{"type": "contact", "id": "c-2"}],
+            verified_email_found=True,
+        ),
+    )
+    await charge(
+        "verify c-3: none found",
+        request(
+            "bob",
+            "email_verification",
+            [{"type": "contact", "id": "c-3"}],
+            verified_email_found=False,
+        ),
+    )
 
     report.title("ana disallows cid; cid tries to export")
-    report.event(await client.command(command(
-        "member.set_credits_allowed", user_id="cid", allowed=False, set_by="ana"), timeout=60))
-    report.event(await client.command(command(
-        "member.set_credits_allowed", user_id="ana", allowed=False, set_by="bob"), timeout=60))
+    report.event(
+        await client.command(
+            command("member.set_credits_allowed", user_id="cid", allowed=False, set_by="ana"),
+            timeout=60,
+        )
+    )
+    report.event(
+        await client.command(
+            command("member.set_credits_allowed", user_id="ana", allowed=False, set_by="bob"),
+            timeout=60,
+        )
+    )
     await charge("cid exports c-4", request("cid", "export", [{"type": "contact", "id": "c-4"}]))
 
     big = [{"type": "contact", "id": f"c-{n}"} for n in range(10, 15)]
     report.title("An export larger than the balance: all or nothing, then partial")
     await charge("export 5 contacts", request("bob", "export", big))
-    await charge("export 5 contacts, on_insufficient=partial",
-                 request("bob", "export", big, on_insufficient="partial"))
+    await charge(
+        "export 5 contacts, on_insufficient=partial",
+        request("bob", "export", big, on_insufficient="partial"),
+    )
 
     report.title("Customer success tops up 10 credits")
-    report.event(await client.command(command(
-        "credits.grant", grant_id="g-1", credits=10, reason="renewal bridge",
-        granted_by="cs-mia"), timeout=60))
+    report.event(
+        await client.command(
+            command(
+                "credits.grant",
+                grant_id="g-1",
+                credits=10,
+                reason="renewal bridge",
+                granted_by="cs-mia",
+            ),
+            timeout=60,
+        )
+    )
 
     report.title("31 days later (worker restarted with the clock 31 days ahead)")
     worker.stop()
     worker.start(clock_offset_days=31)
-    await charge("push c-1 again: its window has ended", request(
-        "bob", "crm_push", [{"type": "contact", "id": "c-1"}]))
-    await charge("export c-1: inside the window just opened", request(
-        "bob", "export", [{"type": "contact", "id": "c-1"}]))
+    await charge(
+        "push c-1 again: its window has ended",
+        request("bob", "crm_push", [{"type": "contact", "id": "c-1"}]),
+    )
+    await charge(
+        "export c-1: inside the window just opened",
+        request("bob", "export", [{"type": "contact", "id": "c-1"}]),
+    )
 
     report.title("A new license period of 20 credits: nothing rolls over")
     shifted = now + 31 * DAY
-    report.event(await client.command(command(
-        "license.start_period", period_id="2027-Q1", credits=20,
-        starts_at=_iso(shifted - timedelta(hours=1)), ends_at=_iso(shifted + 90 * DAY)),
-        timeout=60))
+    report.event(
+        await client.command(
+            command(
+                "license.start_period",
+                period_id="2027-Q1",
+                credits=20,
+                starts_at=_iso(shifted - timedelta(hours=1)),
+                ends_at=_iso(shifted + 90 * DAY),
+            ),
+            timeout=60,
+        )
+    )
     await charge("export c-30", request("bob", "export", [{"type": "contact", "id": "c-30"}]))
 
 
@@ -202,10 +274,15 @@ def run_demo() -> None:
         from creditgate.devstack import find_free_port  # noqa: PLC0415
 
         registry = TopicRegistry.load(prefix=f"{run_id}.")
-        env = {**os.environ,
-               "CREDITGATE_KAFKA_BOOTSTRAP": bootstrap, "CREDITGATE_REDIS_URL": redis_url,
-               "CREDITGATE_TOPIC_PREFIX": f"{run_id}.", "CREDITGATE_KEY_PREFIX": run_id,
-               "CREDITGATE_APP_ID": run_id, "CREDITGATE_HTTP_PORT": str(find_free_port())}
+        env = {
+            **os.environ,
+            "CREDITGATE_KAFKA_BOOTSTRAP": bootstrap,
+            "CREDITGATE_REDIS_URL": redis_url,
+            "CREDITGATE_TOPIC_PREFIX": f"{run_id}.",
+            "CREDITGATE_KEY_PREFIX": run_id,
+            "CREDITGATE_APP_ID": run_id,
+            "CREDITGATE_HTTP_PORT": str(find_free_port()),
+        }
         worker = _Worker(env, Path(tmp) / "worker.log")
         try:
             report = asyncio.run(_play(bootstrap, registry, worker))
@@ -218,8 +295,19 @@ def run_demo() -> None:
     print("\n▸ Notifications sent")
     for note in report.notifications:
         to = note["recipient"].get("user_id") or "admins"
-        extra = {k: v for k, v in note.items() if k in (
-            "threshold_percent", "credits_needed", "credits_left", "credits", "period_id",
-            "expired_credits", "balance_after")}
+        extra = {
+            k: v
+            for k, v in note.items()
+            if k
+            in (
+                "threshold_percent",
+                "credits_needed",
+                "credits_left",
+                "credits",
+                "period_id",
+                "expired_credits",
+                "balance_after",
+            )
+        }
         print(f"    {note['type']:<27} to {to:<7} {extra}")
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s; nothing left running")

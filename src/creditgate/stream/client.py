@@ -26,14 +26,16 @@ class Timeout(CreditgateError):
 class CreditgateClient:
     """Produces to the input topics; follows the output topics from the moment it starts."""
 
-    def __init__(self, bootstrap: str, registry: TopicRegistry,
-                 follow: tuple[str, ...] = (t.CHARGE_RESULTS, t.LICENSE_EVENTS,
-                                            t.NOTIFICATIONS)) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        registry: TopicRegistry,
+        follow: tuple[str, ...] = (t.CHARGE_RESULTS, t.LICENSE_EVENTS, t.NOTIFICATIONS),
+    ) -> None:
         self._bootstrap = bootstrap
         self.registry = registry
         self._follow = follow
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                          linger_ms=2)
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
         self.seen: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -50,12 +52,15 @@ class CreditgateClient:
         await self._producer.start()
         if not self._follow:
             return
-        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap,
-                                    enable_auto_commit=False, auto_offset_reset="latest")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, enable_auto_commit=False, auto_offset_reset="latest"
+        )
         await consumer.start()
-        partitions = [TopicPartition(self.registry.name(logical), p)
-                      for logical in self._follow
-                      for p in range(self.registry.specs[logical].partitions)]
+        partitions = [
+            TopicPartition(self.registry.name(logical), p)
+            for logical in self._follow
+            for p in range(self.registry.specs[logical].partitions)
+        ]
         consumer.assign(partitions)
         # Pin the positions now, so nothing produced after start() can be missed.
         ends = await consumer.end_offsets(partitions)
@@ -88,13 +93,15 @@ class CreditgateClient:
 
     # ---- publishing --------------------------------------------------------------
 
-    async def send(self, logical_topic: str, body: dict[str, Any] | bytes,
-                   key: str | None = None) -> None:
+    async def send(
+        self, logical_topic: str, body: dict[str, Any] | bytes, key: str | None = None
+    ) -> None:
         value = body if isinstance(body, bytes) else orjson.dumps(body)
         if key is None and isinstance(body, dict):
             key = str(body.get("org_id", ""))
-        await self._producer.send_and_wait(self.registry.name(logical_topic), value,
-                                           key=key.encode() if key is not None else None)
+        await self._producer.send_and_wait(
+            self.registry.name(logical_topic), value, key=key.encode() if key is not None else None
+        )
 
     async def request(self, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Publish a charge request on its action's topic and wait for its decision."""
@@ -108,15 +115,16 @@ class CreditgateClient:
 
     # ---- waiting -----------------------------------------------------------------
 
-    async def wait_for(self, logical_topic: str, field: str, value: Any,
-                       timeout: float = 30.0, count: int = 1) -> dict[str, Any]:
+    async def wait_for(
+        self, logical_topic: str, field: str, value: Any, timeout: float = 30.0, count: int = 1
+    ) -> dict[str, Any]:
         """The first message on a followed topic whose ``field`` equals ``value``."""
-        found = await self.wait_many(logical_topic, lambda m: m.get(field) == value,
-                                     count, timeout)
+        found = await self.wait_many(logical_topic, lambda m: m.get(field) == value, count, timeout)
         return found[0]
 
-    async def wait_many(self, logical_topic: str, match: Any, count: int,
-                        timeout: float = 30.0) -> list[dict[str, Any]]:
+    async def wait_many(
+        self, logical_topic: str, match: Any, count: int, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
         def ready() -> bool:
             return sum(1 for m in self.seen[logical_topic] if match(m)) >= count
 
@@ -125,6 +133,7 @@ class CreditgateClient:
                 await asyncio.wait_for(self._arrived.wait_for(ready), timeout)
         except TimeoutError:
             got = sum(1 for m in self.seen[logical_topic] if match(m))
-            raise Timeout(f"{got} of {count} expected messages on {logical_topic} "
-                          f"after {timeout:.0f}s") from None
+            raise Timeout(
+                f"{got} of {count} expected messages on {logical_topic} after {timeout:.0f}s"
+            ) from None
         return [m for m in self.seen[logical_topic] if match(m)]
