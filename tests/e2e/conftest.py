@@ -35,6 +35,10 @@ class Pipeline:
     key_prefix: str
     registries: dict[str, TopicRegistry]
     clients: dict[str, CreditgateClient] = field(default_factory=dict)
+    worker_envs: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def http(self, day: str = "day0") -> str:
+        return f"http://127.0.0.1:{self.worker_envs[day]['CREDITGATE_HTTP_PORT']}"
 
     def env(self, day: str) -> dict[str, str]:
         return {
@@ -86,7 +90,8 @@ async def pipeline(
         await apply_topics(bootstrap, registry)
     found = Pipeline(bootstrap, redis_url, run, registries)
     logs = tmp_path_factory.mktemp("workers")
-    workers = [start_worker(found.env(day), logs / f"{day}.log") for day in DAYS]
+    found.worker_envs = {day: found.env(day) for day in DAYS}
+    workers = [start_worker(found.worker_envs[day], logs / f"{day}.log") for day in DAYS]
     for day, registry in registries.items():
         client = CreditgateClient(
             bootstrap,

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.types import StreamT
 
+from creditgate.api.views import register_views
 from creditgate.errors import InfrastructureError
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
@@ -140,11 +141,6 @@ def create_app(
     async def health(web: Any, request: Any) -> Any:
         return web.json({"status": "ok"})
 
-    @app.page("/v1/orgs/{org}/credits")
-    async def credits(web: Any, request: Any, org: str) -> Any:
-        view = await store.credits(org, processor.clock.now_ms())
-        if view is None:
-            return web.json({"code": "not_found", "message": f"{org} has no license"}, status=404)
-        return web.json(view)
+    register_views(app, store, processor.clock, max_items=settings.max_items)
 
     return app

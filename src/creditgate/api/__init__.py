@@ -1,0 +1,1 @@
+"""The worker's HTTP API: read-side reports and the quote."""
