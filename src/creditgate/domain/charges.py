@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from creditgate.domain.ids import Identifier, Timestamp
 
@@ -67,9 +67,9 @@ class ChargeRequest(_Strict):
     user_id: Identifier
     action: Action
     items: list[Item] = Field(min_length=1)
-    max_credits: int | None = Field(default=None, ge=0)
+    max_credits: StrictInt | None = Field(default=None, ge=0)
     on_insufficient: Literal["reject", "partial"] = "reject"
-    verified_email_found: bool | None = None
+    verified_email_found: StrictBool | None = None
     requested_at: Timestamp
     reference: dict[str, Any] | None = None
 

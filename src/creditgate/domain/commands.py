@@ -5,7 +5,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    model_validator,
+)
 
 from creditgate.domain.charges import body_fingerprint
 from creditgate.domain.ids import Identifier, Timestamp
@@ -39,7 +47,7 @@ class StartPeriod(_Command):
     period_id: Identifier
     starts_at: Timestamp
     ends_at: Timestamp
-    credits: int = Field(ge=0)
+    credits: StrictInt = Field(ge=0)
 
     @model_validator(mode="after")
     def _ends_after_start(self) -> StartPeriod:
@@ -53,7 +61,7 @@ class Grant(_Command):
 
     type: Literal["credits.grant"]
     grant_id: Identifier
-    credits: int = Field(gt=0)
+    credits: StrictInt = Field(gt=0)
     reason: str = Field(min_length=1, max_length=500)
     granted_by: Identifier
 
@@ -72,7 +80,7 @@ class MemberRemove(_Command):
 class SetCreditsAllowed(_Command):
     type: Literal["member.set_credits_allowed"]
     user_id: Identifier
-    allowed: bool
+    allowed: StrictBool
     set_by: Identifier
 
 

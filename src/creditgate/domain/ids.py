@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeGuard
 
-from pydantic import AfterValidator, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, StringConstraints
 
 ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -19,13 +19,20 @@ def is_identifier(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
+def _must_be_text(value: Any) -> Any:
+    # JSON carries timestamps as RFC 3339 strings; an epoch number is a different contract
+    if not isinstance(value, str | datetime):
+        raise ValueError("timestamp must be an RFC 3339 string")
+    return value
+
+
 def _must_be_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp needs a time zone (RFC 3339)")
     return value.astimezone(UTC)
 
 
-Timestamp = Annotated[datetime, AfterValidator(_must_be_utc)]
+Timestamp = Annotated[datetime, BeforeValidator(_must_be_text), AfterValidator(_must_be_utc)]
 
 
 def to_ms(value: datetime) -> int:

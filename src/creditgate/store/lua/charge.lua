@@ -201,8 +201,12 @@ record.credits, record.saved = charged, free
 record.balance = balance - charged
 
 if not quote then
+  -- Redis expires keys by its own clock: when the decision clock runs behind it (a
+  -- negative offset), push the expiry out by the difference so no window is lost.
+  local time = redis.call("TIME")
+  local skew = math.max(0, tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) - now)
   for index, ends in pairs(opened) do
-    redis.call("SET", KEYS[index], ms(ends), "PXAT", ms(ends))
+    redis.call("SET", KEYS[index], ms(ends), "PXAT", ms(ends + skew))
     -- recorded as the caller's 0-based window slot, not as a KEYS index
     table.insert(record.opened, {index - FIRST_WINDOW, ends})
   end

@@ -83,6 +83,10 @@ elseif kind == "license.start_period" then
 elseif kind == "credits.grant" then
   local state = license_state()
   if not state.period_id then return finish(false, state, "no_active_license") end
+  if now >= state.ends_ms then
+    -- grants expire with their period: one added to an ended period could never be used
+    return finish(false, state, "no_active_license", "period " .. state.period_id .. " has ended")
+  end
   local grant_id, credits = ARGV[6], tonumber(ARGV[7])
   if redis.call("HEXISTS", grants_key, grant_id) == 1 then
     return finish(false, state, "duplicate_grant",
