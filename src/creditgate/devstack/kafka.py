@@ -192,7 +192,7 @@ class KafkaNode:
             "Kafka",
             pid_file=root / "kafka.pid",
             output_log=root / "kafka.out",
-            # The config path is unique to this stack, unlike "kafka.Kafka".
+            # The last argument, and unique to this stack unlike "kafka.Kafka".
             marker=str(self.config_file),
             other_logs=(self.log_file,),
         )

@@ -15,6 +15,7 @@ from creditgate.devstack.errors import DevStackError
 
 _POLL_SECONDS = 0.05
 _KILL_WAIT_SECONDS = 10.0
+_EXEC_WAIT_SECONDS = 5.0
 _TAIL_LINES = 30
 _PROC = Path("/proc")
 
@@ -76,8 +77,9 @@ def tail(path: Path, lines: int = _TAIL_LINES) -> str:
 class Daemon:
     """One background server: started detached, tracked by a pid file.
 
-    `marker` is a string its command line contains; it tells our server apart
-    from an unrelated process that got the same pid after a reboot.
+    `marker` is how its command line ends (a path of this stack); it tells
+    our server apart from an unrelated process that got the same pid after a
+    reboot, and from the same server of another stack.
     """
 
     def __init__(
@@ -112,6 +114,14 @@ class Daemon:
         except OSError as exc:
             raise DevStackError(f"could not start {self.name} ({argv[0]}): {exc}") from exc
         self.pid_file.write_text(f"{pid}\n")
+        # posix_spawn returns while the kernel is still inside exec, when the
+        # command line reads empty: wait until it shows, so that `pid` (and so
+        # `stop` and `kill`) finds the server from the moment `start` returns.
+        deadline = time.monotonic() + _EXEC_WAIT_SECONDS
+        while not _is_running(pid, self._marker) and _exists(pid):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_SECONDS / 10)
         return pid
 
     def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
@@ -190,7 +200,7 @@ def _spawn(argv: Sequence[str], output_log: Path, env: Mapping[str, str]) -> int
 
 
 def _is_running(pid: int, marker: str) -> bool:
-    """Whether `pid` is alive and its command line contains `marker`."""
+    """Whether `pid` is alive and its command line ends with " " + `marker`."""
     if not _exists(pid):
         return False
     try:
@@ -198,7 +208,8 @@ def _is_running(pid: int, marker: str) -> bool:
     except FileNotFoundError:
         # No /proc at all (not Linux): trust the pid file; else it just exited.
         return not _PROC.is_dir()
-    return marker in cmdline.replace(b"\0", b" ").decode(errors="replace")
+    text = cmdline.replace(b"\0", b" ").decode(errors="replace").rstrip()
+    return text.endswith(" " + marker)
 
 
 def _exists(pid: int) -> bool:

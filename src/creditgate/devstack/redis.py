@@ -22,6 +22,10 @@ APPENDFSYNC_MODES = ("always", "everysec", "no")
 _REDIS_HINT = "install it with `apt-get install -y redis-server`"
 
 
+def find_redis_server() -> str:
+    return require_executable("redis-server", _REDIS_HINT)
+
+
 def redis_answers(port: int, timeout: float = 1.0) -> bool:
     """Whether the Redis on 127.0.0.1:`port` answers PING (not while it loads its AOF)."""
     try:
@@ -45,7 +49,7 @@ class RedisNode:
         self.log_file = root / "redis.log"
         self._appendfsync = appendfsync
         # Redis replaces its command line with a process title; the title
-        # template below puts the data folder in it, which is what we look for.
+        # template below ends it with the data folder, which is what we look for.
         self._daemon = Daemon(
             "Redis",
             pid_file=root / "redis.pid",
@@ -59,7 +63,7 @@ class RedisNode:
 
     def start(self, port: int) -> None:
         """Start the server on 127.0.0.1:`port` (no wait); it reloads its AOF if there is one."""
-        redis_server = require_executable("redis-server", _REDIS_HINT)
+        redis_server = find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._daemon.start(
             [

@@ -20,10 +20,11 @@ from creditgate.devstack.kafka import (
     KafkaNode,
     default_jars_cache_dir,
     ensure_kafka_jars,
+    find_java,
     kafka_answers,
 )
 from creditgate.devstack.process import find_free_port, wait_ports_free
-from creditgate.devstack.redis import RedisNode, redis_answers
+from creditgate.devstack.redis import RedisNode, find_redis_server, redis_answers
 
 BOOTSTRAP_ENV = "CREDITGATE_KAFKA_BOOTSTRAP"
 REDIS_URL_ENV = "CREDITGATE_REDIS_URL"
@@ -56,6 +57,16 @@ class StackStatus:
     @property
     def running(self) -> bool:
         return self.kafka_running and self.redis_running
+
+    def __str__(self) -> str:
+        rows = (
+            ("kafka", self.kafka_running, self.kafka_pid, self.kafka_bootstrap),
+            ("redis", self.redis_running, self.redis_pid, self.redis_url),
+        )
+        return "\n".join(
+            f"{name:<6}{_state(running, pid):<11}{f'pid {pid}' if pid else '-':<11}{address or '-'}"
+            for name, running, pid, address in rows
+        )
 
 
 @dataclass(frozen=True)
@@ -111,15 +122,22 @@ class DevStack:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         ports = self._ports_for_up()
+        start_kafka, start_redis = self._kafka.pid is None, self._redis.pid is None
+        # Look for every tool before starting anything: a missing one then costs nothing.
+        if start_redis:
+            find_redis_server()
+        libs: Path | None = None
+        if start_kafka:
+            find_java()
+            libs = ensure_kafka_jars(self.jars_cache_dir)
         started: list[KafkaNode | RedisNode] = []
         try:
             # Kafka's JVM takes seconds to start: launch it first and bring
             # Redis up while it boots.
-            if self._kafka.pid is None:
-                libs = ensure_kafka_jars(self.jars_cache_dir)
+            if libs is not None:
                 self._kafka.start(libs, port=ports.kafka, controller_port=ports.kafka_controller)
                 started.append(self._kafka)
-            if self._redis.pid is None:
+            if start_redis:
                 self._redis.start(ports.redis)
                 started.append(self._redis)
             self._redis.wait_ready(ports.redis, self.redis_timeout)
@@ -250,6 +268,12 @@ class DevStack:
         lines = [f"# written by `creditgate dev up`; load with: set -a; . {self.env_file}; set +a"]
         lines += [f"{name}={value}" for name, value in endpoints.as_env().items()]
         _write_atomically(self.env_file, "\n".join(lines) + "\n")
+
+
+def _state(running: bool, pid: int | None) -> str:
+    if running:
+        return "running"
+    return "no answer" if pid else "stopped"
 
 
 def _all_free(ports: tuple[int, ...]) -> bool:
