@@ -10,6 +10,7 @@ the worker with the decision clock 31 days ahead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -269,6 +270,9 @@ async def _play(bootstrap: str, registry: TopicRegistry, worker: _Worker) -> _Re
 
 def run_demo() -> None:
     started = time.monotonic()
+    # Fresh topics take a moment to reach every broker's metadata; aiokafka warns
+    # meanwhile, which is noise in a report for people.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     run_id = f"demo-{int(time.time())}"
     with _stack() as (bootstrap, redis_url), tempfile.TemporaryDirectory() as tmp:
         from creditgate.devstack import find_free_port  # noqa: PLC0415
