@@ -272,7 +272,7 @@ def run_demo() -> None:
     started = time.monotonic()
     # Fresh topics take a moment to reach every broker's metadata; aiokafka warns
     # meanwhile, which is noise in a report for people.
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)
     run_id = f"demo-{int(time.time())}"
     with _stack() as (bootstrap, redis_url), tempfile.TemporaryDirectory() as tmp:
         from creditgate.devstack import find_free_port  # noqa: PLC0415
