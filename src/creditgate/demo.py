@@ -270,9 +270,9 @@ async def _play(bootstrap: str, registry: TopicRegistry, worker: _Worker) -> _Re
 
 def run_demo() -> None:
     started = time.monotonic()
-    # Fresh topics take a moment to reach every broker's metadata; aiokafka warns
+    # Fresh topics take a moment to get leaders and metadata; aiokafka logs errors
     # meanwhile, which is noise in a report for people.
-    logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     run_id = f"demo-{int(time.time())}"
     with _stack() as (bootstrap, redis_url), tempfile.TemporaryDirectory() as tmp:
         from creditgate.devstack import find_free_port  # noqa: PLC0415
