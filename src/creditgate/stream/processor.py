@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -159,28 +160,8 @@ class Processor:
                 ce_time=at,
             )
         ]
-        ledger = charge_ledger_entry(view, record, list(window_names))
-        msgs.append(
-            outgoing(
-                self._ledger,
-                org,
-                ledger,
-                ce_type=f"ledger.{ledger['kind']}",
-                ce_id=f"{org}/ledger/{record.sequence}",
-                ce_time=at,
-            )
-        )
-        for note in charge_notifications(view, record):
-            msgs.append(
-                outgoing(
-                    self._notifications,
-                    org,
-                    note,
-                    ce_type=note["type"],
-                    ce_id=note["notification_id"],
-                    ce_time=at,
-                )
-            )
+        msgs.append(self._ledger_message(charge_ledger_entry(view, record, list(window_names))))
+        msgs.extend(self._notification_messages(charge_notifications(view, record)))
         return msgs
 
     # ---- license commands ------------------------------------------------------
@@ -237,29 +218,35 @@ class Processor:
                 )
             )
             if record.applied:
-                entry = command_ledger_entry(view, record)
-                out.append(
-                    outgoing(
-                        self._ledger,
-                        org,
-                        entry,
-                        ce_type=f"ledger.{entry['kind']}",
-                        ce_id=f"{org}/ledger/{record.sequence}",
-                        ce_time=at,
-                    )
-                )
-            for note in command_notifications(view, record):
-                out.append(
-                    outgoing(
-                        self._notifications,
-                        org,
-                        note,
-                        ce_type=note["type"],
-                        ce_id=note["notification_id"],
-                        ce_time=at,
-                    )
-                )
+                out.append(self._ledger_message(command_ledger_entry(view, record)))
+            out.extend(self._notification_messages(command_notifications(view, record)))
         return out
+
+    # ---- the ledger and notifications, shared by charges and commands ------------
+
+    def _ledger_message(self, entry: dict[str, Any]) -> Outgoing:
+        org = entry["org_id"]
+        return outgoing(
+            self._ledger,
+            org,
+            entry,
+            ce_type=f"ledger.{entry['kind']}",
+            ce_id=f"{org}/ledger/{entry['sequence']}",
+            ce_time=entry["recorded_at"],
+        )
+
+    def _notification_messages(self, notes: list[dict[str, Any]]) -> list[Outgoing]:
+        return [
+            outgoing(
+                self._notifications,
+                note["org_id"],
+                note,
+                ce_type=note["type"],
+                ce_id=note["notification_id"],
+                ce_time=note["created_at"],
+            )
+            for note in notes
+        ]
 
     # ---- unreadable input ------------------------------------------------------
 
