@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from creditgate.domain.charges import Action, ChargeRequest, Outcome, Reason
 from creditgate.domain.ids import rfc3339
 
@@ -80,6 +82,19 @@ class RequestView:
     max_credits: int | None = None
 
     @classmethod
+    def from_summary(cls, org_id: str, request_id: str, summary: str) -> RequestView:
+        data = orjson.loads(summary)
+        return cls(
+            org_id=org_id,
+            request_id=request_id,
+            user_id=data.get("user_id"),
+            action=Action(data["action"]),
+            items=_as_list(data.get("items")),
+            reference=data.get("reference") or None,
+            max_credits=data.get("max_credits"),
+        )
+
+    @classmethod
     def of(cls, request: ChargeRequest) -> RequestView:
         return cls(
             org_id=request.org_id,
@@ -90,6 +105,19 @@ class RequestView:
             reference=request.reference,
             max_credits=request.max_credits,
         )
+
+
+def request_summary(view: RequestView) -> str:
+    """The request as stored beside its decision, for reports (``RequestView.from_summary``)."""
+    return orjson.dumps(
+        {
+            "user_id": view.user_id,
+            "action": view.action.value,
+            "items": view.items,
+            "reference": view.reference,
+            "max_credits": view.max_credits,
+        }
+    ).decode()
 
 
 def _plural(count: int, word: str) -> str:

@@ -26,7 +26,7 @@ from creditgate.domain.commands import (
     SetCreditsAllowed,
     StartPeriod,
 )
-from creditgate.domain.decisions import ChargeRecord
+from creditgate.domain.decisions import ChargeRecord, RequestView, request_summary
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.license_events import CommandRecord
 from creditgate.errors import CreditgateError, StoreUnavailable
@@ -64,6 +64,8 @@ class ChargeCall:
     # window or None) as indexes into that list
     windows: tuple[str, ...] = ()
     items: tuple[tuple[int, int | None], ...] = ()
+    # the request as reports show it, stored beside its decision
+    summary: str = "{}"
 
     @classmethod
     def of(cls, request: ChargeRequest) -> ChargeCall:
@@ -97,6 +99,7 @@ class ChargeCall:
             verified_email_found=request.verified_email_found,
             windows=tuple(index),
             items=tuple(items),
+            summary=request_summary(RequestView.of(request)),
         )
 
     @classmethod
@@ -119,6 +122,7 @@ class ChargeCall:
             fingerprint=fingerprint,
             preset_reason="invalid_request",
             preset_detail=detail,
+            summary=request_summary(RequestView(org_id, request_id, user_id, action, [])),
         )
 
 
@@ -214,6 +218,7 @@ class CreditStore:
             call.preset_detail,
             self._thresholds,
             mode,
+            call.summary,
             len(call.items),
         ]
         for window, company in call.items:

@@ -22,8 +22,9 @@ ARGV
   9 window_ms  10 idempotency_ttl_ms  11 preset reason ("" or a reason decided before,
   e.g. invalid_request)  12 preset detail  13 threshold percents, comma-separated
   14 mode ("charge" | "quote": quote decides the same way and writes nothing)
-  15 n items, then two numbers per item: its window key index, and the index of the
-  company window a contact opens (0 = none)
+  15 the request as reports show it (JSON: user_id, action, items, reference), stored
+  beside the decision  16 n items, then two numbers per item: its window key index,
+  and the index of the company window a contact opens (0 = none)
 RETURNS
   {status, record_json}; status is "decided", "replay" (the stored decision) or
   "conflict" (the stored decision of another body with this request_id).
@@ -49,8 +50,9 @@ local preset_reason = ARGV[11]
 local preset_detail = ARGV[12]
 local thresholds_csv = ARGV[13]
 local quote = ARGV[14] == "quote"
-local n_items = tonumber(ARGV[15])
-local ITEMS = 15
+local request_summary = ARGV[15]
+local n_items = tonumber(ARGV[16])
+local ITEMS = 16
 local FIRST_WINDOW = 8
 
 local function ms(value)
@@ -82,7 +84,7 @@ local function finish()
   if quote then return {"decided", cjson.encode(record)} end
   record.seq = redis.call("INCR", sequence_key)
   local encoded = cjson.encode(record)
-  redis.call("HSET", request_key, "fp", fingerprint, "rec", encoded)
+  redis.call("HSET", request_key, "fp", fingerprint, "rec", encoded, "req", request_summary)
   redis.call("PEXPIRE", request_key, idempotency_ttl_ms)
   redis.call("ZADD", history_key, now, request_id)
   redis.call("ZREMRANGEBYSCORE", history_key, "-inf", "(" .. ms(now - idempotency_ttl_ms))
