@@ -246,6 +246,8 @@ def charge_ledger_entry(
             {"window": window_names[index], "ends_at_ms": ends} for index, ends in record.opened
         ],
         "decision": record.raw,
+        # the request as stored beside the decision (user, action, items, reference)
+        "request": orjson.loads(request_summary(view)),
     }
 
 
