@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,6 +23,11 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     http_port: int = 6066
     http_host: str = "127.0.0.1"
+    # Bearer tokens of the HTTP API, each scoped to a list of organisations or to all, as
+    # JSON: {"<token>": ["acme", "beta"], "<another>": "*"}. Kept whole as a secret and
+    # read by creditgate.api.access, whose errors never quote it. Empty: no tokens, and
+    # then the API has no access control, so it must listen on a loopback address.
+    api_tokens: SecretStr = SecretStr("")
 
     # The decision clock is the worker's clock shifted by this many seconds: demos and
     # tests move it to reach the end of a repeat window or of a license period.
@@ -29,6 +37,20 @@ class Settings(BaseSettings):
     key_prefix: str = "cg"
     topic_prefix: str = ""
 
+    # Secure connections; creditgate.connections turns these into client arguments and
+    # checks them at start-up. SASL_* needs a username and password; the CA files are
+    # the PEM bundles that signed the servers' certificates (the system's CAs if unset).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    kafka_ca_file: Path | None = None
+    # The Redis ACL user and password may also be given in CREDITGATE_REDIS_URL
+    # (rediss://user:password@host:port/db), but not in both places.
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_ca_file: Path | None = None
+
     repeat_window_days: float = 30.0
     # Idempotency records must outlive the longest replay Kafka allows (the retention of
     # the request topics), or a replay would be decided a second time.
@@ -37,7 +59,11 @@ class Settings(BaseSettings):
     threshold_percents: tuple[int, ...] = (80, 90, 100)
 
     batch_size: int = Field(default=1000, ge=1)
+    # how long the worker waits for more input while it holds a partial batch
     batch_within_seconds: float = 0.05
+    # consumer-group session: how soon a dead worker's partitions move to another one
+    # (None: faust's default, 60 s, or its BROKER_SESSION_TIMEOUT environment variable)
+    session_timeout_seconds: float | None = None
     retry_backoff_seconds: float = 0.5
     retry_backoff_max_seconds: float = 5.0
 

@@ -2,19 +2,21 @@
 
 `DevStack(Path(".devstack")).up()` starts both (or finds them running), waits
 until they answer, writes `.devstack/env` and returns the `Endpoints`;
-`down()` stops them and deletes their data.
+`down()` stops them and deletes their data. `DevStack(root, secure=True)` runs them
+with logins, ACLs and TLS (see creditgate.devstack.secure).
 """
 
 from creditgate.devstack.errors import DevStackError
 from creditgate.devstack.kafka import KAFKA_VERSION, default_jars_cache_dir, ensure_kafka_jars
 from creditgate.devstack.process import find_free_port
-from creditgate.devstack.stack import DevStack, Endpoints, StackStatus
+from creditgate.devstack.stack import DevStack, Endpoints, StackSecurity, StackStatus
 
 __all__ = [
     "KAFKA_VERSION",
     "DevStack",
     "DevStackError",
     "Endpoints",
+    "StackSecurity",
     "StackStatus",
     "default_jars_cache_dir",
     "ensure_kafka_jars",

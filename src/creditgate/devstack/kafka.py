@@ -2,7 +2,8 @@
 
 Layout under the stack's root folder:
 
-    kafka/server.properties   written at every start (the ports may change)
+    kafka/server.properties   written at every start (the ports may change); 0600, as in
+                              secure mode it holds the broker's own password
     kafka/log4j2.properties   written at every start
     kafka/data/               log.dirs: metadata and topic data, formatted once
     kafka.log                 the broker's log (log4j)
@@ -22,12 +23,13 @@ import socket
 import struct
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from creditgate.devstack.errors import DevStackError
-from creditgate.devstack.process import Daemon, require_executable, tail
+from creditgate.devstack.process import Daemon, require_executable, tail, write_private
 
 # Must match the version in kafka-pom.xml; it names the jar cache folder.
 KAFKA_VERSION = "4.1.1"
@@ -56,11 +58,8 @@ _SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+{listeners}
 log.dirs={data_dir}
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=4
@@ -72,6 +71,57 @@ num.partitions=1
 broker.session.timeout.ms=4000
 broker.heartbeat.interval.ms=500
 """
+
+_PLAIN_LISTENERS = """\
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT"""
+
+# Secure mode: clients log in with SCRAM-SHA-512 over TLS (the bootstrap port) or
+# without TLS (a second port), and StandardAuthorizer refuses whatever no ACL allows.
+# The broker logs in to itself as `admin` over SASL_PLAINTEXT. The controller
+# listener stays PLAINTEXT on loopback, so the broker reaches its controller as
+# ANONYMOUS: that principal must be a super user, and only that listener (which
+# serves controller requests, not produce or fetch) can ever present it.
+# SCRAM credentials live in the cluster metadata, written at format time.
+_SECURE_LISTENERS = """\
+listeners=SASL_SSL://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_plaintext_port},\
+CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=SASL_SSL://127.0.0.1:{port},SASL_PLAINTEXT://127.0.0.1:{sasl_plaintext_port}
+listener.security.protocol.map=SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT,\
+CONTROLLER:PLAINTEXT
+inter.broker.listener.name=SASL_PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required \
+username="{admin_user}" password="{admin_password}";
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location={keystore_file}
+ssl.keystore.password={keystore_password}
+ssl.key.password={keystore_password}
+ssl.client.auth=none
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:{admin_user};User:ANONYMOUS"""
+
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """What a secure node needs: its second client port, keystore and SCRAM users."""
+
+    sasl_plaintext_port: int
+    keystore_file: Path
+    keystore_password: str = field(repr=False)
+    admin_user: str
+    admin_password: str = field(repr=False)
+    # every SCRAM user to create at format time, the admin included: name -> password
+    scram_users: Mapping[str, str] = field(repr=False)
+
 
 # INFO for the broker's life cycle; WARN for what logs a line per request,
 # per partition or per config dump (server.properties sits next to the log).
@@ -201,18 +251,41 @@ class KafkaNode:
     def pid(self) -> int | None:
         return self._daemon.pid
 
-    def start(self, libs: Path, *, port: int, controller_port: int) -> None:
-        """Write the config, format the storage on first start, start the JVM (no wait)."""
+    def start(
+        self,
+        libs: Path,
+        *,
+        port: int,
+        controller_port: int,
+        security: KafkaSecurity | None = None,
+    ) -> None:
+        """Write the config, format the storage on first start, start the JVM (no wait).
+
+        With `security` the node runs in secure mode (see _SECURE_LISTENERS); its
+        SCRAM users are created when the storage is formatted.
+        """
         java = find_java()
         self.home.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(
-            _SERVER_PROPERTIES.format(
-                port=port, controller_port=controller_port, data_dir=self.data_dir
+        if security is None:
+            listeners = _PLAIN_LISTENERS.format(port=port, controller_port=controller_port)
+        else:
+            listeners = _SECURE_LISTENERS.format(
+                port=port,
+                controller_port=controller_port,
+                sasl_plaintext_port=security.sasl_plaintext_port,
+                keystore_file=security.keystore_file,
+                keystore_password=security.keystore_password,
+                admin_user=security.admin_user,
+                admin_password=security.admin_password,
             )
+        properties = _SERVER_PROPERTIES.format(
+            controller_port=controller_port, listeners=listeners, data_dir=self.data_dir
         )
+        # In secure mode the file holds the admin's and the keystore's passwords.
+        write_private(self.config_file, properties)
         self._log4j_file.write_text(_LOG4J2_PROPERTIES.format(log_file=self.log_file))
         if not (self.data_dir / "meta.properties").is_file():
-            self._format_storage(java, libs)
+            self._format_storage(java, libs, security)
         self._daemon.start(
             [
                 java,
@@ -243,7 +316,10 @@ class KafkaNode:
     def remove_data(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
 
-    def _format_storage(self, java: str, libs: Path) -> None:
+    def _format_storage(self, java: str, libs: Path, security: KafkaSecurity | None) -> None:
+        scram: list[str] = []
+        for name, password in (security.scram_users if security else {}).items():
+            scram += ["--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]"]
         try:
             result = subprocess.run(
                 [
@@ -258,6 +334,7 @@ class KafkaNode:
                     _new_cluster_id(),
                     "--config",
                     str(self.config_file),
+                    *scram,
                 ],
                 capture_output=True,
                 text=True,

@@ -62,6 +62,18 @@ def require_executable(name: str, install_hint: str) -> str:
     return found
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read (created 0600, never chmod-ed later).
+
+    The file is replaced, not rewritten in place: a reader never sees half of it.
+    """
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(partial, path)
+
+
 def tail(path: Path, lines: int = _TAIL_LINES) -> str:
     """The last `lines` lines of a log file, or "" when there is none."""
     try:

@@ -11,8 +11,10 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from creditgate.connections import aiokafka_options
 from creditgate.domain.charges import Action
 from creditgate.errors import CreditgateError
+from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.topics import TopicRegistry
 
@@ -31,11 +33,17 @@ class CreditgateClient:
         bootstrap: str,
         registry: TopicRegistry,
         follow: tuple[str, ...] = (t.CHARGE_RESULTS, t.LICENSE_EVENTS, t.NOTIFICATIONS),
+        *,
+        settings: Settings | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self.registry = registry
         self._follow = follow
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+        # Login and TLS from `settings`, else from the CREDITGATE_* environment.
+        self._security = aiokafka_options(settings)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=2, **self._security
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
         self.seen: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -53,7 +61,10 @@ class CreditgateClient:
         if not self._follow:
             return
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, enable_auto_commit=False, auto_offset_reset="latest"
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            **self._security,
         )
         await consumer.start()
         partitions = [

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from creditgate.connections import aiokafka_options, check_kafka
 from creditgate.domain.charges import Action
 from creditgate.errors import ConfigurationError
+from creditgate.settings import Settings
 
 EXPORT_REQUESTS = "credits.export.requests"
 PUSH_REQUESTS = "credits.push.requests"
@@ -86,15 +88,30 @@ class TopicRegistry:
         )
 
 
-async def _admin(bootstrap: str) -> AIOKafkaAdminClient:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await admin.start()
+async def _admin(bootstrap: str, settings: Settings | None) -> AIOKafkaAdminClient:
+    """A started admin client; login and TLS from `settings`, else from the environment.
+
+    A refused login or an untrusted certificate raises ConfigurationError at once,
+    with the reason (aiokafka itself only says it could not bootstrap).
+    """
+    settings = settings or Settings()
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=15000, **aiokafka_options(settings)
+    )
+    try:
+        await admin.start()
+    except KafkaError:
+        await admin.close()
+        await check_kafka(settings.model_copy(update={"kafka_bootstrap": bootstrap}))
+        raise
     return admin
 
 
-async def apply_topics(bootstrap: str, registry: TopicRegistry) -> list[str]:
+async def apply_topics(
+    bootstrap: str, registry: TopicRegistry, *, settings: Settings | None = None
+) -> list[str]:
     """Create the topics that do not exist yet; returns the names created."""
-    admin = await _admin(bootstrap)
+    admin = await _admin(bootstrap, settings)
     try:
         existing = set(await admin.list_topics())
         missing = [s for s in registry.specs.values() if s.name not in existing]
@@ -119,9 +136,11 @@ async def apply_topics(bootstrap: str, registry: TopicRegistry) -> list[str]:
         await admin.close()
 
 
-async def check_topics(bootstrap: str, registry: TopicRegistry) -> list[str]:
+async def check_topics(
+    bootstrap: str, registry: TopicRegistry, *, settings: Settings | None = None
+) -> list[str]:
     """Drift between the definitions and the broker, one sentence per problem."""
-    admin = await _admin(bootstrap)
+    admin = await _admin(bootstrap, settings)
     try:
         existing = set(await admin.list_topics())
         problems = [
