@@ -70,6 +70,12 @@ def _load_object(raw: bytes | None) -> dict[str, Any] | Unreadable:
         return Unreadable(f"not UTF-8 JSON: {exc}")
     if not isinstance(body, dict):
         return Unreadable(f"expected a JSON object, got {type(body).__name__}")
+    try:
+        # orjson reads deeper nesting than it writes; what cannot be written back
+        # cannot be fingerprinted or stored
+        orjson.dumps(body)
+    except TypeError:
+        return Unreadable("JSON nested too deeply")
     return body
 
 

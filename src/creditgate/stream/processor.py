@@ -6,7 +6,9 @@ returns, so the same code serves the worker, the tests and the benchmark.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +40,15 @@ from creditgate.domain.license_events import (
     conflict_event,
     license_event,
 )
+from creditgate.observability import Metrics
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore, InvalidCommand
+from creditgate.store.gateway import ChargeAnswer, ChargeCall, CreditStore, InvalidCommand
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing, outgoing
 from creditgate.stream.topics import TopicRegistry
+
+# one line per decision, with its ids as fields (JSON logs)
+decision_log = logging.getLogger("creditgate.decisions")
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,10 @@ class Processor:
         registry: TopicRegistry,
         settings: Settings,
         clock: Clock | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.clock = clock or Clock(settings.clock_offset_seconds)
         self._window_days = settings.repeat_window_days
@@ -102,18 +110,63 @@ class Processor:
                 out.append(self._dead_letter(message, read.error))
                 continue
             if isinstance(read, ChargeRequest):
-                call = ChargeCall.of(read)
-                views.append(RequestView.of(read))
+                view = RequestView.of(read)
+                call = ChargeCall.of(read, view)
+                views.append(view)
             else:
                 call = self._invalid_call(read, action)
                 views.append(RequestView(read.org_id, read.request_id, read.user_id, action, []))
             calls.append(call)
             windows.append(call.windows)
         now = self.clock.now_ms()
+        started = time.perf_counter()
         answers = await self.store.charge_many(calls, now)
+        self.metrics.script_seconds.labels("charge").observe(time.perf_counter() - started)
         for view, names, answer in zip(views, windows, answers, strict=True):
             out.extend(self._publish_charge(view, names, answer.status, answer.record, now))
+        self._count_decisions(views, answers, len(batch) - len(calls))
         return out
+
+    def _count_decisions(
+        self, views: Sequence[RequestView], answers: Sequence[ChargeAnswer], unreadable: int
+    ) -> None:
+        """Metrics per batch (one increment per label set) and one log line per decision."""
+        outcomes: Counter[tuple[str, str, str]] = Counter()
+        credits: Counter[str] = Counter()
+        logging_decisions = decision_log.isEnabledFor(logging.INFO)
+        for view, answer in zip(views, answers, strict=True):
+            record, action = answer.record, view.action.value
+            if answer.status == "decided":
+                outcome = "approved" if record.approved else "rejected"
+                reason = record.reason.value if record.reason else ""
+                credits[action] += record.credits
+            else:  # a replay re-emits a decision; a conflict answers another body
+                outcome, reason = answer.status, ""
+            outcomes[(action, outcome, reason)] += 1
+            if logging_decisions:
+                decision_log.info(
+                    "%s %s: %s, %d credits",
+                    action,
+                    view.request_id,
+                    reason or outcome,
+                    record.credits if answer.status == "decided" else 0,
+                    extra={
+                        "request_id": view.request_id,
+                        "org_id": view.org_id,
+                        "user_id": view.user_id,
+                        "action": action,
+                        "outcome": outcome,
+                        "reason": reason or None,
+                        "credits_charged": record.credits if outcome == "approved" else 0,
+                        "sequence": record.sequence,
+                    },
+                )
+        for labels, count in outcomes.items():
+            self.metrics.decisions.labels(*labels).inc(count)
+        for action, amount in credits.items():
+            self.metrics.credits.labels(action).inc(amount)
+        if unreadable:
+            self.metrics.dead_letters.labels("requests").inc(unreadable)
 
     @staticmethod
     def _invalid_call(read: InvalidRequest, action: Action) -> ChargeCall:
@@ -190,8 +243,19 @@ class Processor:
                 )
                 commands.append(read)
         now = self.clock.now_ms()
-        for view, answer in zip(views, await self.store.apply_commands(commands, now), strict=True):
+        started = time.perf_counter()
+        answers = await self.store.apply_commands(commands, now)
+        self.metrics.script_seconds.labels("command").observe(time.perf_counter() - started)
+        if len(batch) > len(commands):
+            self.metrics.dead_letters.labels("commands").inc(len(batch) - len(commands))
+        for view, answer in zip(views, answers, strict=True):
             org, record = view.org_id, answer.record
+            status = (
+                answer.status
+                if answer.status != "decided"
+                else ("applied" if record.applied else "rejected")
+            )
+            self.metrics.commands.labels(view.command_type or "unknown", status).inc()
             if answer.status == "conflict":
                 event = conflict_event(view, now)
                 out.append(

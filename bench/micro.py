@@ -1,0 +1,92 @@
+"""Where a decision's CPU goes, stage by stage, without Kafka: ``python -m bench.micro``.
+
+Feeds batches of the benchmark's workload through the processor's stages on a real
+Redis and prints this process's CPU microseconds per request for each stage and for
+``Processor.decide`` as a whole (CPU time, so a busy machine or Redis's own work do not
+count). Complements the py-spy profile of the worker (``python -m bench.run
+--profile``), which also shows faust's and aiokafka's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+from bench.run import license_commands_for
+from bench.workload import Workload, WorkloadSpec
+from creditgate.domain.charges import ChargeRequest
+from creditgate.domain.decisions import RequestView
+from creditgate.domain.intake import read_charge_request
+from creditgate.settings import Settings
+from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.topics import TopicRegistry
+
+
+async def measure(batches: int, size: int) -> dict[str, float]:
+    settings = Settings(key_prefix=f"micro{uuid.uuid4().hex[:8]}")
+    registry = TopicRegistry.load()
+    store = CreditStore.from_settings(settings)
+    processor = Processor(store, registry, settings)
+    workload = Workload(WorkloadSpec(seed=3), "micro")
+    await license_commands_for(store, workload, int(time.time() * 1000))
+    totals: dict[str, float] = {}
+
+    def add(stage: str, seconds: float) -> None:
+        totals[stage] = totals.get(stage, 0.0) + seconds
+
+    try:
+        for _ in range(batches):
+            requests = list(workload.requests(size))
+            actions = processor._actions  # the mapping decide() uses
+            messages = [Incoming(registry.name(r.topic), 0, 0, r.key, r.value) for r in requests]
+            # stage by stage (the second half of each batch, so Redis sees new ids)
+            half = messages[: size // 2]
+            t0 = time.process_time()
+            reads = [
+                read_charge_request(m.value, actions[m.topic], settings.max_items) for m in half
+            ]
+            t1 = time.process_time()
+            valid = [r for r in reads if isinstance(r, ChargeRequest)]
+            calls = [ChargeCall.of(r) for r in valid]
+            t2 = time.process_time()
+            views = [RequestView.of(r) for r in valid]
+            t3 = time.process_time()
+            now = processor.clock.now_ms()
+            answers = await store.charge_many(calls, now)
+            t4 = time.process_time()
+            for view, call, answer in zip(views, calls, answers, strict=True):
+                processor._publish_charge(  # the renderer alone
+                    view, call.windows, answer.status, answer.record, now
+                )
+            t5 = time.process_time()
+            n = len(half)
+            add("intake (read_charge_request)", (t1 - t0) / n)
+            add("ChargeCall.of", (t2 - t1) / n)
+            add("RequestView.of", (t3 - t2) / n)
+            add("store.charge_many (Redis pipeline)", (t4 - t3) / n)
+            add("render (_publish_charge)", (t5 - t4) / n)
+            rest = messages[size // 2 :]
+            t6 = time.process_time()
+            await processor.decide(rest)
+            add("Processor.decide, whole", (time.process_time() - t6) / len(rest))
+    finally:
+        async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
+            await store.redis.delete(key)
+        await store.close()
+    return {stage: 1e6 * s / batches for stage, s in totals.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.micro")
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--size", type=int, default=2000)
+    args = parser.parse_args()
+    for stage, micros in asyncio.run(measure(args.batches, args.size)).items():
+        print(f"  {micros:8.1f} µs/request  {stage}")
+
+
+if __name__ == "__main__":
+    main()

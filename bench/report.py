@@ -1,0 +1,138 @@
+"""The report's plot and the summary printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a build machine
+import matplotlib.pyplot as plt
+
+ORDER = ("passthrough", "faust", "creditgate", "naive")
+LABELS = {
+    "passthrough": "aiokafka\npassthrough",
+    "faust": "faust\npassthrough",
+    "creditgate": "creditgate\nworker",
+    "naive": "naive\npipeline",
+}
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    variants = report["variants"]
+    names = [n for n in ORDER if n in variants]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    ax = axes[0]
+    rates = [variants[n]["per_s"] for n in names]
+    bars = ax.bar(
+        [LABELS[n] for n in names], rates, color=["#999", "#bbb", "#2a7", "#c66"][: len(names)]
+    )
+    # CPU per message barely depends on how busy the machine was: it goes on each bar
+    cpu = [variants[n].get("cpu_ms_per_1000") for n in names]
+    ax.bar_label(
+        bars,
+        labels=[f"{r:,.0f}/s\n{c} ms CPU/1k" for r, c in zip(rates, cpu, strict=True)],
+        fontsize=8,
+    )
+    ax.axhline(10_000, ls="--", color="k", lw=1, label="goal 10,000/s")
+    ax.set_ylim(top=max([*rates, 10_000]) * 1.2)  # room for the labels
+    ax.set_title("throughput, 1-item requests (messages/s)")
+    ax.legend(loc="upper right")
+
+    ax = axes[1]
+    points = [p for p in [report.get("latency"), *report.get("latency_more", [])] if p]
+    if points:
+        points.sort(key=lambda p: p["rate_per_s"])
+        keys = ("p50", "p99")
+        for offset, (key, colour) in enumerate(zip(keys, ("#2a7", "#c93"), strict=True)):
+            values = [p["received_ms"][key] or 0 for p in points]
+            xs = [i + offset * 0.4 for i in range(len(points))]
+            bars = ax.bar(xs, values, width=0.4, color=colour, label=key)
+            ax.bar_label(bars, labels=[f"{v:,.1f}" for v in values], fontsize=8)
+        ax.set_xticks(
+            [i + 0.2 for i in range(len(points))], [f"{p['rate_per_s']:,.0f}/s" for p in points]
+        )
+        ax.set_yscale("log")
+        ax.axhline(10, ls=":", color="k", lw=1, label="p50 goal 10 ms")
+        ax.axhline(50, ls="--", color="k", lw=1, label="p99 goal 50 ms")
+        ax.set_title("latency, open loop: produce → decision read (ms)")
+        ax.set_xlabel("request rate (the highest is half the measured maximum)")
+        ax.legend(loc="upper left", fontsize=8)
+    else:
+        ax.set_axis_off()
+
+    ax = axes[2]
+    samples = report.get("rss_samples") or []
+    if samples:
+        ax.plot(
+            [s["decided"] / 1000 for s in samples], [s["kib"] / 1024 for s in samples], color="#2a7"
+        )
+        ax.set_xlabel("decisions published (thousands)")
+        ax.set_ylabel("worker VmRSS (MiB)")
+        ax.set_ylim(bottom=0)
+        growth = report.get("soak", {}).get("rss_growth_pct")
+        ax.set_title(
+            "worker memory"
+            + (f" (growth after warm-up {growth:+.1f} %)" if growth is not None else "")
+        )
+    else:
+        ax.set_axis_off()
+    fig.suptitle(f"creditgate bench {report['started_at']} — {report['command']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    summary = report["summary"]
+    print("\n== results ==")
+    for name in ORDER:
+        if name in report["variants"]:
+            v = report["variants"][name]
+            print(f"  {name:<12} {v['per_s']:>10,.0f}/s  ({v['records']:,} in {v['seconds']:.1f}s)")
+    for key in ("creditgate/passthrough", "creditgate/faust_passthrough", "creditgate/naive"):
+        if key in summary:
+            print(f"  {key:<30} {summary[key]}")
+    latency = report.get("latency")
+    if latency:
+        r = latency["received_ms"]
+        print(
+            f"  latency at {latency['rate_per_s']:,.0f}/s: p50 {r['p50']} ms, p99 {r['p99']} ms,"
+            f" p99.9 {r['p999']} ms"
+        )
+    for more in report.get("latency_more", []):
+        r = more["received_ms"]
+        print(f"  latency at {more['rate_per_s']:,.0f}/s: p50 {r['p50']} ms, p99 {r['p99']} ms")
+    soak = report.get("soak")
+    if soak:
+        print(
+            f"  soak {soak['requests']:,}: {soak['per_s']:,.0f}/s, RSS "
+            f"{soak['rss_kib_after_warmup']} → {soak['rss_kib_end']} KiB "
+            f"({soak['rss_growth_pct']:+} %)"
+        )
+    memory = report.get("redis_memory")
+    if memory:
+        print(
+            f"  Redis: {memory['bytes_per_window_info_delta']} B per open window (INFO delta), "
+            f"{memory['memory_usage_per_window_key']} B per window key (MEMORY USAGE)"
+        )
+    print("  goals:")
+    for name, goal in summary["goals"].items():
+        mark = {True: "met", False: "MISSED", None: "n/a"}[goal["met"]]
+        print(f"    {name:<16} {goal['value']!s:>10}  goal {goal['goal']:<8} {mark}")
+
+
+def main(argv: list[str]) -> None:
+    """``python -m bench.report results/X.json``: draw X.png and print X's summary again."""
+    path = Path(argv[0])
+    data = json.loads(path.read_text())
+    plot(data, path.with_suffix(".png"))
+    print_summary(data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

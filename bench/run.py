@@ -1,0 +1,716 @@
+"""The benchmark: ``python -m bench.run`` — one command for every figure of issue 5.
+
+In one run, on one stack, against the same pre-produced requests:
+
+1. ``passthrough`` raw aiokafka consume → produce (no decision), ``faust`` the same
+   inside faust, ``naive`` one script call and one awaited send per message, and
+   ``creditgate``: the real ``creditgate worker`` process. Throughput is counted from
+   the first to the last record on each variant's output topic (producer timestamps),
+   and the consumer group's committed offsets must reach the end of the inputs.
+2. Latency: open loop at half of creditgate's measured rate, from each request's
+   scheduled produce time to its decision arriving on ``credits.charge.results``.
+3. Soak: many more requests through the same worker, sampling its VmRSS; Redis memory
+   per open repeat window.
+
+It writes ``bench/results/<stamp>.json`` and ``.png`` and prints the ratios. See
+``--help``; the README's "Performance" section shows the command of the committed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from bench import kafkaio, profiling, report
+from bench.variants import output_registry
+from bench.workload import Workload, WorkloadSpec
+from creditgate.devstack import find_free_port
+from creditgate.domain.commands import license_command_adapter
+from creditgate.settings import Settings
+from creditgate.store.gateway import CreditStore
+from creditgate.stream import topics as t
+from creditgate.stream.topics import TopicRegistry, apply_topics
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+GOALS = {
+    "decisions_per_s": 10_000,
+    "vs_passthrough": 0.5,
+    "vs_naive": 10.0,
+    "p50_ms": 10.0,
+    "p99_ms": 50.0,
+    "rss_growth_pct": 10.0,
+}
+
+
+# ---- the stack -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stack(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """An explicit CREDITGATE_* stack, a kept one under --stack-root, or a throwaway one."""
+    bootstrap = os.environ.get("CREDITGATE_KAFKA_BOOTSTRAP")
+    redis_url = os.environ.get("CREDITGATE_REDIS_URL")
+    if bootstrap and redis_url:
+        print(f"reusing the configured stack: kafka {bootstrap}")
+        yield bootstrap, redis_url
+        return
+    from creditgate.devstack import DevStack  # noqa: PLC0415
+
+    root = Path(args.stack_root or tempfile.mkdtemp(prefix="creditgate-bench-stack-"))
+    devstack = DevStack(root, redis_appendfsync="everysec", kafka_heap="1g")
+    print(f"starting Kafka (KRaft) and Redis (appendfsync everysec) in {root} …", flush=True)
+    endpoints = devstack.up()
+    try:
+        yield endpoints.kafka_bootstrap, endpoints.redis_url
+    finally:
+        if args.stack_root:
+            print(f"stack kept running in {root} (stop: DevStack(root).down())")
+        else:
+            devstack.down()
+
+
+# ---- child processes -------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def start_child(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:
+    log = logs / f"{name}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    return Child(name, process, log)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (``/proc/<pid>/stat``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # after the command name: state is field 3, utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---- one benchmark run -----------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    bootstrap: str
+    redis_url: str
+    run_id: str
+    logs: Path
+    prefix: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+    rss: list[dict[str, float]] = field(default_factory=list)
+    progress: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prefix = f"bench{self.run_id}."
+        self.registry = TopicRegistry.load(prefix=self.prefix)
+        self.inputs = [self.registry.name(logical) for logical in t.REQUEST_ACTIONS]
+        self.partitions = self.registry.specs[t.CHARGE_RESULTS].partitions
+        self.workload = Workload(WorkloadSpec(seed=self.args.seed), self.run_id)
+
+    def env(self, key_prefix: str, group: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CREDITGATE_KAFKA_BOOTSTRAP": self.bootstrap,
+            "CREDITGATE_REDIS_URL": self.redis_url,
+            "CREDITGATE_TOPIC_PREFIX": self.prefix,
+            "CREDITGATE_KEY_PREFIX": key_prefix,
+            "CREDITGATE_APP_ID": group,
+            "CREDITGATE_HTTP_PORT": str(find_free_port()),
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]),
+        }
+
+    def settings(self, key_prefix: str) -> Settings:
+        return Settings(
+            kafka_bootstrap=self.bootstrap, redis_url=self.redis_url, key_prefix=key_prefix
+        )
+
+    # ---- set-up --------------------------------------------------------------------
+
+    async def set_up(self) -> None:
+        await apply_topics(self.bootstrap, self.registry)
+        extra = [self.prefix + "passthrough.results", self.prefix + "faust.results"]
+        naive = output_registry(self.prefix, self.prefix + "naive.")
+        extra += [s.name for k, s in naive.specs.items() if k not in t.REQUEST_ACTIONS]
+        await kafkaio.create_topics(self.bootstrap, extra, self.partitions)
+        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+        fsync = await client.config_get("appendfsync")
+        aof = await client.config_get("appendonly")
+        await client.aclose()
+        self.report["redis"] = {"appendonly": aof.get("appendonly"), **fsync}
+        if fsync.get("appendfsync") != "everysec":
+            print(f"warning: Redis runs with appendfsync {fsync}, not everysec")
+
+    async def license_orgs(self, key_prefix: str) -> None:
+        store = CreditStore.from_settings(self.settings(key_prefix))
+        try:
+            await license_commands_for(store, self.workload, int(time.time() * 1000))
+        finally:
+            await store.close()
+
+    # ---- measuring a variant -------------------------------------------------------
+
+    async def measure(
+        self,
+        watcher: kafkaio.Watcher,
+        child: Child,
+        output: str,
+        target: int,
+        group: str,
+        *,
+        check_commits: bool,
+    ) -> dict[str, Any]:
+        """Wait until ``target`` records are on ``output``, then read the span."""
+        since = await watcher.end_offsets([output])
+        start_total = sum(since.values())
+        # CPU is counted from the first output on, so start-up (imports, joining the
+        # group) does not count against the messages
+        cpu_first: tuple[float, int] | None = None
+        started = time.perf_counter()
+        series: list[tuple[float, int]] = []
+        last_change, last_done = time.perf_counter(), 0
+        while True:
+            done = await watcher.total([output]) - start_total
+            now = time.perf_counter()
+            series.append((now - started, done))
+            if cpu_first is None and done > 0:
+                cpu_first = (cpu_seconds(child.process.pid) or 0.0, done)
+            kafkaio.progress(child.name, min(done, target), target, started)
+            if done >= target:
+                break
+            if done != last_done:
+                last_change, last_done = now, done
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
+            if now - last_change > self.args.stall_seconds:
+                raise RuntimeError(f"{child.name} made no progress:\n{child.tail()}")
+            await asyncio.sleep(0.25)
+        kafkaio.progress(child.name, target, target, started, end=True)
+        # CPU time per message barely depends on how busy the machine is; wall-clock
+        # rates do: both go in the report
+        cpu_from, done_from = cpu_first or (0.0, 0)
+        cpu_used = (cpu_seconds(child.process.pid) or 0.0) - cpu_from
+        cpu_done = max(done - done_from, 1)
+        self.progress[child.name] = series
+        committed_after = None
+        if check_commits:
+            marks = await watcher.end_offsets(self.inputs)
+            deadline = time.perf_counter() + 30
+            while not await watcher.committed_to_end(group, self.inputs, marks):
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"{child.name}: offsets not committed to the end")
+                await asyncio.sleep(0.1)
+            committed_after = round(time.perf_counter() - started, 2)
+        span = await watcher.span([output], since)
+        return {
+            "records": span.count,
+            "seconds": round(span.seconds, 3),
+            "per_s": round(span.count / span.seconds, 1),
+            "process_cpu_s": round(cpu_used, 2),
+            "cpu_ms_per_1000": round(1_000_000 * cpu_used / cpu_done, 1),
+            "offsets_committed_to_end": True if check_commits else None,
+            "committed_seen_after_s": committed_after,
+            "since": since,  # kept out of the report (see ``creditgate``)
+        }
+
+    async def baseline(self, watcher: kafkaio.Watcher, variant: str, target: int) -> Any:
+        group = f"{self.prefix}{variant}"
+        output = self.prefix + (
+            "naive.credits.charge.results" if variant == "naive" else f"{variant}.results"
+        )
+        key_prefix = f"b{self.run_id}{variant}"
+        if variant == "naive":
+            await self.license_orgs(key_prefix)
+        conf = {
+            "inputs": self.inputs,
+            "group": group,
+            "output": output,
+            "outputs_prefix": self.prefix + "naive.",
+            # the passthrough batches like the worker; the naive pipeline sends one message
+            # at a time and waits for it, so lingering would only add to each wait
+            "producer": {"acks": "all", "linger_ms": 0 if variant == "naive" else 5},
+        }
+        child = start_child(
+            variant,
+            [sys.executable, "-m", "bench.variants", variant, json.dumps(conf)],
+            self.env(key_prefix, group),
+            self.logs,
+        )
+        try:
+            measured = await self.measure(
+                watcher, child, output, target, group, check_commits=variant != "naive"
+            )
+            measured.pop("since")
+            return measured
+        finally:
+            child.stop()
+
+    # ---- creditgate --------------------------------------------------------------
+
+    async def creditgate(self, watcher: kafkaio.Watcher) -> None:
+        args = self.args
+        key_prefix = f"b{self.run_id}cg"
+        group = f"{self.prefix}creditgate"
+        await self.license_orgs(key_prefix)
+        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+        memory_before = int((await client.info("memory"))["used_memory"])
+        results = self.registry.name(t.CHARGE_RESULTS)
+        child = start_child(
+            "creditgate",
+            [sys.executable, "-m", "creditgate", "worker", "--loglevel", "warning"],
+            self.env(key_prefix, group),
+            self.logs,
+        )
+        sampler = asyncio.create_task(self.sample_rss(child, watcher, results))
+        profiler = None
+        try:
+            if args.profile:
+                profiler = profiling.attach(child.process.pid, self.logs, args.profile_seconds)
+            throughput = await self.measure(
+                watcher, child, results, args.requests, group, check_commits=True
+            )
+            if profiler is not None:
+                self.report["profile"] = profiling.finish(profiler, RESULTS_DIR, self.run_id)
+            since = throughput.pop("since")
+            self.report["variants"]["creditgate"] = throughput
+            memory_after = int((await client.info("memory"))["used_memory"])
+            self.report["outcomes"] = await self.outcomes(watcher, results, since)
+            self.report["redis_memory"] = await self.window_memory(
+                client, key_prefix, memory_before, memory_after
+            )
+            if args.latency_seconds > 0:
+                rate = args.latency_rate or throughput["per_s"] / 2
+                self.report["latency"] = await self.latency(rate)
+                # lighter loads too: where the latency goals are met, if not at half
+                self.report["latency_more"] = [
+                    await self.latency(throughput["per_s"] * fraction)
+                    for fraction in args.latency_fractions
+                ]
+            if args.soak_requests > 0:
+                self.report["soak"] = await self.soak(watcher, child, results, group)
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            child.stop()
+            await client.aclose()
+
+    async def sample_rss(self, child: Child, watcher: kafkaio.Watcher, results: str) -> None:
+        started = time.perf_counter()
+        while child.alive():
+            kib = rss_kib(child.process.pid)
+            done = await watcher.total([results])
+            if kib is not None:
+                self.rss.append({"t": time.perf_counter() - started, "decided": done, "kib": kib})
+            await asyncio.sleep(1.0)
+
+    async def outcomes(
+        self, watcher: kafkaio.Watcher, results: str, since: dict[TopicPartition, int]
+    ) -> dict[str, Any]:
+        """Every result read back once: one per request message, and the mix of outcomes."""
+        kinds: dict[str, int] = {}
+        request_ids: set[str] = set()
+        async for value in watcher.read([results], since):
+            body = json.loads(value or b"{}")
+            kind = body["reason"] or "approved"
+            kinds[kind] = kinds.get(kind, 0) + 1
+            request_ids.add(body["request_id"])
+        return {
+            "results": sum(kinds.values()),
+            "distinct_request_ids": len(request_ids),
+            "by_outcome": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        }
+
+    async def window_memory(
+        self, client: aioredis.Redis, key_prefix: str, before: int, after: int
+    ) -> dict[str, Any]:
+        """INFO memory growth over the run, per open repeat window key."""
+        windows = requests = 0
+        window_sample: list[int] = []
+        request_sample: list[int] = []
+        async for key in client.scan_iter(match=f"{key_prefix}:*", count=5000):
+            if ":win:" in key:
+                windows += 1
+                if len(window_sample) < 2000:
+                    window_sample.append(int(await client.memory_usage(key) or 0))
+            elif ":req:" in key:
+                requests += 1
+                if len(request_sample) < 2000:
+                    request_sample.append(int(await client.memory_usage(key) or 0))
+        delta = after - before
+        return {
+            "used_memory_delta_bytes": delta,
+            "open_windows": windows,
+            "stored_decisions": requests,
+            "bytes_per_window_info_delta": round(delta / windows, 1) if windows else None,
+            "memory_usage_per_window_key": _mean(window_sample),
+            "memory_usage_per_stored_decision": _mean(request_sample),
+            "note": "INFO delta / window keys counts everything a decision stores (its "
+            "idempotency record, usage, history) against the windows it opened; "
+            "MEMORY USAGE gives the window key alone",
+        }
+
+    # ---- latency -------------------------------------------------------------------
+
+    async def latency(self, rate: float) -> dict[str, Any]:
+        args = self.args
+        count = int(rate * args.latency_seconds)
+        print(f"  latency: open loop at {rate:,.0f}/s for {args.latency_seconds}s", flush=True)
+        requests = list(self.workload.requests(count))
+        names = {logical: self.registry.name(logical) for logical in t.REQUEST_ACTIONS}
+        scheduled: dict[str, float] = {}
+        wall_sent: dict[str, float] = {}
+        observer = kafkaio.DecisionObserver(
+            self.bootstrap, self.registry.name(t.CHARGE_RESULTS), self.partitions
+        )
+        await observer.start()
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0)
+        await producer.start()
+        try:
+            started = time.perf_counter()
+            sent = 0
+            while sent < count:
+                due = min(count, int((time.perf_counter() - started) * rate) + 1)
+                for request in requests[sent:due]:
+                    # the scheduled time, not the time we got round to it: an open loop
+                    # that falls behind must not hide its own delay
+                    scheduled.setdefault(request.request_id, started + sent / rate)
+                    wall_sent.setdefault(request.request_id, time.time() * 1000)
+                    await producer.send(names[request.topic], request.value, key=request.key)
+                    sent += 1
+                kafkaio.progress("latency", sent, count, started)
+                await asyncio.sleep(0.001)
+            kafkaio.progress("latency", sent, count, started, end=True)
+            seen = await observer.wait_for(set(scheduled), timeout=60)
+        finally:
+            await producer.stop()
+            await observer.stop()
+        warm = [
+            r
+            for r, at in scheduled.items()
+            if r in seen and at >= started + args.latency_warmup_seconds
+        ]
+        return {
+            "rate_per_s": round(rate, 1),
+            "seconds": args.latency_seconds,
+            "warmup_seconds": args.latency_warmup_seconds,
+            "requests": len(scheduled),
+            "answered": len(seen),
+            "received_ms": _percentiles(sorted((seen[r][0] - scheduled[r]) * 1000 for r in warm)),
+            "decided_ms": _percentiles(sorted(seen[r][1] - wall_sent[r] for r in warm)),
+            "note": "received: scheduled produce time to the decision read by a consumer; "
+            "decided: to the result's producer timestamp (ms resolution)",
+        }
+
+    # ---- soak ----------------------------------------------------------------------
+
+    async def soak(
+        self, watcher: kafkaio.Watcher, child: Child, results: str, group: str
+    ) -> dict[str, Any]:
+        total = self.args.soak_requests
+        names = {logical: self.registry.name(logical) for logical in t.REQUEST_ACTIONS}
+        first = len(self.rss)
+        measuring = asyncio.create_task(
+            self.measure(watcher, child, results, total, group, check_commits=True)
+        )
+        await kafkaio.produce(
+            self.bootstrap, names, self.workload.requests(total), total, "soak produce"
+        )
+        measured = await measuring
+        samples = self.rss[first:]
+        start_done = samples[0]["decided"] if samples else 0
+        warm = [s for s in samples if s["decided"] - start_done >= total * 0.1]
+        baseline = warm[0]["kib"] if warm else None
+        final = samples[-1]["kib"] if samples else None
+        return {
+            "requests": total,
+            **{k: measured[k] for k in ("records", "seconds", "per_s")},
+            "rss_kib_after_warmup": baseline,
+            "rss_kib_end": final,
+            "rss_kib_max": max((s["kib"] for s in samples), default=None),
+            "rss_growth_pct": round((final / baseline - 1) * 100, 2)
+            if baseline and final
+            else None,
+            "warmup": "the first 10 % of the soak's requests",
+        }
+
+    # ---- everything ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        args = self.args
+        await self.set_up()
+        self.report["variants"] = {}
+        names = {logical: self.registry.name(logical) for logical in t.REQUEST_ACTIONS}
+        print(f"producing {args.requests:,} one-item requests …", flush=True)
+        self.report["produce_per_s"] = round(
+            await kafkaio.produce(
+                self.bootstrap,
+                names,
+                self.workload.requests(args.requests),
+                args.requests,
+                "produce",
+            ),
+            1,
+        )
+        watcher = kafkaio.Watcher(self.bootstrap, self.partitions)
+        await watcher.start()
+        try:
+            for variant in args.baselines:
+                target = (
+                    min(args.naive_requests, args.requests)
+                    if variant == "naive"
+                    else (args.requests)
+                )
+                self.report["variants"][variant] = await self.baseline(watcher, variant, target)
+            await self.creditgate(watcher)
+        finally:
+            await watcher.stop()
+
+
+async def license_commands_for(store: CreditStore, workload: Workload, now_ms: int) -> None:
+    """Periods and members, applied with the same command script the worker runs."""
+    ends = datetime.fromtimestamp(now_ms / 1000, UTC) + timedelta(days=365)
+    commands = [license_command_adapter.validate_python(c) for c in workload.license_commands(ends)]
+    for i in range(0, len(commands), 500):
+        answers = await store.apply_commands(commands[i : i + 500], now_ms)
+        refused = [a for a in answers if not a.record.applied]
+        if refused:
+            raise RuntimeError(f"set-up command refused: {refused[0]}")
+
+
+def _mean(values: list[int]) -> float | None:
+    return round(statistics.fmean(values), 1) if values else None
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    def at(q: float) -> float | None:
+        if not values:
+            return None
+        return round(values[min(len(values) - 1, int(q * len(values)))], 2)
+
+    return {
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p99": at(0.99),
+        "p999": at(0.999),
+        "max": round(values[-1], 2) if values else None,
+    }
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures and the goals they meet."""
+    v = report["variants"]
+    cg = v.get("creditgate", {}).get("per_s")
+    summary: dict[str, Any] = {"creditgate_decisions_per_s": cg}
+    if cg and "passthrough" in v:
+        summary["creditgate/passthrough"] = round(cg / v["passthrough"]["per_s"], 3)
+    if cg and "faust" in v:
+        summary["creditgate/faust_passthrough"] = round(cg / v["faust"]["per_s"], 3)
+    if cg and "naive" in v:
+        summary["creditgate/naive"] = round(cg / v["naive"]["per_s"], 1)
+    latency = report.get("latency", {}).get("received_ms", {})
+    summary["p50_ms"], summary["p99_ms"] = latency.get("p50"), latency.get("p99")
+    summary["rss_growth_pct"] = report.get("soak", {}).get("rss_growth_pct")
+    summary["redis_bytes_per_window"] = report.get("redis_memory", {}).get(
+        "bytes_per_window_info_delta"
+    )
+    checks: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+        "decisions_per_s": (cg, lambda x: x >= GOALS["decisions_per_s"]),
+        "vs_passthrough": (
+            summary.get("creditgate/passthrough"),
+            lambda x: x >= GOALS["vs_passthrough"],
+        ),
+        "vs_naive": (summary.get("creditgate/naive"), lambda x: x >= GOALS["vs_naive"]),
+        "p50_ms": (summary["p50_ms"], lambda x: x <= GOALS["p50_ms"]),
+        "p99_ms": (summary["p99_ms"], lambda x: x <= GOALS["p99_ms"]),
+        "rss_growth_pct": (summary["rss_growth_pct"], lambda x: x <= GOALS["rss_growth_pct"]),
+    }
+    summary["goals"] = {
+        name: {
+            "goal": GOALS[name],
+            "value": value,
+            "met": None if value is None else bool(test(value)),
+        }
+        for name, (value, test) in checks.items()
+    }
+    return summary
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=200_000,
+        help="one-item requests of the throughput run (default 200,000)",
+    )
+    parser.add_argument(
+        "--naive-requests",
+        type=int,
+        default=10_000,
+        help="the naive baseline decides only the first N (it is slow)",
+    )
+    parser.add_argument(
+        "--baselines",
+        default="passthrough,faust,naive",
+        help="comma-separated: passthrough, faust, naive (empty: none)",
+    )
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=30.0,
+        help="open-loop latency run at half the measured rate (0: skip)",
+    )
+    parser.add_argument("--latency-warmup-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--latency-fractions",
+        default="0.25,0.1",
+        help="more latency runs at these fractions of the measured rate (empty: none)",
+    )
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        default=None,
+        help="requests/s of the latency run (default: half the measured rate)",
+    )
+    parser.add_argument(
+        "--soak-requests",
+        type=int,
+        default=1_000_000,
+        help="requests of the RSS soak through the same worker (0: skip)",
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--stall-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--stack-root",
+        default=None,
+        help="keep the local stack in this folder and reuse it next time",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="attach py-spy to the worker during the throughput run",
+    )
+    parser.add_argument("--profile-seconds", type=float, default=15.0)
+    parser.add_argument("--label", default="", help="a word for the report's file name")
+    args = parser.parse_args(argv)
+    args.baselines = [b for b in args.baselines.split(",") if b]
+    args.latency_fractions = [float(f) for f in args.latency_fractions.split(",") if f]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_id = stamp[2:].replace("T", "").replace("Z", "").lower()
+    logs = Path(tempfile.mkdtemp(prefix=f"creditgate-bench-{run_id}-"))
+    RESULTS_DIR.mkdir(exist_ok=True)
+    base: dict[str, Any] = {
+        "command": shlex.join(["python", "-m", "bench.run", *argv]),
+        "started_at": stamp,
+        "machine": machine(),
+        "args": dict(vars(args)),
+        "settings": Settings().model_dump(include={"batch_size", "repeat_window_days"}),
+        "workload": asdict(WorkloadSpec(seed=args.seed)),
+    }
+    # aiokafka logs an error for every topic the harness has just created until its
+    # metadata arrives; the children's logs keep their own messages
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    print(f"bench run {run_id}; logs in {logs}", flush=True)
+    with stack(args) as (bootstrap, redis_url):
+        run = Run(args, bootstrap, redis_url, run_id, logs, report=base)
+        try:
+            asyncio.run(run.run())
+        finally:
+            base["machine"]["load_average_at_end"] = os.getloadavg()
+            base["rss_samples"] = run.rss
+            base["progress"] = {k: v[:: max(1, len(v) // 200)] for k, v in run.progress.items()}
+    base["summary"] = summarise(base)
+    name = f"{stamp}{'-' + args.label if args.label else ''}"
+    json_path = RESULTS_DIR / f"{name}.json"
+    json_path.write_text(json.dumps(base, indent=2, default=str) + "\n")
+    png_path = report.plot(base, RESULTS_DIR / f"{name}.png")
+    report.print_summary(base)
+    print(f"\nreport: {json_path.relative_to(REPO)}\nplot:   {png_path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The worker's batched publishing and its Redis pipeline, on a real broker and Redis.
+
+``BatchRunner.publish`` fills one record batch per topic partition instead of sending
+message by message, and ``CreditStore`` packs its pipeline by hand: both must keep what
+a consumer sees exactly as before — the partition of each key (an organisation's order
+depends on it), the order within a partition, every value and header — and the same
+replies from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+from redis.exceptions import ResponseError
+
+from creditgate.domain.charges import ChargeRequest
+from creditgate.settings import Settings
+from creditgate.store.gateway import ChargeCall, CreditStore, _resp
+from creditgate.stream.app import BatchRunner
+from creditgate.stream.events import Outgoing
+from creditgate.stream.topics import TopicRegistry, TopicSpec, apply_topics
+
+PARTITIONS = 6
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def producer(endpoints: tuple[str, str]) -> AsyncIterator[AIOKafkaProducer]:
+    # small batches, so a batch fills up and the next one starts within one publish
+    kafka = AIOKafkaProducer(bootstrap_servers=endpoints[0], acks="all", max_batch_size=4096)
+    await kafka.start()
+    try:
+        yield kafka
+    finally:
+        await kafka.stop()
+
+
+async def _topic(bootstrap: str) -> str:
+    name = f"t{uuid.uuid4().hex[:10]}.published"
+    registry = TopicRegistry({name: TopicSpec(name, PARTITIONS, 1)})
+    await apply_topics(bootstrap, registry)
+    return name
+
+
+async def _read(bootstrap: str, topic: str, count: int) -> list[Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        records: list[Any] = []
+        async with asyncio.timeout(60):
+            while len(records) < count:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def test_publish_keeps_partitions_order_values_and_headers(
+    endpoints: tuple[str, str], producer: AIOKafkaProducer
+) -> None:
+    bootstrap = endpoints[0]
+    topic, reference = await _topic(bootstrap), await _topic(bootstrap)
+    # the runner needs only the faust producer's aiokafka producer and its partitioner
+    app = SimpleNamespace(
+        producer=SimpleNamespace(
+            _ensure_producer=lambda: producer, partitioner=DefaultPartitioner()
+        )
+    )
+    runner = BatchRunner(app, Settings())  # type: ignore[arg-type]
+    messages = [
+        Outgoing(
+            topic,
+            f"org-{i % 37}".encode(),
+            # one message larger than a whole batch: it must still go out, alone
+            (b"x" * 10_000 if i == 50 else f'{{"n": {i}}}'.encode()),
+            [("ce_id", f"org-{i % 37}/r-{i}/result".encode()), ("ce_type", b"charge.approved")],
+        )
+        for i in range(400)
+    ]
+    await runner.publish(messages)
+    # what aiokafka's own send does with the same keys
+    sent = [await producer.send(reference, m.value, key=m.key) for m in messages]
+    expected = [(await result).partition for result in sent]
+
+    records = await _read(bootstrap, topic, len(messages))
+    assert len(records) == len(messages)
+    by_value = {r.value: r for r in records}
+    for message, partition in zip(messages, expected, strict=True):
+        record = by_value[message.value]
+        assert record.partition == partition
+        assert record.key == message.key
+        assert list(record.headers) == message.headers
+    for p in range(PARTITIONS):
+        mine = [r.value for r in sorted(records, key=lambda r: r.offset) if r.partition == p]
+        wanted = [m.value for m, q in zip(messages, expected, strict=True) if q == p]
+        assert mine == wanted
+
+
+async def test_publish_of_nothing_sends_nothing(producer: AIOKafkaProducer) -> None:
+    app = SimpleNamespace(producer=SimpleNamespace(_ensure_producer=lambda: producer))
+    await BatchRunner(app, Settings()).publish([])  # type: ignore[arg-type]
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    from redis.asyncio.connection import Connection
+
+    command = ("EVALSHA", "abc", 2, "cg:{é}:k", "x", 0, -17, "", '{"a": "ü"}', 10**15)
+    assert _resp(command) == b"".join(Connection().pack_command(*command))
+
+
+async def test_pipeline_replies_in_order_with_errors_in_place(store: CreditStore) -> None:
+    key = f"{uuid.uuid4().hex}:n"
+    payload = b"".join(
+        _resp(command) for command in (("INCR", key), ("HGET", key, "x"), ("INCRBY", key, 2))
+    )
+    first, second, third = await store._pipeline(payload, 3)
+    assert first == 1
+    assert isinstance(second, ResponseError)  # WRONGTYPE, read whole: the rest follows
+    assert third == 3
+    assert await store.redis.get(key) == "3"  # the connection went back in step
+    await store.redis.delete(key)
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(store: CreditStore) -> None:
+    request = ChargeRequest.model_validate(
+        {
+            "request_id": "r-1",
+            "org_id": f"o{uuid.uuid4().hex[:8]}",
+            "user_id": "u-1",
+            "action": "export",
+            "items": [{"type": "company", "id": "co-1"}],
+            "requested_at": "2026-11-26T10:00:00Z",
+        }
+    )
+    (first,) = await store.charge_many([ChargeCall.of(request)], 1_795_000_000_000)
+    await store.redis.script_flush()  # what a restarted Redis without its cache looks like
+    (again,) = await store.charge_many([ChargeCall.of(request)], 1_795_000_000_001)
+    assert first.status == "decided"
+    assert again.status == "replay"
+    assert again.record.raw == first.record.raw
