@@ -6,16 +6,22 @@ import asyncio
 import logging
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
+import orjson
 
+from creditgate.domain.charges import Action
 from creditgate.errors import CreditgateError
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.topics import TopicRegistry, apply_topics, check_topics
+
+if TYPE_CHECKING:
+    from creditgate.store.gateway import CreditStore
 
 DEVSTACK_DIR = Path(".devstack")
 
@@ -47,17 +53,33 @@ def dev() -> None:
 
 
 @dev.command("up")
-def dev_up() -> None:
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Kafka with SASL_SSL/SCRAM-SHA-512 and ACLs, Redis over TLS with ACL users, "
+    "signed by a throwaway CA",
+)
+@click.option(
+    "--key-prefix",
+    "key_prefixes",
+    multiple=True,
+    help="with --secure: a key prefix creditgate's Redis user may use "
+    "(repeatable; default CREDITGATE_KEY_PREFIX)",
+)
+def dev_up(secure: bool, key_prefixes: tuple[str, ...]) -> None:
     """Start the local stack (or find it running) and print its variables."""
     from creditgate.devstack import DevStack, DevStackError
 
+    prefixes = key_prefixes or (_settings().key_prefix,)
     try:
-        endpoints = DevStack(DEVSTACK_DIR).up()
+        endpoints = DevStack(DEVSTACK_DIR, secure=secure, redis_key_prefixes=prefixes).up()
     except DevStackError as exc:
         _fail(str(exc))
         return
     for name, value in endpoints.as_env().items():
-        click.echo(f"{name}={value}")
+        # Passwords go to the env file (0600) only, never to a terminal or a CI log.
+        shown = "<in the env file>" if name.endswith("_PASSWORD") else value
+        click.echo(f"{name}={shown}")
     click.echo(
         f"# written to {DEVSTACK_DIR / 'env'}; load with: set -a; . {DEVSTACK_DIR}/env", err=True
     )
@@ -121,18 +143,151 @@ def worker(loglevel: str) -> None:
     """Consume requests and commands, decide them, publish the outcomes."""
     import faust
 
-    from creditgate.stream.app import create_app
+    from creditgate.api.access import parse_tokens, require_safe_bind
+    from creditgate.connections import check_connections
+    from creditgate.observability import logging_config
+    from creditgate.stream.app import create_app, use_fast_event_loop
 
     settings = _settings()
+    try:  # before anything connects: an open API must not face the network
+        require_safe_bind(bool(parse_tokens(settings.api_tokens)), settings.http_host)
+    except CreditgateError as exc:
+        _fail(str(exc))
     registry = _registry(settings)
+    try:  # a wrong password or a missing ACL stops the worker now, with its cause
+        asyncio.run(check_connections(settings, [spec.name for spec in registry.specs.values()]))
+    except CreditgateError as exc:
+        _fail(str(exc))
     problems = asyncio.run(check_topics(settings.kafka_bootstrap, registry))
     fatal = fatal_topic_problems(problems)
     if fatal:
         _fail("the worker needs its topics as defined in topics/:\n  " + "\n  ".join(fatal))
     for problem in problems:
         logging.getLogger("creditgate").warning("topic drift: %s", problem)
-    app = create_app(settings, registry)
-    faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    use_fast_event_loop()  # before faust creates the worker's loops
+    try:
+        app = create_app(settings, registry)
+    except CreditgateError as exc:  # e.g. a token scoped to a malformed organisation id
+        _fail(str(exc))
+        return
+    faust.Worker(
+        app, loglevel=loglevel, quiet=True, logging_config=logging_config(loglevel)
+    ).execute_from_commandline()
+
+
+# ---- reads, straight from Redis ----------------------------------------------------
+
+_as_json = click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+
+Read = Callable[["CreditStore", Settings, int], Awaitable[Any]]
+
+
+def _read(read: Read) -> Any:
+    """Run one read against Redis with the environment's settings and decision clock."""
+    from creditgate.store.gateway import CreditStore
+    from creditgate.stream.processor import Clock
+
+    settings = _settings()
+
+    async def run() -> Any:
+        store = CreditStore.from_settings(settings)
+        try:
+            return await read(store, settings, Clock(settings.clock_offset_seconds).now_ms())
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except CreditgateError as exc:  # invalid input, Redis unavailable
+        _fail(str(exc))
+
+
+def _render(
+    answer: dict[str, Any], as_table: Callable[[dict[str, Any]], str], as_json: bool
+) -> None:
+    if as_json:
+        click.echo(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(as_table(answer))
+
+
+def _identifier(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from creditgate.domain.ids import is_identifier
+
+    if value is not None and not is_identifier(value):
+        raise click.BadParameter("1-128 characters of [A-Za-z0-9._:@-]")
+    return value
+
+
+@main.command()
+@click.argument("org", callback=_identifier)
+@click.option("--period", default=None, callback=_identifier, help="default: the current one")
+@_as_json
+def usage(org: str, period: str | None, as_json: bool) -> None:
+    """Credits used per user in a license period (the admin's team view)."""
+    from creditgate.api.reports import usage_report
+    from creditgate.api.tables import usage_table
+
+    report = _read(lambda store, settings, now: usage_report(store, org, period, now))
+    if report is None:
+        _fail(f"{org} has no license")
+        return
+    _render(report, usage_table, as_json)
+
+
+@main.command()
+@click.argument("org", callback=_identifier)
+@click.argument("user", callback=_identifier)
+@click.option("--action", type=click.Choice([a.value for a in Action]), required=True)
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--before", default=None, help="the cursor printed after the previous page")
+@_as_json
+def charges(
+    org: str, user: str, action: str, limit: int, before: str | None, as_json: bool
+) -> None:
+    """A user's requests for one action, newest first, with what each cost."""
+    from creditgate.api.reports import charge_history, parse_history_query
+    from creditgate.api.tables import charges_table
+
+    query = {"action": action, "limit": str(limit)}
+    if before is not None:
+        query["before"] = before
+
+    async def read(store: CreditStore, settings: Settings, now: int) -> Any:
+        parsed = parse_history_query(query)
+        return await charge_history(store, org, user, parsed, settings.repeat_window_days)
+
+    history = _read(read)
+    if history is None:
+        _fail(f"{org} is not a known organisation")
+        return
+    _render(history, charges_table, as_json)
+
+
+@main.command()
+@click.argument("request_file", metavar="FILE|-", type=click.File("rb"))
+@_as_json
+def quote(request_file: IO[bytes], as_json: bool) -> None:
+    """What a charge request (JSON, without request_id) would cost now; changes nothing."""
+    from creditgate.api import quotes
+    from creditgate.api.tables import quote_table
+
+    try:
+        body = orjson.loads(request_file.read())
+    except orjson.JSONDecodeError as exc:
+        _fail(f"the request is not JSON: {exc}")
+        return
+
+    async def read(store: CreditStore, settings: Settings, now: int) -> Any:
+        return await quotes.quote(
+            store,
+            body,
+            now,
+            max_items=settings.max_items,
+            window_days=settings.repeat_window_days,
+        )
+
+    _render(_read(read), quote_table, as_json)
 
 
 # ---- license commands ------------------------------------------------------------
@@ -202,9 +357,22 @@ def start_period(
     )
 
 
-@main.group()
+class OrgFirstGroup(click.Group):
+    """A group whose first word may be an organisation instead of a subcommand:
+    ``credits acme`` runs ``credits show acme`` (an organisation named like a
+    subcommand is reached with ``credits show NAME``)."""
+
+    default_command = "show"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=OrgFirstGroup)
 def credits() -> None:
-    """Credits: top-ups and balances."""
+    """Credits: balances (``credits ORG``) and top-ups (``credits grant ORG``)."""
 
 
 @credits.command("grant")
@@ -233,26 +401,16 @@ def grant(
 
 @credits.command("show")
 @click.argument("org")
-def credits_show(org: str) -> None:
+@_as_json
+def credits_show(org: str, as_json: bool) -> None:
     """The current period's credits, used and remaining, read from Redis."""
-    from creditgate.store.gateway import CreditStore
-    from creditgate.stream.processor import Clock
+    from creditgate.api.tables import credits_table
 
-    settings = _settings()
-
-    async def run() -> dict[str, Any] | None:
-        store = CreditStore.from_settings(settings)
-        try:
-            return await store.credits(org, Clock(settings.clock_offset_seconds).now_ms())
-        finally:
-            await store.close()
-
-    view = asyncio.run(run())
+    view = _read(lambda store, settings, now: store.credits(org, now))
     if view is None:
         _fail(f"{org} has no license")
         return
-    for name, value in view.items():
-        click.echo(f"{name:>15}  {value}")
+    _render(view, credits_table, as_json)
 
 
 @main.group()
@@ -328,6 +486,17 @@ def demo() -> None:
     except CreditgateError as exc:
         _fail(str(exc))
 
+
+def _register_commands() -> None:
+    """Commands that live beside the code they run."""
+    from creditgate.contracts import contracts_command
+    from creditgate.rebuild import rebuild_command
+
+    main.add_command(rebuild_command, "rebuild")
+    main.add_command(contracts_command, "contracts")
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

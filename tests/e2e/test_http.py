@@ -48,4 +48,59 @@ async def test_credits_quote_and_decision_are_served_by_the_worker(pipeline: Pip
         path = f"{base}/v1/orgs/{org}/requests/{decided['request_id']}"
         async with http.get(path) as response:
             assert response.status == 200
-            assert (await response.json())["credits_charged"] == 1
+            # exactly the message the worker published on credits.charge.results
+            assert await response.json() == decided
+
+
+async def test_reports_over_http_are_the_sums_of_the_published_results(
+    pipeline: Pipeline,
+) -> None:
+    client = pipeline.clients["day0"]
+    org = await setup_org(client, credits=5, members={"ana": "admin", "bob": "member"})
+    bodies = [
+        request(org, "bob", "export", [contact("c-1", "co-1"), contact("c-2")], reference={"n": 1}),
+        request(org, "bob", "export", [contact("c-1"), {"type": "company", "id": "co-1"}]),
+        request(org, "ana", "crm_push", [contact("c-2"), contact("c-3"), contact("c-3")]),
+        request(org, "bob", "export", [contact(f"c-{n}") for n in range(4, 9)]),  # too many
+        request(org, "eve", "export", [contact("c-9")]),  # not a member
+    ]
+    results = [await client.request(body) for body in bodies]
+    assert [r["type"] for r in results] == ["charge.approved"] * 3 + ["charge.rejected"] * 2
+
+    async with aiohttp.ClientSession(base_url=pipeline.http()) as http:
+        async with http.get(f"/v1/orgs/{org}/usage") as response:
+            assert response.status == 200
+            usage = await response.json()
+        async with http.get(
+            f"/v1/orgs/{org}/users/bob/charges", params={"action": "export", "limit": "2"}
+        ) as response:
+            page1 = await response.json()
+        async with http.get(
+            f"/v1/orgs/{org}/users/bob/charges",
+            params={"action": "export", "before": page1["next_before"]},
+        ) as response:
+            page2 = await response.json()
+
+    def charged(user: str | None = None) -> int:
+        return sum(r["credits_charged"] for r in results if user in (None, r["user_id"]))
+
+    assert usage["totals"]["credits_used"] == charged() == 3
+    assert usage["totals"]["requests"] == 3
+    assert usage["totals"]["rejected"] == 2
+    assert usage["totals"]["credits_saved"] == sum(
+        1 for r in results for i in r["items"] if i["outcome"] == "free_repeat"
+    )
+    rows = {row["user_id"]: row for row in usage["users"]}
+    assert rows["bob"]["credits_used"] == charged("bob")
+    assert rows["ana"]["by_action"]["crm_push"]["credits_used"] == charged("ana")
+    assert rows["eve"]["rejected"] == 1
+
+    bob_exports = [r for r in reversed(results) if r["user_id"] == "bob"]
+    history = page1["charges"] + page2["charges"]
+    assert page2["next_before"] is None
+    assert [h["request_id"] for h in history] == [r["request_id"] for r in bob_exports]
+    for entry, result in zip(history, bob_exports, strict=True):
+        assert {k: v for k, v in entry.items() if k in result} == {
+            k: v for k, v in result.items() if k != "items"
+        }
+        assert entry["item_count"] == len(result["items"])

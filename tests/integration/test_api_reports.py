@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from creditgate.api import reports
-from creditgate.domain.charges import ChargeRequest
+from creditgate.api import quotes, reports
+from creditgate.api.errors import InvalidInput
+from creditgate.api.reports import Cursor, HistoryQuery
+from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.commands import license_command_adapter
-from creditgate.domain.decisions import ChargeRecord
+from creditgate.domain.decisions import ChargeRecord, RequestView, charge_message, charge_result
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.store.gateway import ChargeCall, CreditStore
 
@@ -67,19 +69,23 @@ def body(org: str, items: list[dict[str, Any]], **fields: Any) -> dict[str, Any]
 
 
 def strip_hints(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in i.items() if k != reports.VERIFIED_HINT} for i in items]
+    return [{k: v for k, v in i.items() if k != quotes.VERIFIED_HINT} for i in items]
 
 
-async def charge(
-    store: CreditStore, org: str, items: list[dict[str, Any]], now: int, **fields: Any
-) -> ChargeRecord:
-    request = ChargeRequest.model_validate(
+def charge_request(org: str, items: list[dict[str, Any]], now: int, **fields: Any) -> ChargeRequest:
+    return ChargeRequest.model_validate(
         {
             "request_id": fields.pop("request_id", f"req-{next(_ids)}"),
             "requested_at": rfc3339(now),
             **body(org, strip_hints(items), **fields),
         }
     )
+
+
+async def charge(
+    store: CreditStore, org: str, items: list[dict[str, Any]], now: int, **fields: Any
+) -> ChargeRecord:
+    request = charge_request(org, items, now, **fields)
     (answer,) = await store.charge_many([ChargeCall.of(request)], now)
     assert answer.status == "decided"
     return answer.record
@@ -96,18 +102,22 @@ async def quote_then_charge(
 ) -> tuple[dict[str, Any], ChargeRecord]:
     """Quote twice (identical, nothing changes), then charge the same request."""
     before = await remaining(store, org)
-    first = await reports.quote(store, body(org, items, **fields), now)
-    second = await reports.quote(store, body(org, items, **fields), now)
+    first = await quotes.quote(store, body(org, items, **fields), now)
+    second = await quotes.quote(store, body(org, items, **fields), now)
     assert first == second
     assert await remaining(store, org) == before
     assert first["remaining"] == before
-    record = await charge(store, org, items, now, **fields)
+    request = charge_request(org, items, now, **fields)
+    (answer,) = await store.charge_many([ChargeCall.of(request)], now)
+    record = answer.record
     assert first["would_be_approved"] == record.approved
     assert first["reason"] == (record.reason.value if record.reason else None)
+    assert first["max_credits"] == record.needed
+    assert first["credits_if_submitted_now"] == record.credits
+    assert [i["if_submitted_now"] for i in first["items"]] == [o.value for o in record.outcomes]
+    assert first["message"] == charge_message(RequestView.of(request), record, 30)
     if record.approved:
-        assert first["max_credits"] == record.needed
-        assert first["credits_if_submitted_now"] == record.credits
-        expected = [reports.QUOTE_OUTCOMES[o] for o in record.outcomes]
+        expected = [quotes.QUOTE_OUTCOMES[o] for o in record.outcomes]
         assert [i["outcome"] for i in first["items"]] == expected
     return first, record
 
@@ -217,7 +227,9 @@ async def test_quote_email_verification_and_verified_hints(store: CreditStore) -
     assert quoted["max_credits"] == 3
     # c4 is free within its window, so only c1 counts
     assert quoted["max_credits_verified_only"] == 1
-    assert quoted["items"][0][reports.VERIFIED_HINT] is True
+    assert quoted["items"][0][quotes.VERIFIED_HINT] is True
+    assert quoted["items"][1][quotes.VERIFIED_HINT] is False
+    assert quotes.VERIFIED_HINT not in quoted["items"][2]
 
 
 @pytest.mark.parametrize(
@@ -234,14 +246,31 @@ async def test_quote_email_verification_and_verified_hints(store: CreditStore) -
 async def test_quote_rejects_invalid_bodies(
     store: CreditStore, given: dict[str, Any], field: str
 ) -> None:
-    with pytest.raises(reports.InvalidInput) as raised:
-        await reports.quote(store, {**body("org-x", [contact("c1")]), **given}, DAY0)
+    with pytest.raises(InvalidInput) as raised:
+        await quotes.quote(store, {**body("org-x", [contact("c1")]), **given}, DAY0)
     assert field in [e["field"] for e in raised.value.errors]
 
 
 async def test_quote_rejects_too_many_items(store: CreditStore) -> None:
-    with pytest.raises(reports.InvalidInput):
-        await reports.quote(store, body("org-x", [contact("c1")] * 3), DAY0, max_items=2)
+    with pytest.raises(InvalidInput):
+        await quotes.quote(store, body("org-x", [contact("c1")] * 3), DAY0, max_items=2)
+
+
+async def test_quote_itemises_duplicates_when_nothing_is_left(store: CreditStore) -> None:
+    org = await make_org(store, 1)
+    await charge(store, org, [contact("c0")], day(1))
+    items = [contact("c1"), contact("c1", "co1"), company("co2"), company("co2")]
+    quoted, record = await quote_then_charge(store, org, items, day(2))
+    assert record.reason is not None
+    assert record.reason.value == "insufficient_credits"
+    assert [i["outcome"] for i in quoted["items"]] == [
+        "would_charge",
+        "duplicate_in_request",
+        "would_charge",
+        "duplicate_in_request",
+    ]
+    assert quoted["max_credits"] == 2
+    assert quoted["remaining"] == 0
 
 
 # ---- usage ---------------------------------------------------------------------------
@@ -264,13 +293,24 @@ async def test_usage_report_sums_the_charges_of_the_period(store: CreditStore) -
     assert report["period_id"] == "p1"
     totals = report["totals"]
     assert totals["credits_used"] == charged == 4
-    assert totals["credits_by_action"] == {"crm_push": 1, "export": 3}
+    assert {a: c["credits_used"] for a, c in totals["by_action"].items()} == {
+        "crm_push": 1,
+        "email_verification": 0,
+        "export": 3,
+    }
     assert totals["credits_saved"] == 2
     assert totals["rejected"] == 1
     assert totals["requests"] == 4
     by_user = {row["user_id"]: row for row in report["users"]}
+    assert [row["user_id"] for row in report["users"]] == ["u1", "u2"]  # most credits first
     assert by_user["u1"]["credits_used"] == 3
-    assert by_user["u1"]["credits_by_action"] == {"crm_push": 0, "export": 3}
+    assert by_user["u1"]["by_action"]["export"] == {
+        "credits_used": 3,
+        "requests": 2,
+        "credits_saved": 1,
+        "rejected": 1,
+    }
+    assert by_user["u1"]["by_action"]["crm_push"]["credits_used"] == 0
     assert by_user["u1"]["credits_saved"] == 2
     assert by_user["u1"]["requests"] == 3
     assert by_user["u1"]["rejected"] == 1
@@ -302,72 +342,127 @@ async def test_usage_report_sums_the_charges_of_the_period(store: CreditStore) -
 
 async def test_usage_report_of_an_org_without_license(store: CreditStore) -> None:
     assert await reports.usage_report(store, "no-such-org", None, DAY0) is None
+    assert await reports.usage_report(store, "no-such-org", "p1", DAY0) is None
 
 
 # ---- history and single decisions ------------------------------------------------------
 
 
+def history(action: str = "export", limit: int = 50, before: str | None = None) -> HistoryQuery:
+    return HistoryQuery(Action(action), limit, Cursor.parse(before) if before else None)
+
+
 async def test_charge_history_newest_first_with_paging(store: CreditStore) -> None:
     org = await make_org(store, 1)
-    ids = []
     for n in range(5):
-        ids.append(f"h-{n}")
-        await charge(store, org, [contact(f"c{n}")], day(1) + n * 1000, request_id=f"h-{n}")
+        await charge(
+            store,
+            org,
+            [contact(f"c{n}")],
+            day(1) + n * 1000,
+            request_id=f"h-{n}",
+            reference={"export_id": f"e-{n}"},
+        )
     await charge(store, org, [contact("x")], day(1), action="crm_push", request_id="other")
 
-    page = await reports.charge_history(store, org, "u1", "export", 2, None)
+    page = await reports.charge_history(store, org, "u1", history(limit=2), 30)
+    assert page is not None
     assert [c["request_id"] for c in page["charges"]] == ["h-4", "h-3"]
-    assert page["next_before"] == day(1) + 3000
-    page2 = await reports.charge_history(store, org, "u1", "export", 2, page["next_before"])
+    assert page["next_before"] == f"{day(1) + 3000}:h-3"
+    page2 = await reports.charge_history(
+        store, org, "u1", history(limit=2, before=page["next_before"]), 30
+    )
+    assert page2 is not None
     assert [c["request_id"] for c in page2["charges"]] == ["h-2", "h-1"]
-    page3 = await reports.charge_history(store, org, "u1", "export", 2, page2["next_before"])
+    page3 = await reports.charge_history(
+        store, org, "u1", history(limit=2, before=page2["next_before"]), 30
+    )
+    assert page3 is not None
     assert [c["request_id"] for c in page3["charges"]] == ["h-0"]
     assert page3["next_before"] is None
+    by_time = await reports.charge_history(store, org, "u1", history(before=str(day(1) + 2000)), 30)
+    assert by_time is not None
+    assert [c["request_id"] for c in by_time["charges"]] == ["h-1", "h-0"]
 
     first = page3["charges"][0]
-    assert first["status"] == "approved"
+    assert first["type"] == "charge.approved"
     assert first["credits_charged"] == 1
+    assert first["item_count"] == 1
     assert first["items_by_outcome"]["charged"] == 1
     assert first["decided_at"] == rfc3339(day(1))
-    assert first["reference"] is None
+    assert first["reference"] == {"export_id": "e-0"}
+    assert first["user_id"] == "u1"
+    assert first["action"] == "export"
     later = page["charges"][0]
-    assert later["status"] == "rejected"
+    assert later["type"] == "charge.rejected"
     assert later["reason"] == "insufficient_credits"
     assert later["items_by_outcome"]["not_charged"] == 1
+    assert later["message"] == "the request needs 1 credit, 0 left"
 
-    pushes = await reports.charge_history(store, org, "u1", "crm_push", 10, None)
+    pushes = await reports.charge_history(store, org, "u1", history("crm_push", 10), 30)
+    assert pushes is not None
     assert [c["request_id"] for c in pushes["charges"]] == ["other"]
-    nobody = await reports.charge_history(store, org, "u2", "export", 10, None)
+    nobody = await reports.charge_history(store, org, "u2", history(limit=10), 30)
+    assert nobody is not None
     assert nobody["charges"] == []
+    assert await reports.charge_history(store, "no-such-org", "u1", history(), 30) is None
+
+
+async def test_charge_history_pages_through_decisions_of_one_instant(store: CreditStore) -> None:
+    """A batch decides many requests at one instant: no page boundary may lose one."""
+    org = await make_org(store, 100)
+    requests = [
+        charge_request(org, [contact(f"c{n}")], day(1), request_id=f"same-{n:02d}")
+        for n in range(7)
+    ]
+    await store.charge_many([ChargeCall.of(r) for r in requests], day(1))
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = await reports.charge_history(store, org, "u1", history(limit=3, before=cursor), 30)
+        assert page is not None
+        seen.extend(c["request_id"] for c in page["charges"])
+        cursor = page["next_before"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(r.request_id for r in requests)
+    assert len(seen) == len(set(seen))
 
 
 def test_history_query_parsing() -> None:
-    assert reports.parse_history_query({"action": "export"}) == ("export", 50, None)
-    assert reports.parse_history_query({"action": "crm_push", "limit": "5", "before": "9"}) == (
-        "crm_push",
-        5,
-        9,
-    )
-    with pytest.raises(reports.InvalidInput) as raised:
+    assert reports.parse_history_query({"action": "export"}) == history()
+    assert reports.parse_history_query(
+        {"action": "crm_push", "limit": "5", "before": "9:r-1"}
+    ) == HistoryQuery(Action.CRM_PUSH, 5, Cursor(9, "r-1"))
+    with pytest.raises(InvalidInput) as raised:
         reports.parse_history_query({"limit": "0", "before": "x"})
     assert {e["field"] for e in raised.value.errors} == {"action", "limit", "before"}
+    for bad in ({"limit": "501"}, {"limit": "-1"}, {"before": "1:not an id"}, {"action": "x"}):
+        with pytest.raises(InvalidInput):
+            reports.parse_history_query({"action": "export", **bad})
 
 
-async def test_one_decision(store: CreditStore) -> None:
+async def test_one_decision_is_the_published_result(store: CreditStore) -> None:
     org = await make_org(store, 10)
     await charge(store, org, [contact("c1")], day(1))
-    record = await charge(store, org, [contact("c1"), contact("c2")], day(2), request_id="r-42")
+    request = charge_request(
+        org,
+        [contact("c1"), contact("c2", "co2")],
+        day(2),
+        request_id="r-42",
+        reference={"export_id": "e-55"},
+    )
+    (answer,) = await store.charge_many([ChargeCall.of(request)], day(2))
+    expected = charge_result(RequestView.of(request), answer.record, 30)
 
-    found = await reports.one_decision(store, org, "r-42")
-    assert found is not None
-    assert found["request_id"] == "r-42"
-    assert found["status"] == "approved"
+    found = await reports.one_decision(store, org, "r-42", 30)
+    assert found == expected
     assert found["credits_charged"] == 1
-    assert found["sequence"] == record.sequence
+    assert found["reference"] == {"export_id": "e-55"}
     assert found["items"] == [
-        {"index": 0, "outcome": "free_repeat", "free_until": rfc3339(day(31))},
-        {"index": 1, "outcome": "charged"},
+        {"type": "contact", "id": "c1", "outcome": "free_repeat", "free_until": rfc3339(day(31))},
+        {"type": "contact", "id": "c2", "company_id": "co2", "outcome": "charged"},
     ]
-    assert await reports.one_decision(store, org, "r-unknown") is None
-    assert await reports.one_decision(store, "other-org", "r-42") is None
-    assert await reports.one_decision(store, org, "not an id") is None
+    assert await reports.one_decision(store, org, "r-unknown", 30) is None
+    assert await reports.one_decision(store, "other-org", "r-42", 30) is None
+    assert await reports.one_decision(store, org, "not an id", 30) is None

@@ -1,66 +1,60 @@
-"""Read-side answers of the HTTP API: usage, charge history, one decision, the quote.
+"""Read-side reports: team usage, a user's charge history, one decision.
 
-Plain async functions over a ``CreditStore``: they read Redis (the quote runs the
-charge script in its writeless "quote" mode) and return JSON-ready dicts. No faust
-here; ``views.py`` maps them onto routes.
+Plain async functions over a ``CreditStore`` returning JSON-ready dicts; the views
+and the CLI both call them. Every report reads only what the charge script keeps up
+to date, by key, never by scanning the keyspace:
+
+- usage: one hash per organisation (``HGETALL``), fields ``period|user|action|metric``:
+  O(users x actions) for each period the hash holds (it keeps past periods too);
+- history: one sorted set per user and action, paged by rank, then the page's stored
+  decisions (``HMGET`` of ``rec`` and ``req``), one pipeline: O(page), each entry
+  O(its items) to read since a stored decision lists its items' outcomes;
+- one decision: its request hash.
+
+Decisions are rendered with ``charge_result``, the function that renders the message
+published on ``credits.charge.results``: the API shows exactly the decision.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
-from creditgate.domain.charges import Action, ChargeRequest, Outcome, Reason
-from creditgate.domain.decisions import ChargeRecord
+from creditgate.api.errors import InvalidInput
+from creditgate.domain.charges import Action, Outcome
+from creditgate.domain.decisions import ChargeRecord, RequestView, charge_result
 from creditgate.domain.ids import is_identifier, rfc3339
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.gateway import CreditStore
 
 USAGE_METRICS = ("credits", "requests", "saved", "rejected")
+DEFAULT_HISTORY_LIMIT = 50
 MAX_HISTORY_LIMIT = 500
-DEFAULT_MAX_ITEMS = 10_000
-QUOTE_REQUEST_ID = "quote"
-VERIFIED_HINT = "has_verified_email"
-
-# what an item's outcome in the script's decision means for the person asking
-QUOTE_OUTCOMES = {
-    Outcome.CHARGED: "would_charge",
-    Outcome.NOT_CHARGED: "would_charge",
-    Outcome.FREE_REPEAT: "free_repeat",
-    Outcome.DUPLICATE_IN_REQUEST: "duplicate_in_request",
-    Outcome.NO_VERIFIED_EMAIL: "no_charge",
-}
-# rejections decided after the windows were assessed: the items can still be itemised
-_BALANCE_REASONS = (Reason.INSUFFICIENT_CREDITS, Reason.EXCEEDS_MAX_CREDITS)
 
 
-class InvalidInput(ValueError):
-    """A query or body the API refuses; ``errors`` are ``{"field", "message"}`` pairs."""
-
-    def __init__(self, errors: list[dict[str, str]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
-
-
-def _field_errors(error: ValidationError) -> list[dict[str, str]]:
-    return [
-        {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
-        for err in error.errors()
-    ]
+async def org_exists(store: CreditStore, org_id: str) -> bool:
+    """An organisation is known once a command gave it a license or a member."""
+    keys = store.keys.org(org_id)
+    return bool(await store.redis.exists(keys.license, keys.members))
 
 
 # ---- usage -------------------------------------------------------------------------
 
 
-def row_credits(row: Mapping[str, Any]) -> int:
-    return int(row["credits_used"])
-
-
 def _empty_counts() -> dict[str, int]:
     return dict.fromkeys(USAGE_METRICS, 0)
+
+
+def _usage_row(counts: Mapping[str, int]) -> dict[str, int]:
+    return {
+        "credits_used": counts["credits"],
+        "requests": counts["requests"],
+        "credits_saved": counts["saved"],
+        "rejected": counts["rejected"],
+    }
 
 
 async def usage_report(
@@ -68,95 +62,96 @@ async def usage_report(
 ) -> dict[str, Any] | None:
     """Per user of a period: credits by action, requests, credits saved, rejections.
 
-    ``period_id`` None means the current period of the license; None is returned when
-    the organisation has no license and no period was asked for.
+    ``period_id`` None means the license's current period. None is returned for an
+    organisation without a license. ``requests`` counts approved requests; rejected
+    ones are counted apart.
     """
     keys = store.keys.org(org_id)
-    current = await store.redis.hget(keys.license, "period_id")
-    if period_id is None:
-        if current is None:
-            return None
-        period_id = str(current)
-    raw: Mapping[str, str] = await store.redis.hgetall(keys.usage)  # type: ignore[assignment]
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.hget(keys.license, "period_id")
+    pipe.hgetall(keys.usage)
+    current, raw = await pipe.execute()
+    if current is None:
+        return None
+    period = period_id or str(current)
 
     users: dict[str, dict[str, dict[str, int]]] = {}
     for field, value in raw.items():
         parts = field.split("|")
-        if len(parts) != 4 or parts[0] != period_id or parts[3] not in USAGE_METRICS:
+        if len(parts) != 4 or parts[0] != period or parts[3] not in USAGE_METRICS:
             continue
         _, user, action, metric = parts
         by_action = users.setdefault(user, {})
         by_action.setdefault(action, _empty_counts())[metric] += int(value)
 
-    totals = _empty_counts()
-    totals_by_action: dict[str, dict[str, int]] = {}
-    rows = []
+    totals_by_action: dict[str, dict[str, int]] = {a.value: _empty_counts() for a in Action}
+    rows: list[dict[str, Any]] = []
     for user, by_action in users.items():
         row = _empty_counts()
         for action, counts in by_action.items():
-            action_total = totals_by_action.setdefault(action, _empty_counts())
             for metric, count in counts.items():
                 row[metric] += count
-                totals[metric] += count
-                action_total[metric] += count
+                totals_by_action[action][metric] += count
         rows.append(
             {
                 "user_id": user,
-                "credits_used": row["credits"],
-                "credits_by_action": {a: c["credits"] for a, c in sorted(by_action.items())},
-                "requests": row["requests"],
-                "credits_saved": row["saved"],
-                "rejected": row["rejected"],
-                "by_action": dict(sorted(by_action.items())),
+                **_usage_row(row),
+                "by_action": {a: _usage_row(c) for a, c in sorted(by_action.items())},
             }
         )
-    rows.sort(key=lambda r: (-row_credits(r), str(r["user_id"])))
+    rows.sort(key=lambda r: (-r["credits_used"], r["user_id"]))
+    totals = _empty_counts()
+    for counts in totals_by_action.values():
+        for metric, count in counts.items():
+            totals[metric] += count
     return {
         "org_id": org_id,
-        "period_id": period_id,
-        "current_period": period_id == current,
+        "period_id": period,
+        "current_period": period == current,
         "generated_at": rfc3339(now_ms),
         "users": rows,
         "totals": {
-            "credits_used": totals["credits"],
-            "credits_by_action": {a: c["credits"] for a, c in sorted(totals_by_action.items())},
-            "requests": totals["requests"],
-            "credits_saved": totals["saved"],
-            "rejected": totals["rejected"],
+            **_usage_row(totals),
+            "by_action": {a: _usage_row(c) for a, c in sorted(totals_by_action.items())},
         },
     }
 
 
-# ---- history and single decisions ------------------------------------------------
+# ---- history -------------------------------------------------------------------------
 
 
-def _outcome_counts(record: ChargeRecord) -> dict[str, int]:
-    counts = {outcome.value: 0 for outcome in Outcome}
-    for outcome in record.outcomes:
-        counts[outcome.value] += 1
-    return counts
+@dataclass(frozen=True)
+class Cursor:
+    """Where a history page starts: strictly before ``before_ms``, or, when
+    ``request_id`` is given, right after that entry (``"<ms>:<request_id>"``).
+
+    A batch decides many requests at one instant, so entries share times: the
+    request id keeps a page boundary between two of them exact.
+    """
+
+    before_ms: int
+    request_id: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        ms, _, request_id = text.partition(":")
+        if not ms.isdigit() or (request_id and not is_identifier(request_id)):
+            raise ValueError(text)
+        return cls(int(ms), request_id or None)
+
+    def __str__(self) -> str:
+        return f"{self.before_ms}:{self.request_id}" if self.request_id else str(self.before_ms)
 
 
-def _history_entry(record: ChargeRecord) -> dict[str, Any]:
-    return {
-        "request_id": record.request_id,
-        "status": "approved" if record.approved else "rejected",
-        "reason": record.reason.value if record.reason else None,
-        "credits_charged": record.credits,
-        "credits_saved": record.saved,
-        "items": len(record.outcomes),
-        "items_by_outcome": _outcome_counts(record),
-        "balance_after": record.balance,
-        "period_id": record.period_id,
-        "decided_at": rfc3339(record.decided_ms),
-        "sequence": record.sequence,
-        # the stored decision does not keep the request's reference (yet)
-        "reference": None,
-    }
+@dataclass(frozen=True)
+class HistoryQuery:
+    action: Action
+    limit: int = DEFAULT_HISTORY_LIMIT
+    before: Cursor | None = None
 
 
-def parse_history_query(query: Mapping[str, str]) -> tuple[Action, int, int | None]:
-    """``action`` (required), ``limit`` (1..500, default 50), ``before`` (ms, optional)."""
+def parse_history_query(query: Mapping[str, str]) -> HistoryQuery:
+    """``action`` (required), ``limit`` (1..500, default 50), ``before`` (a cursor)."""
     errors = []
     action: Action | None = None
     try:
@@ -164,199 +159,131 @@ def parse_history_query(query: Mapping[str, str]) -> tuple[Action, int, int | No
     except ValueError:
         choices = ", ".join(a.value for a in Action)
         errors.append({"field": "action", "message": f"required, one of {choices}"})
-    limit, before = 50, None
-    try:
-        limit = int(query.get("limit", "50"))
-        if not 1 <= limit <= MAX_HISTORY_LIMIT:
-            raise ValueError
-    except ValueError:
-        errors.append({"field": "limit", "message": f"an integer from 1 to {MAX_HISTORY_LIMIT}"})
+    limit = DEFAULT_HISTORY_LIMIT
+    if "limit" in query:
+        text = query["limit"]
+        if text.isdigit() and 1 <= int(text) <= MAX_HISTORY_LIMIT:
+            limit = int(text)
+        else:
+            errors.append(
+                {"field": "limit", "message": f"an integer from 1 to {MAX_HISTORY_LIMIT}"}
+            )
+    before = None
     if "before" in query:
         try:
-            before = int(query["before"])
+            before = Cursor.parse(query["before"])
         except ValueError:
-            errors.append({"field": "before", "message": "milliseconds since the epoch"})
+            errors.append(
+                {
+                    "field": "before",
+                    "message": "a next_before cursor, or milliseconds since the epoch",
+                }
+            )
     if errors or action is None:
         raise InvalidInput(errors)
-    return action, limit, before
+    return HistoryQuery(action, limit, before)
+
+
+def history_entry(result: dict[str, Any], record: ChargeRecord) -> dict[str, Any]:
+    """A charge result without its item list (a page stays small): counts instead."""
+    counts = {outcome.value: 0 for outcome in Outcome}
+    for outcome in record.outcomes:
+        counts[outcome.value] += 1
+    return {
+        **{name: value for name, value in result.items() if name != "items"},
+        "item_count": len(record.outcomes),
+        "items_by_outcome": counts,
+        "credits_saved": record.saved,
+    }
+
+
+async def _page(
+    store: CreditStore, key: str, limit: int, before: Cursor | None
+) -> list[tuple[str, int]]:
+    """Up to ``limit + 1`` members of a history set, newest first, after the cursor."""
+    redis = store.redis
+    if before is None:
+        found: Any = await redis.zrevrange(key, 0, limit, withscores=True)
+        return [(str(member), int(score)) for member, score in found]
+    found = None
+    if before.request_id is not None:
+        rank = await redis.zrevrank(key, before.request_id)
+        if isinstance(rank, int):
+            found = await redis.zrevrange(key, rank + 1, rank + limit + 1, withscores=True)
+    if found is None:
+        # only a time was given, or the cursor's entry has expired: go by time
+        found = await redis.zrevrangebyscore(
+            key, f"({before.before_ms}", "-inf", start=0, num=limit + 1, withscores=True
+        )
+    return [(str(member), int(score)) for member, score in found]
 
 
 async def charge_history(
     store: CreditStore,
     org_id: str,
     user_id: str,
-    action: Action | str,
-    limit: int,
-    before_ms: int | None,
-) -> dict[str, Any]:
+    query: HistoryQuery,
+    window_days: float,
+) -> dict[str, Any] | None:
     """A user's decisions for one action, newest first; page on with ``next_before``.
 
-    ``before_ms`` is exclusive: decisions of the same millisecond as the last entry of a
-    page are not on the next one (decision times of one user rarely tie).
+    None for an unknown organisation.
     """
-    action = Action(action)
-    limit = max(1, min(limit, MAX_HISTORY_LIMIT))
+    if not await org_exists(store, org_id):
+        return None
     keys = store.keys.org(org_id)
-    high = "+inf" if before_ms is None else f"({before_ms}"
-    members: list[tuple[str, float]] = await store.redis.zrevrangebyscore(  # type: ignore[assignment]
-        keys.history(user_id, action.value), high, "-inf", start=0, num=limit, withscores=True
-    )
-    raws: list[str | None] = []
-    if members:
-        pipe = store.redis.pipeline(transaction=False)
-        for request_id, _ in members:
-            pipe.hget(keys.request(request_id), "rec")
-        raws = await pipe.execute()
-    entries = [_history_entry(ChargeRecord.from_script(orjson.loads(raw))) for raw in raws if raw]
+    found = await _page(store, keys.history(user_id, query.action.value), query.limit, query.before)
+    members, more = found[: query.limit], len(found) > query.limit
+    pipe = store.redis.pipeline(transaction=False)
+    for request_id, _ in members:
+        pipe.hmget(keys.request(request_id), "rec", "req")
+    stored = await pipe.execute() if members else []
+    entries = []
+    for (request_id, _), (raw, summary) in zip(members, stored, strict=True):
+        if raw is None:  # the decision expired before its history entry was trimmed
+            continue
+        record = ChargeRecord.from_script(orjson.loads(raw))
+        # without its items: an entry shows their counts, taken from the record
+        view = dataclasses.replace(
+            _view(org_id, request_id, summary, user_id, query.action), items=[]
+        )
+        entries.append(history_entry(charge_result(view, record, window_days), record))
+    last = members[-1] if members else None
     return {
         "org_id": org_id,
         "user_id": user_id,
-        "action": action.value,
+        "action": query.action.value,
         "charges": entries,
-        "next_before": int(members[-1][1]) if len(members) == limit else None,
+        "next_before": str(Cursor(last[1], last[0])) if more and last else None,
     }
 
 
-def render_record(org_id: str, record: ChargeRecord) -> dict[str, Any]:
-    """A stored decision as the API shows it (items by position: ids are not stored)."""
-    items = []
-    for index, outcome in enumerate(record.outcomes):
-        item: dict[str, Any] = {"index": index, "outcome": outcome.value}
-        if outcome is Outcome.FREE_REPEAT and index < len(record.free_until_ms):
-            item["free_until"] = rfc3339(record.free_until_ms[index])
-        items.append(item)
-    return {
-        "org_id": org_id,
-        "request_id": record.request_id,
-        "status": "approved" if record.approved else "rejected",
-        "reason": record.reason.value if record.reason else None,
-        "detail": record.detail,
-        "credits_charged": record.credits,
-        "credits_needed": record.needed,
-        "credits_saved": record.saved,
-        "balance_after": record.balance,
-        "period_id": record.period_id,
-        "decided_at": rfc3339(record.decided_ms),
-        "sequence": record.sequence,
-        "items": items,
-        "items_by_outcome": _outcome_counts(record),
-        "reference": None,
-    }
+def _view(
+    org_id: str, request_id: str, summary: str | None, user_id: str, action: Action
+) -> RequestView:
+    if summary:
+        return RequestView.from_summary(org_id, request_id, summary)
+    # stored before decisions kept their request: what the history key tells is all
+    return RequestView(org_id, request_id, user_id, action, [])
 
 
-async def one_decision(store: CreditStore, org_id: str, request_id: str) -> dict[str, Any] | None:
+# ---- one decision --------------------------------------------------------------------
+
+
+async def one_decision(
+    store: CreditStore, org_id: str, request_id: str, window_days: float
+) -> dict[str, Any] | None:
+    """The request's decision exactly as published on ``credits.charge.results``.
+
+    None when there is none (or it was stored without its request, before summaries
+    were kept, and so cannot be rendered as its result).
+    """
     if not is_identifier(request_id):
         return None
-    raw = await store.redis.hget(store.keys.org(org_id).request(request_id), "rec")
-    if raw is None:
+    raw, summary = await store.redis.hmget(
+        store.keys.org(org_id).request(request_id), ["rec", "req"]
+    )
+    if not isinstance(raw, str) or not isinstance(summary, str):
         return None
-    return render_record(org_id, ChargeRecord.from_script(orjson.loads(raw)))
-
-
-# ---- quote -------------------------------------------------------------------------
-
-
-def parse_quote(
-    body: Any, now_ms: int, max_items: int = DEFAULT_MAX_ITEMS
-) -> tuple[ChargeRequest, list[bool | None]]:
-    """A quote body: a ChargeRequest without ``request_id`` (``requested_at`` optional),
-    whose contact items may carry a ``has_verified_email`` hint. Raises ``InvalidInput``."""
-    if not isinstance(body, dict):
-        raise InvalidInput([{"field": "body", "message": "expected a JSON object"}])
-    if "request_id" in body:
-        raise InvalidInput(
-            [{"field": "request_id", "message": "a quote has no request_id; it decides nothing"}]
-        )
-    items = body.get("items")
-    hints: list[bool | None] = []
-    errors: list[dict[str, str]] = []
-    if isinstance(items, list):
-        if len(items) > max_items:
-            raise InvalidInput(
-                [{"field": "items", "message": f"{len(items)} items, at most {max_items}"}]
-            )
-        stripped = []
-        for index, given in enumerate(items):
-            item = given
-            if isinstance(given, dict) and VERIFIED_HINT in given:
-                item = dict(given)
-                hint = item.pop(VERIFIED_HINT)
-                if not isinstance(hint, bool) and hint is not None:
-                    errors.append(
-                        {"field": f"items.{index}.{VERIFIED_HINT}", "message": "a boolean"}
-                    )
-                elif hint is not None and item.get("type") != "contact":
-                    errors.append(
-                        {
-                            "field": f"items.{index}.{VERIFIED_HINT}",
-                            "message": "applies to contact items only",
-                        }
-                    )
-                hints.append(hint if isinstance(hint, bool) else None)
-            else:
-                hints.append(None)
-            stripped.append(item)
-        body = {**body, "items": stripped}
-    body = {"requested_at": rfc3339(now_ms), **body, "request_id": QUOTE_REQUEST_ID}
-    try:
-        request = ChargeRequest.model_validate(body)
-    except ValidationError as exc:
-        errors.extend(_field_errors(exc))
-    if errors:
-        raise InvalidInput(errors)
-    return request, hints
-
-
-async def quote(
-    store: CreditStore, body: Any, now_ms: int, max_items: int = DEFAULT_MAX_ITEMS
-) -> dict[str, Any]:
-    """What a charge request would cost now, item by item; it changes nothing."""
-    request, hints = parse_quote(body, now_ms, max_items)
-    call = ChargeCall.of(request)
-    record = await store.quote(call, now_ms)
-    itemised = record
-    if not record.approved and record.reason in _BALANCE_REASONS:
-        # rejected after the windows were assessed: the script marked every item
-        # not_charged; ask again as a partial request without a ceiling to see which
-        # items are free and which would be charged
-        looser = dataclasses.replace(call, partial=True, max_credits=None)
-        retry = await store.quote(looser, now_ms)
-        if retry.approved:
-            itemised = retry
-
-    items = []
-    verified_only = 0
-    for index, item in enumerate(request.items):
-        outcome = itemised.outcomes[index] if index < len(itemised.outcomes) else None
-        entry: dict[str, Any] = item.model_dump(exclude_none=True)
-        if not record.approved and record.reason not in _BALANCE_REASONS:
-            # refused before any item was assessed (permission, license): nothing is due
-            entry["outcome"] = "no_charge"
-        elif outcome is not None:
-            entry["outcome"] = QUOTE_OUTCOMES[outcome]
-            if outcome is Outcome.FREE_REPEAT:
-                entry["free_until"] = rfc3339(itemised.free_until_ms[index])
-        hint = hints[index] if index < len(hints) else None
-        if hint is not None:
-            entry[VERIFIED_HINT] = hint
-        if entry.get("outcome") == "would_charge" and hint is True:
-            verified_only += 1
-        items.append(entry)
-
-    remaining = record.balance + (record.credits if record.approved else 0)
-    return {
-        "org_id": request.org_id,
-        "user_id": request.user_id,
-        "action": request.action.value,
-        "quoted_at": rfc3339(now_ms),
-        "items": items,
-        "max_credits": record.needed,
-        "max_credits_verified_only": verified_only,
-        "credits_if_submitted_now": record.credits,
-        "credits_saved": itemised.saved,
-        "remaining": remaining,
-        "period_id": record.period_id,
-        "would_be_approved": record.approved,
-        "reason": record.reason.value if record.reason else None,
-        "detail": record.detail,
-    }
+    view = RequestView.from_summary(org_id, request_id, summary)
+    return charge_result(view, ChargeRecord.from_script(orjson.loads(raw)), window_days)

@@ -1,25 +1,36 @@
-"""The HTTP routes of the worker (DESIGN §5), as faust web pages.
+"""The HTTP routes of the worker (DESIGN §5), as faust web views.
 
 Every answer is JSON; errors are ``{"code", "message"}`` (400s add ``errors``, the
-field errors). The handlers only parse the request and call ``reports``.
+field errors). Each handler authenticates first (401), then checks its ids (400) and
+the caller's scope (403), then asks ``reports`` / ``quotes`` (404 when there is
+nothing). ``/openapi.json`` describes all of it and, like ``/health``, is open.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, ClassVar, Protocol
 
 import faust
 import orjson
-from faust.web import View
+from faust.web import Request, Response, View
+from faust.web.exceptions import WebError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from creditgate.api import reports
+from creditgate.api import quotes, reports
+from creditgate.api.access import Access, Caller
+from creditgate.api.errors import ApiError, InvalidInput, NotFound
 from creditgate.domain.ids import is_identifier
 from creditgate.errors import StoreUnavailable
+from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 
-# the report functions read Redis directly: its connection errors mean "try later" too
+log = logging.getLogger("creditgate.api")
+
+# the reports read Redis directly: its connection errors mean "try later" too
 _UNAVAILABLE = (StoreUnavailable, RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -27,99 +38,172 @@ class Clock(Protocol):
     def now_ms(self) -> int: ...
 
 
-def _error(web: Any, status: int, code: str, message: str, **extra: Any) -> Any:
-    return web.json({"code": code, "message": message, **extra}, status=status)
+def openapi_document() -> bytes:
+    """The OpenAPI 3.1 document of this API, as kept in the package."""
+    return resources.files("creditgate.api").joinpath("openapi.json").read_bytes()
 
 
-def _invalid(web: Any, exc: reports.InvalidInput) -> Any:
-    return _error(web, 400, "invalid_request", str(exc), errors=exc.errors)
+@dataclass(frozen=True)
+class Api:
+    """What the views need, built once per app."""
+
+    store: CreditStore
+    clock: Clock
+    access: Access
+    window_days: float
+    max_items: int
+    openapi: bytes
 
 
-def _bad_ids(web: Any, **ids: str) -> Any | None:
-    for name, value in ids.items():
-        if not is_identifier(value):
-            return _error(
-                web,
-                400,
-                "invalid_request",
-                f"{name} must be 1-128 characters of [A-Za-z0-9._:@-]",
-                errors=[{"field": name, "message": "not an identifier"}],
+def _require_ids(**ids: str) -> None:
+    errors = [
+        {"field": name, "message": "1-128 characters of [A-Za-z0-9._:@-]"}
+        for name, value in ids.items()
+        if not is_identifier(value)
+    ]
+    if errors:
+        raise InvalidInput(errors)
+
+
+class ApiView(View):
+    """Turns ``ApiError`` and Redis outages into JSON answers."""
+
+    api: ClassVar[Api]
+    # like unknown fields in a body, an unknown query parameter is refused, not ignored
+    query_params: ClassVar[frozenset[str]] = frozenset()
+
+    async def dispatch(self, request: Any) -> Any:
+        try:
+            return await super().dispatch(request)
+        except ApiError as exc:
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            return self.json(exc.body(), status=exc.status, headers=headers)
+        except _UNAVAILABLE as exc:
+            return self._problem(503, "unavailable", f"Redis unavailable: {exc}")
+        except Exception:  # the edge: log it, answer in the API's shape, keep serving
+            log.exception("%s %s failed", request.method, request.path)
+            return self._problem(500, "internal_error", "the request failed; see the worker log")
+
+    async def on_request_error(self, request: Request, exc: WebError) -> Response:
+        # faust's own errors (405 for a method a view lacks) in the API's shape
+        return self._problem(int(exc.code), "http_error", str(exc.detail))
+
+    def _problem(self, status: int, code: str, message: str) -> Response:
+        return self.json({"code": code, "message": message}, status=status)
+
+    def caller(self, request: Request) -> Caller:
+        """401 without a valid token; then 400 for an unknown query parameter."""
+        caller = self.api.access.authenticate(request.headers.get("Authorization"))
+        unknown = sorted(set(request.query) - self.query_params)
+        if unknown:
+            raise InvalidInput(
+                [{"field": name, "message": "unknown parameter"} for name in unknown]
             )
-    return None
+        return caller
+
+    def reader(self, request: Request, org: str, **ids: str) -> None:
+        """401 without a valid token, 400 for a malformed parameter, 403 out of scope."""
+        caller = self.caller(request)
+        _require_ids(org_id=org, **ids)
+        self.api.access.authorize(caller, org)
 
 
-def _unavailable(web: Any, exc: Exception) -> Any:
-    return _error(web, 503, "unavailable", f"Redis unavailable: {exc}")
-
-
-def register_views(
-    app: faust.App, store: CreditStore, clock: Clock, *, max_items: int = reports.DEFAULT_MAX_ITEMS
-) -> None:
-    """Add the API routes to ``app`` (served by the worker's web server)."""
-
-    @app.page("/v1/orgs/{org}/credits")
-    async def credits(web: Any, request: Any, org: str) -> Any:
-        if (bad := _bad_ids(web, org_id=org)) is not None:
-            return bad
-        try:
-            view = await store.credits(org, clock.now_ms())
-        except _UNAVAILABLE as exc:
-            return _unavailable(web, exc)
+class CreditsView(ApiView):
+    async def get(self, request: Request, org: str) -> Response:
+        self.reader(request, org)
+        view = await self.api.store.credits(org, self.api.clock.now_ms())
         if view is None:
-            return _error(web, 404, "not_found", f"{org} has no license")
-        return web.json(view)
+            raise NotFound(f"{org} has no license")
+        return self.json(view)
 
-    @app.page("/v1/orgs/{org}/usage")
-    async def usage(web: Any, request: Any, org: str) -> Any:
-        period = request.query.get("period") or None
-        if (bad := _bad_ids(web, org_id=org, **({"period": period} if period else {}))) is not None:
-            return bad
-        try:
-            report = await reports.usage_report(store, org, period, clock.now_ms())
-        except _UNAVAILABLE as exc:
-            return _unavailable(web, exc)
+
+class UsageView(ApiView):
+    query_params = frozenset({"period"})
+
+    async def get(self, request: Request, org: str) -> Response:
+        period = request.query.get("period")
+        self.reader(request, org, **({} if period is None else {"period": period}))
+        report = await reports.usage_report(self.api.store, org, period, self.api.clock.now_ms())
         if report is None:
-            return _error(web, 404, "not_found", f"{org} has no license")
-        return web.json(report)
+            raise NotFound(f"{org} has no license")
+        return self.json(report)
 
-    @app.page("/v1/orgs/{org}/users/{user}/charges")
-    async def charges(web: Any, request: Any, org: str, user: str) -> Any:
-        if (bad := _bad_ids(web, org_id=org, user_id=user)) is not None:
-            return bad
-        try:
-            action, limit, before = reports.parse_history_query(request.query)
-        except reports.InvalidInput as exc:
-            return _invalid(web, exc)
-        try:
-            history = await reports.charge_history(store, org, user, action, limit, before)
-        except _UNAVAILABLE as exc:
-            return _unavailable(web, exc)
-        return web.json(history)
 
-    @app.page("/v1/orgs/{org}/requests/{request_id}")
-    async def decision(web: Any, request: Any, org: str, request_id: str) -> Any:
-        if (bad := _bad_ids(web, org_id=org, request_id=request_id)) is not None:
-            return bad
-        try:
-            found = await reports.one_decision(store, org, request_id)
-        except _UNAVAILABLE as exc:
-            return _unavailable(web, exc)
+class ChargesView(ApiView):
+    query_params = frozenset({"action", "limit", "before"})
+
+    async def get(self, request: Request, org: str, user: str) -> Response:
+        self.reader(request, org, user_id=user)
+        query = reports.parse_history_query(request.query)
+        history = await reports.charge_history(
+            self.api.store, org, user, query, self.api.window_days
+        )
+        if history is None:
+            raise NotFound(f"{org} is not a known organisation")
+        return self.json(history)
+
+
+class DecisionView(ApiView):
+    async def get(self, request: Request, org: str, request_id: str) -> Response:
+        self.reader(request, org, request_id=request_id)
+        found = await reports.one_decision(self.api.store, org, request_id, self.api.window_days)
         if found is None:
-            return _error(web, 404, "not_found", f"{org} has no decision for {request_id}")
-        return web.json(found)
+            raise NotFound(f"{org} has no decision for {request_id}")
+        return self.json(found)
 
-    @app.page("/v1/quote")
-    class Quote(View):
-        async def post(self, request: Any) -> Any:
-            raw = await self.read_request_content(request)
-            try:
-                body = orjson.loads(raw or b"null")
-            except orjson.JSONDecodeError as exc:
-                return _error(self, 400, "invalid_json", f"the body is not JSON: {exc}")
-            try:
-                answer = await reports.quote(store, body, clock.now_ms(), max_items)
-            except reports.InvalidInput as exc:
-                return _invalid(self, exc)
-            except _UNAVAILABLE as exc:
-                return _unavailable(self, exc)
-            return self.json(answer)
+
+class QuoteView(ApiView):
+    async def post(self, request: Request) -> Response:
+        caller = self.caller(request)
+        raw = await self.read_request_content(request)
+        try:
+            body = orjson.loads(raw or b"null")
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput.of("body", f"not JSON: {exc}") from None
+        # the scope is the body's organisation; a malformed one is a 400 below
+        org = body.get("org_id") if isinstance(body, dict) else None
+        if is_identifier(org):
+            self.api.access.authorize(caller, org)
+        answer = await quotes.quote(
+            self.api.store,
+            body,
+            self.api.clock.now_ms(),
+            max_items=self.api.max_items,
+            window_days=self.api.window_days,
+        )
+        return self.json(answer)
+
+
+class OpenApiView(ApiView):
+    async def get(self, request: Request) -> Response:
+        return self.bytes(self.api.openapi, content_type="application/json")
+
+
+ROUTES: tuple[tuple[str, type[ApiView]], ...] = (
+    ("/v1/orgs/{org}/credits", CreditsView),
+    ("/v1/orgs/{org}/usage", UsageView),
+    ("/v1/orgs/{org}/users/{user}/charges", ChargesView),
+    ("/v1/orgs/{org}/requests/{request_id}", DecisionView),
+    ("/v1/quote", QuoteView),
+    ("/openapi.json", OpenApiView),
+)
+
+
+def register_views(app: faust.App, store: CreditStore, clock: Clock, settings: Settings) -> None:
+    """Add the API routes to ``app`` (served by the worker's web server).
+
+    Raises ``ConfigurationError`` when the access settings are unsafe (no token while
+    listening beyond loopback), so the worker refuses to start.
+    """
+    api = Api(
+        store=store,
+        clock=clock,
+        access=Access.from_settings(settings.api_tokens, settings.http_host),
+        window_days=settings.repeat_window_days,
+        max_items=settings.max_items,
+        openapi=openapi_document(),
+    )
+    for path, view in ROUTES:
+        # a subclass per app binds the views to this app's store, clock and tokens
+        bound = type(view.__name__, (view,), {"api": api})
+        app.page(path)(bound)

@@ -177,6 +177,11 @@ end
 
 local outcomes, untils, opened, cost, charged, free = assess(math.huge)
 record.needed = cost
+if quote then
+  -- a quote itemises what each item would cost with the balance no obstacle, even
+  -- when the request would be rejected for its balance or its max_credits
+  record.assessed, record.assessed_until = outcomes, untils
+end
 
 -- 5. the quote the user accepted is a ceiling
 if max_credits and cost > max_credits then
