@@ -29,7 +29,11 @@ def _must_be_text(value: Any) -> Any:
 def _must_be_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp needs a time zone (RFC 3339)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+01:00 has no UTC year 1; pydantic reports only ValueError
+        raise ValueError("timestamp out of range") from None
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_must_be_text), AfterValidator(_must_be_utc)]

@@ -1,0 +1,354 @@
+"""Restoring an organisation's Redis keys from its ledger entries (``creditgate rebuild``).
+
+``charge.lua`` and ``command.lua`` are the only writers of credit state, and every
+write they make is told by a ledger entry: a decision carries the stored record (its
+outcomes, notes, sequence and time), the request summary and the windows it opened;
+an applied command carries its body and the resulting state. ``OrgState.apply`` folds
+one organisation's entries, in sequence order, into the keys the scripts would have
+left behind — each step below names the script write it mirrors — and ``write_org``
+writes that state to Redis.
+
+Why fold in Python and write once, rather than replay the entries through a restore
+script: the rebuild runs on an idle Redis (workers stopped), so it needs no atomic
+read-modify-write; folding first writes each key once instead of once per entry;
+expiry is decided here against the rebuild's decision clock (an idempotency record
+whose time is up, or a window that has ended, is simply not written); and every key
+name still comes from ``store.keys``. The price is a second description of the
+scripts' writes: ``tests/integration/test_rebuild.py`` compares every key of a real
+run before and after a rebuild, so a key a script starts writing without this module
+learning it fails that test.
+
+Expiry, like the scripts set it:
+- idempotency records (``req:``, ``cmd:``) and a user's history live
+  ``idempotency_ttl_ms`` after their last write; the scripts use a relative
+  ``PEXPIRE``, so the rebuild sets what is left of it by the decision clock;
+- windows expire at their end (``PXAT``), pushed out by how far Redis's clock runs
+  ahead of the decision clock, as ``charge.lua`` does.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from creditgate.store.keys import OrgKeys
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """An idempotency record: the ``fp``/``rec`` (and, for requests, ``req``) fields."""
+
+    fingerprint: str
+    record: str
+    summary: str | None
+    decided_ms: int
+
+
+@dataclass
+class History:
+    """A user's request history for one action (``hist:<action>:<user>``, a zset)."""
+
+    scores: dict[str, int] = field(default_factory=dict)
+    last_write_ms: int = 0
+    # (score, request_id) of every ZADD, oldest first, to trim like ZREMRANGEBYSCORE
+    _by_score: list[tuple[int, str]] = field(default_factory=list)
+
+    def add(self, request_id: str, at: int, ttl_ms: int) -> None:
+        # charge.lua: ZADD now id; ZREMRANGEBYSCORE -inf (now - ttl; PEXPIRE ttl
+        self.scores[request_id] = at
+        heapq.heappush(self._by_score, (at, request_id))
+        floor = at - ttl_ms
+        while self._by_score and self._by_score[0][0] < floor:
+            score, old = heapq.heappop(self._by_score)
+            if self.scores.get(old) == score:
+                del self.scores[old]
+        self.last_write_ms = at
+
+
+@dataclass
+class OrgState:
+    """The Redis state of one organisation, as the ledger tells it.
+
+    ``now_ms`` is the rebuild's decision clock: records and windows that have expired
+    by then are dropped while folding, so memory holds only what will be written.
+    """
+
+    org_id: str
+    ttl_ms: int
+    now_ms: int
+    sequence: int = 0
+    license: dict[str, str] | None = None
+    members: dict[str, str] = field(default_factory=dict)
+    disallowed: set[str] = field(default_factory=set)
+    grants: dict[str, str] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, StoredRecord] = field(default_factory=dict)
+    commands: dict[str, StoredRecord] = field(default_factory=dict)
+    history: dict[tuple[str, str], History] = field(default_factory=dict)
+    windows: dict[str, int] = field(default_factory=dict)
+    # entries whose balance_after disagrees with the fold: a gap or a damaged ledger
+    inconsistencies: list[str] = field(default_factory=list)
+
+    def apply(self, entry: Mapping[str, Any]) -> None:
+        """Fold one ledger entry; entries must come in sequence order."""
+        self.sequence = max(self.sequence, int(entry["sequence"]))
+        try:
+            if "command_type" in entry:
+                self._command(entry)
+            else:
+                self._charge(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            # a damaged entry is reported, not guessed at; the fold goes on without it
+            self.inconsistencies.append(
+                f"sequence {entry['sequence']}: entry not folded ({type(exc).__name__}: {exc})"
+            )
+            return
+        self._check_balance(entry)
+
+    # ---- charge.lua ----------------------------------------------------------------
+
+    def _charge(self, entry: Mapping[str, Any]) -> None:
+        decision = entry["decision"]
+        request_id = entry["request_id"]
+        at = int(decision["at"])
+        # the script's user is "" when an invalid request had no readable user_id
+        user, action = entry.get("user_id") or "", entry["action"]
+        period = decision.get("period") or ""
+        summary = entry.get("request")
+        # finish(): the stored decision beside the request summary, and the history
+        self._remember(
+            self.requests,
+            request_id,
+            StoredRecord(
+                decision["fp"],
+                _json(decision),
+                None if summary is None else _json(summary),
+                at,
+            ),
+        )
+        self.history.setdefault((user, action), History()).add(request_id, at, self.ttl_ms)
+        usage = f"{period}|{user}|{action}|"
+        if decision["status"] != "approved":
+            # reject(): counted against the period the request was decided in, if any
+            if period:
+                self._count(usage + "rejected", 1)
+        else:
+            charged, saved = int(decision["credits"]), int(decision.get("saved", 0))
+            for window in entry.get("windows", []):
+                self._open_window(window["window"], int(window["ends_at_ms"]))
+            if charged > 0 and self.license is not None:
+                self._add(self.license, "balance", -charged)
+            self._count(usage + "credits", charged)
+            self._count(usage + "requests", 1)
+            if saved > 0:
+                self._count(usage + "saved", saved)
+        # notes that the script also remembered on the license, once per period
+        for note in _as_list(decision.get("notes")):
+            if self.license is None:
+                continue
+            if note.get("type") == "credits.insufficient" and note.get("to") == "admin":
+                self.license["insufficient_notified"] = "1"
+            elif note.get("type") == "credits.threshold_reached":
+                self.license[f"thr:{int(note['threshold'])}"] = "1"
+
+    def _open_window(self, name: str, ends_ms: int) -> None:
+        # SET <window> <end> PXAT <end>: a window that has ended is gone
+        if ends_ms > self.now_ms:
+            self.windows[name] = ends_ms
+        else:
+            self.windows.pop(name, None)
+
+    # ---- command.lua ---------------------------------------------------------------
+
+    def _command(self, entry: Mapping[str, Any]) -> None:
+        decision, body = entry["decision"], entry["command"]
+        command_id, kind = entry["command_id"], entry["command_type"]
+        # finish(): only applied commands are in the ledger, so only their records return
+        self._remember(
+            self.commands,
+            command_id,
+            StoredRecord(decision["fp"], _json(decision), None, int(decision["at"])),
+        )
+        match kind:
+            case "license.start_period":
+                # DEL license; HSET the new period: flags of the old period go with it
+                state = decision["state"]
+                self.license = {
+                    "period_id": str(state["period_id"]),
+                    "starts_ms": str(int(state["starts_ms"])),
+                    "ends_ms": str(int(state["ends_ms"])),
+                    "credits": str(int(state["credits"])),
+                    "granted": "0",
+                    "balance": str(int(state["credits"])),
+                }
+            case "credits.grant":
+                self.grants[body["grant_id"]] = command_id
+                if self.license is not None:
+                    self._add(self.license, "granted", int(body["credits"]))
+                    self._add(self.license, "balance", int(body["credits"]))
+            case "member.upsert":
+                self.members[body["user_id"]] = body["role"]
+            case "member.remove":
+                self.members.pop(body["user_id"], None)
+                self.disallowed.discard(body["user_id"])
+            case "member.set_credits_allowed":
+                if body["allowed"]:
+                    self.disallowed.discard(body["user_id"])
+                else:
+                    self.disallowed.add(body["user_id"])
+            case _:
+                self.inconsistencies.append(f"sequence {entry['sequence']}: unknown {kind}")
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _remember(self, records: dict[str, StoredRecord], key: str, record: StoredRecord) -> None:
+        # HSET …; PEXPIRE ttl: a later decision under the same id replaces the record
+        if record.decided_ms + self.ttl_ms > self.now_ms:
+            records[key] = record
+        else:
+            records.pop(key, None)
+
+    def _count(self, usage_field: str, amount: int) -> None:
+        self.usage[usage_field] = self.usage.get(usage_field, 0) + amount
+
+    @staticmethod
+    def _add(hash_: dict[str, str], name: str, amount: int) -> None:
+        hash_[name] = str(int(hash_.get(name, "0")) + amount)
+
+    def _check_balance(self, entry: Mapping[str, Any]) -> None:
+        expected = entry.get("balance_after")
+        if expected is None or self.license is None:
+            return
+        if int(self.license["balance"]) != int(expected):
+            self.inconsistencies.append(
+                f"sequence {entry['sequence']}: balance {self.license['balance']} after "
+                f"folding, the ledger says {expected}"
+            )
+
+    # ---- what will be written ------------------------------------------------------
+
+    def key_count(self) -> int:
+        """How many keys ``write_org`` writes for this state."""
+        singles = [
+            self.license,
+            self.members,
+            self.disallowed,
+            self.grants,
+            self.usage,
+            self.sequence,
+        ]
+        live_history = sum(1 for h in self.history.values() if self.history_ttl(h) > 0)
+        return (
+            sum(1 for s in singles if s)
+            + len(self.requests)
+            + len(self.commands)
+            + len(self.windows)
+            + live_history
+        )
+
+    def history_ttl(self, history: History) -> int:
+        """What is left of a history's expiry by the decision clock (0: none left)."""
+        return history.last_write_ms + self.ttl_ms - self.now_ms if history.scores else 0
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _as_list(value: Any) -> list[Any]:
+    # the scripts' cjson encodes an empty table as {}
+    return list(value) if isinstance(value, list) else []
+
+
+def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[Any, ...]]:
+    """The Redis commands that write ``state``, one tuple each (name first)."""
+    if state.license:
+        yield ("HSET", keys.license, *_flat(state.license))
+    if state.members:
+        yield ("HSET", keys.members, *_flat(state.members))
+    if state.disallowed:
+        yield ("SADD", keys.disallowed, *sorted(state.disallowed))
+    if state.grants:
+        yield ("HSET", keys.grants, *_flat(state.grants))
+    if state.sequence:
+        yield ("SET", keys.sequence, str(state.sequence))
+    if state.usage:
+        yield ("HSET", keys.usage, *_flat({k: str(v) for k, v in state.usage.items()}))
+    now, ttl = state.now_ms, state.ttl_ms
+    for request_id, stored in state.requests.items():
+        fields = {"fp": stored.fingerprint, "rec": stored.record}
+        if stored.summary is not None:
+            fields["req"] = stored.summary
+        yield ("HSET", keys.request(request_id), *_flat(fields))
+        yield ("PEXPIRE", keys.request(request_id), stored.decided_ms + ttl - now)
+    for command_id, stored in state.commands.items():
+        fields = {"fp": stored.fingerprint, "rec": stored.record}
+        yield ("HSET", keys.command(command_id), *_flat(fields))
+        yield ("PEXPIRE", keys.command(command_id), stored.decided_ms + ttl - now)
+    for (user, action), history in state.history.items():
+        left = state.history_ttl(history)
+        if left <= 0:
+            continue
+        members = [part for rid, at in history.scores.items() for part in (at, rid)]
+        yield ("ZADD", keys.history(user, action), *members)
+        yield ("PEXPIRE", keys.history(user, action), left)
+    for name, ends in state.windows.items():
+        yield ("SET", keys.window(name), str(ends), "PXAT", ends + skew_ms)
+
+
+def _flat(mapping: Mapping[str, str]) -> list[str]:
+    return [part for pair in mapping.items() for part in pair]
+
+
+async def org_has_keys(client: aioredis.Redis, pattern: str) -> bool:
+    async for _ in client.scan_iter(match=pattern, count=1000):
+        return True
+    return False
+
+
+async def delete_matching(client: aioredis.Redis, pattern: str) -> int:
+    """Delete every key matching ``pattern`` (an organisation's keys before a replace)."""
+    deleted = 0
+    batch: list[str] = []
+    async for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += await client.delete(*batch)
+            batch = []
+    if batch:
+        deleted += await client.delete(*batch)
+    return deleted
+
+
+async def redis_skew_ms(client: aioredis.Redis, now_ms: int) -> int:
+    """How far Redis's clock runs ahead of the decision clock (0 when behind), as in
+    charge.lua: window expiries are pushed out by it so no window ends early."""
+    seconds, micros = await client.time()
+    return max(0, int(seconds) * 1000 + int(micros) // 1000 - now_ms)
+
+
+async def write_org(
+    client: aioredis.Redis, keys: OrgKeys, state: OrgState, skew_ms: int, chunk: int = 1000
+) -> int:
+    """Write one organisation's folded state; returns the number of keys written.
+
+    Non-transactional pipelines of ``chunk`` commands: the rebuild runs with the
+    workers stopped, so nobody reads a half-written organisation, and a huge
+    organisation never becomes one huge MULTI.
+    """
+    pipe = client.pipeline(transaction=False)
+    queued = 0
+    for command in _commands(keys, state, skew_ms):
+        pipe.execute_command(*command)
+        queued += 1
+        if queued >= chunk:
+            await pipe.execute()
+            queued = 0
+    if queued:
+        await pipe.execute()
+    return state.key_count()
