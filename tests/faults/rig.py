@@ -1,0 +1,218 @@
+"""A Kafka broker, a Redis server and ``creditgate worker`` processes to break.
+
+A rig that breaks servers runs its own ``DevStack`` in its own folder, so killing its
+broker or Redis touches nobody else's tests; rigs that only break workers may share a
+stack. Every rig has its own topic prefix, key prefix and consumer group.
+Workers are started exactly as an operator would start them (``python -m creditgate
+worker`` with ``CREDITGATE_*`` variables) and are only ever signalled by their pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from creditgate.devstack import DevStack, find_free_port
+from creditgate.settings import Settings
+from creditgate.stream.topics import TopicRegistry, apply_topics
+
+# creditgate has no setting of its own for the consumer group's session: faust reads
+# these from the environment. 6 s is the broker's minimum session
+# (group.min.session.timeout.ms); a worker killed with -9 keeps its partitions until
+# its session expires, so the default 60 s would make every kill a minute of silence.
+SESSION_TIMEOUT_SECONDS = 6.0
+_FAUST_GROUP_ENV = {
+    "BROKER_SESSION_TIMEOUT": str(SESSION_TIMEOUT_SECONDS),
+    "BROKER_HEARTBEAT_INTERVAL": "1.0",
+    "BROKER_REBALANCE_TIMEOUT": "20.0",
+}
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    paused: bool = False
+    # set when we ended it on purpose; an exit without it is a crash
+    ended_by_us: bool = False
+
+
+@dataclass
+class Rig:
+    root: Path
+    run: str
+    redis_appendfsync: str = "everysec"
+    batch_size: int = 1000
+    worker_loglevel: str = "warning"  # "info" shows faust's rebalance flight recorder
+    # a stack shared with other rigs (never broken by this one); None: a stack of its own
+    shared_stack: DevStack | None = None
+    faults: Counter[str] = field(default_factory=Counter)
+    workers: dict[str, Worker] = field(default_factory=dict)
+    retired: list[Worker] = field(default_factory=list)
+    # workers that ignored SIGTERM until we killed them (a stop takes 1-3 s normally)
+    hung_on_stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stack = self.shared_stack or DevStack(
+            self.root / "stack", redis_appendfsync=self.redis_appendfsync
+        )
+        self.registry = TopicRegistry.load(prefix=f"{self.run}.")
+        self._logs = self.root / "workers"
+        self.bootstrap = ""
+        self.redis_url = ""
+
+    # ---- the stack -------------------------------------------------------------
+
+    async def up(self) -> None:
+        if self.shared_stack is not None:
+            found = self.stack.endpoints()
+        else:
+            found = await asyncio.to_thread(self.stack.up)
+        self.bootstrap, self.redis_url = found.kafka_bootstrap, found.redis_url
+        await apply_topics(self.bootstrap, self.registry)
+        self._logs.mkdir(parents=True, exist_ok=True)
+
+    async def down(self) -> None:
+        for worker in [*self.workers.values()]:
+            if worker.paused:
+                self.resume_worker(worker.name)
+            self.kill_worker(worker.name, count=False)
+        if self.shared_stack is None:
+            await asyncio.to_thread(self.stack.down)
+
+    def settings(self) -> Settings:
+        """What a worker of this rig reads; for the test's own Redis reads."""
+        return Settings(
+            kafka_bootstrap=self.bootstrap, redis_url=self.redis_url, key_prefix=self.run
+        )
+
+    # ---- workers ---------------------------------------------------------------
+
+    def start_worker(self, name: str) -> Worker:
+        env = {
+            **os.environ,
+            **_FAUST_GROUP_ENV,
+            "CREDITGATE_KAFKA_BOOTSTRAP": self.bootstrap,
+            "CREDITGATE_REDIS_URL": self.redis_url,
+            "CREDITGATE_TOPIC_PREFIX": self.registry.prefix,
+            "CREDITGATE_KEY_PREFIX": self.run,
+            "CREDITGATE_APP_ID": f"{self.run}-workers",
+            "CREDITGATE_HTTP_PORT": str(find_free_port()),
+            "CREDITGATE_BATCH_SIZE": str(self.batch_size),
+        }
+        log = self._logs / f"{name}-{sum(1 for w in self.retired if w.name == name)}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "creditgate", "worker", "--loglevel", self.worker_loglevel],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
+        worker = Worker(name, process, log)
+        self.workers[name] = worker
+        return worker
+
+    def join_worker(self, name: str) -> Worker:
+        """Another worker joins the group mid-stream (a scale-out)."""
+        self.faults["worker_join"] += 1
+        return self.start_worker(name)
+
+    def kill_worker(self, name: str, *, count: bool = True) -> None:
+        """SIGKILL: the worker dies wherever it is, between Redis and Kafka included."""
+        worker = self.workers.pop(name)
+        worker.ended_by_us = True
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait(30)
+        self.retired.append(worker)
+        if count:
+            self.faults["worker_kill"] += 1
+
+    async def stop_worker(self, name: str, timeout: float = 30.0, *, count: bool = True) -> None:
+        """SIGTERM: the worker leaves its group cleanly (SIGKILL if it hangs)."""
+        worker = self.workers.pop(name)
+        worker.ended_by_us = True
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+            try:
+                # in a thread: the observer keeps reading while the worker shuts down
+                await asyncio.to_thread(worker.process.wait, timeout)
+            except subprocess.TimeoutExpired:
+                self.hung_on_stop.append(
+                    f"{name} (pid {worker.process.pid}) still running {timeout:g}s after "
+                    f"SIGTERM, killed:\n{_tail(worker.log)}"
+                )
+                worker.process.send_signal(signal.SIGKILL)
+                worker.process.wait(30)
+        self.retired.append(worker)
+        if count:
+            self.faults["worker_leave"] += 1
+
+    def pause_worker(self, name: str) -> None:
+        """SIGSTOP: frozen mid-flight, heartbeats included, as in a long GC or VM stall."""
+        worker = self.workers[name]
+        worker.process.send_signal(signal.SIGSTOP)
+        worker.paused = True
+        self.faults["worker_pause"] += 1
+
+    def resume_worker(self, name: str) -> None:
+        worker = self.workers[name]
+        worker.process.send_signal(signal.SIGCONT)
+        worker.paused = False
+
+    def crashed(self) -> list[str]:
+        """Workers that exited although nobody asked them to, with their log's end."""
+        dead = [w for w in [*self.workers.values(), *self.retired] if not w.ended_by_us]
+        return [
+            f"{w.name} (pid {w.process.pid}) exited with {w.process.returncode}:\n{_tail(w.log)}"
+            for w in dead
+            if w.process.poll() is not None
+        ]
+
+    def tracebacks(self) -> list[str]:
+        """Log tails of workers that logged a traceback (shown when a test fails)."""
+        return [
+            f"--- {w.log.name} ---\n{_tail(w.log)}"
+            for w in [*self.workers.values(), *self.retired]
+            if "Traceback" in w.log.read_text(errors="replace")
+        ]
+
+    # ---- servers ---------------------------------------------------------------
+
+    def _own_stack(self) -> None:
+        if self.shared_stack is not None:
+            raise RuntimeError("a shared stack is not this rig's to break")
+
+    async def kill_redis(self) -> float:
+        """SIGKILL Redis; returns the moment it was dead (epoch seconds)."""
+        self._own_stack()
+        await asyncio.to_thread(self.stack.kill_redis)
+        self.faults["redis_kill"] += 1
+        return time.time()
+
+    async def start_redis(self) -> float:
+        """Start Redis again (it reloads its AOF); returns the moment it was started."""
+        started = time.time()
+        await asyncio.to_thread(self.stack.start_redis)
+        return started
+
+    async def restart_broker(self, *, down_for: float, crash: bool = False) -> None:
+        """Stop the broker (SIGTERM, or SIGKILL for ``crash``), keep it down, start it."""
+        self._own_stack()
+        await asyncio.to_thread(self.stack.kill_kafka if crash else self.stack.stop_kafka)
+        self.faults["broker_crash" if crash else "broker_restart"] += 1
+        await asyncio.sleep(down_for)  # the outage itself is the fault schedule
+        await asyncio.to_thread(self.stack.start_kafka)
+
+
+def _tail(path: Path, size: int = 3000) -> str:
+    return path.read_text(errors="replace")[-size:]

@@ -1,0 +1,69 @@
+"""DESIGN §6 when Redis or the broker goes away under a running worker.
+
+Each test has a DevStack of its own (killing its servers touches no other test),
+streams thousands of requests through one ``creditgate worker``, breaks a server
+mid-stream and checks every invariant of ``invariants.py``; the worker is never
+restarted: it has to pause and resume by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .harness import FaultRun, assert_holds
+from .workload import WorkloadSpec
+
+pytestmark = pytest.mark.faults
+
+
+async def test_redis_killed_and_restarted(
+    tmp_path: Path, workload_spec: Callable[..., WorkloadSpec]
+) -> None:
+    rng = random.Random(13)
+    spec = workload_spec(15_000, seed=13)
+    outages: list[tuple[int, int]] = []
+    async with FaultRun(tmp_path, spec, redis_appendfsync="always") as run:
+        await run.setup(["w"])
+        worker = run.rig.workers["w"]
+        run.start_stream()
+        for _ in range(2):
+            await run.reach_more(rng.randint(2000, 4000))
+            await asyncio.sleep(rng.uniform(0, 0.3))
+            dead_at = await run.rig.kill_redis()
+            await asyncio.sleep(3.0)  # the outage; the worker retries meanwhile
+            assert worker.process.poll() is None, "the worker died with Redis"
+            back_at = await run.rig.start_redis()
+            outages.append((int(dead_at * 1000), int(back_at * 1000)))
+        verdict = await run.finish()  # the same worker, never restarted, decides the rest
+    decided_in_outage = [
+        rid
+        for rid, found in run.observer.seen.decisions.items()
+        if any(dead <= found[0].decided_ms < back for dead, back in outages)
+    ]
+    assert decided_in_outage == [], "decisions taken while Redis was down"
+    assert run.rig.faults["redis_kill"] == 2
+    assert "worker_kill" not in run.rig.faults
+    # forgotten_by_redis (a published decision Redis does not hold) is part of the verdict
+    assert_holds(run, verdict)
+
+
+async def test_broker_stopped_and_restarted(
+    tmp_path: Path, workload_spec: Callable[..., WorkloadSpec]
+) -> None:
+    spec = workload_spec(12_000, seed=14)
+    # paced, so that requests are still being produced across the outage
+    async with FaultRun(tmp_path, spec, rate=1000) as run:
+        await run.setup(["w"])
+        run.start_stream()
+        await run.reach(0.25)
+        await run.rig.restart_broker(down_for=2.0)
+        await run.reach_more(1000)
+        await run.rig.restart_broker(down_for=2.0, crash=True)
+        verdict = await run.finish()  # the same worker resumes by itself
+    assert "worker_kill" not in run.rig.faults
+    assert_holds(run, verdict)
