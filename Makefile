@@ -24,8 +24,8 @@ demo: setup
 	$(BIN)/creditgate demo
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
