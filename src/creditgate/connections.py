@@ -63,6 +63,7 @@ REDIS_COMMANDS = (
     "hget",
     "hmget",
     "hset",
+    "hsetnx",
     "hdel",
     "hexists",
     "hincrby",
@@ -374,6 +375,7 @@ local h, s, z, v = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 redis.call('DEL', h, s, z, v)
 redis.call('HSET', h, 'f', '1')
 redis.call('HINCRBY', h, 'f', 1)
+redis.call('HSETNX', h, 'g', '1')
 redis.call('HGET', h, 'f')
 redis.call('HMGET', h, 'f')
 redis.call('HEXISTS', h, 'f')

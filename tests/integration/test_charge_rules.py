@@ -735,6 +735,9 @@ async def test_no_rollover_and_windows_survive_the_period_change(orgs: OrgFactor
         "p2|u1|export|credits": "1",
         "p2|u1|export|requests": "2",
         "p2|u1|export|saved": "1",
+        # the period's users, listed for the team report
+        "p2|*users": "u1",
+        "p2|u1|*": "1",
     }
 
 

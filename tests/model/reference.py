@@ -85,7 +85,7 @@ class Org:
     grant_ids: set[str] = field(default_factory=set)
     sequence: int = 0
     # "<period>|<user>|<action>|<metric>" -> count, the usage report's figures
-    usage: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, int | str] = field(default_factory=dict)
     charged_this_period: int = 0
 
     def window_open_until(self, window: tuple[str, str], now: int) -> int | None:
@@ -160,9 +160,13 @@ class Model:
         usage = f"{license_.period_id}|{user}|{action}|" if license_ else None
         notes: list[tuple[str, str, int | None]] = []
 
+        def count(metric: str, amount: int) -> None:
+            assert license_ is not None
+            count_usage(org.usage, license_.period_id, user, action, metric, amount)
+
         def reject(reason: str, needed: int = 0) -> Decision:
             if usage is not None and not quote:
-                org.usage[usage + "rejected"] = org.usage.get(usage + "rejected", 0) + 1
+                count("rejected", 1)
             return Decision(
                 "decided",
                 False,
@@ -224,10 +228,10 @@ class Model:
             org.charged_this_period += plan.charged
             org.windows.update(plan.opens)
             assert usage is not None
-            for metric, amount in (("credits", plan.charged), ("requests", 1)):
-                org.usage[usage + metric] = org.usage.get(usage + metric, 0) + amount
+            count("credits", plan.charged)
+            count("requests", 1)
             if plan.free:
-                org.usage[usage + "saved"] = org.usage.get(usage + "saved", 0) + plan.free
+                count("saved", plan.free)
         return Decision(
             "decided",
             True,
@@ -365,3 +369,17 @@ class Model:
 
 def _ms(timestamp: str) -> int:
     return int(datetime.fromisoformat(timestamp).timestamp() * 1000)
+
+
+def count_usage(
+    usage: dict[str, int | str], period: str, user: str, action: str, metric: str, amount: int
+) -> None:
+    """A usage counter; a period's users are also listed once each, in order of first use."""
+    if f"{period}|{user}|*" not in usage:
+        usage[f"{period}|{user}|*"] = 1
+        users = usage.get(f"{period}|*users")
+        usage[f"{period}|*users"] = f"{users},{user}" if users is not None else user
+    field = f"{period}|{user}|{action}|{metric}"
+    current = usage.get(field, 0)
+    assert isinstance(current, int)
+    usage[field] = current + amount

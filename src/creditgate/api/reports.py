@@ -67,22 +67,28 @@ async def usage_report(
     ones are counted apart.
     """
     keys = store.keys.org(org_id)
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.hget(keys.license, "period_id")
-    pipe.hgetall(keys.usage)
-    current, raw = await pipe.execute()
+    current = await store.redis.hget(keys.license, "period_id")
     if current is None:
         return None
     period = period_id or str(current)
+    # the charge script lists the period's users in one field: O(users) reads, whatever
+    # the number of past periods
+    listed = await store.redis.hget(keys.usage, f"{period}|*users")
+    period_users = [] if listed is None else str(listed).split(",")
+    fields = [
+        (user, action.value, metric)
+        for user in period_users
+        for action in Action
+        for metric in USAGE_METRICS
+    ]
+    names = [f"{period}|{u}|{a}|{m}" for u, a, m in fields]
+    values = await store.redis.hmget(keys.usage, names) if names else []
 
     users: dict[str, dict[str, dict[str, int]]] = {}
-    for field, value in raw.items():
-        parts = field.split("|")
-        if len(parts) != 4 or parts[0] != period or parts[3] not in USAGE_METRICS:
-            continue
-        _, user, action, metric = parts
+    for (user, action, metric), value in zip(fields, values, strict=True):
         by_action = users.setdefault(user, {})
-        by_action.setdefault(action, _empty_counts())[metric] += int(value)
+        if value is not None:
+            by_action.setdefault(action, _empty_counts())[metric] += int(value)
 
     totals_by_action: dict[str, dict[str, int]] = {a.value: _empty_counts() for a in Action}
     rows: list[dict[str, Any]] = []

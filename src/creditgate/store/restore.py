@@ -86,7 +86,7 @@ class OrgState:
     members: dict[str, str] = field(default_factory=dict)
     disallowed: set[str] = field(default_factory=set)
     grants: dict[str, str] = field(default_factory=dict)
-    usage: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, int | str] = field(default_factory=dict)
     requests: dict[str, StoredRecord] = field(default_factory=dict)
     commands: dict[str, StoredRecord] = field(default_factory=dict)
     history: dict[tuple[str, str], History] = field(default_factory=dict)
@@ -214,7 +214,15 @@ class OrgState:
             records.pop(key, None)
 
     def _count(self, usage_field: str, amount: int) -> None:
-        self.usage[usage_field] = self.usage.get(usage_field, 0) + amount
+        # as charge.lua's count_usage: a period's users are listed in order of first use
+        period, user = usage_field.split("|")[:2]
+        if f"{period}|{user}|*" not in self.usage:
+            self.usage[f"{period}|{user}|*"] = 1
+            users = self.usage.get(f"{period}|*users")
+            self.usage[f"{period}|*users"] = f"{users},{user}" if users is not None else user
+        count = self.usage.get(usage_field, 0)
+        assert isinstance(count, int)
+        self.usage[usage_field] = count + amount
 
     @staticmethod
     def _add(hash_: dict[str, str], name: str, amount: int) -> None:

@@ -12,7 +12,8 @@ KEYS
   3  disallowed   set    user_ids an admin disallowed from using credits
   4  sequence     string the organisation's ledger sequence (gap-free)
   5  request      hash   fp, rec: the stored decision of this request_id
-  6  usage        hash   "<period>|<user>|<action>|<metric>" -> count
+  6  usage        hash   "<period>|<user>|<action>|<metric>" -> count, and per period
+                         "<period>|*users" (its users) and "<period>|<user>|*" markers
   7  history      zset   request_ids of this user and action, scored by decision time
   8… windows      string window end (ms); each also expires at that time. The items
                          below point at these keys by their index in KEYS.
@@ -92,6 +93,20 @@ local function finish()
   return {"decided", encoded}
 end
 
+-- Usage counters of the period, per user and action. The period's users are listed in
+-- one field ("<period>|*users", in order of first use) so a team report reads
+-- O(users) fields, never the counters of other periods; "*" is never in an id.
+local function count_usage(metric, amount)
+  local seen = period_id .. "|" .. user_id .. "|*"
+  if redis.call("HSETNX", usage_key, seen, "1") == 1 then
+    local list_field = period_id .. "|*users"
+    local users = redis.call("HGET", usage_key, list_field)
+    redis.call("HSET", usage_key, list_field, users and (users .. "," .. user_id) or user_id)
+  end
+  redis.call("HINCRBY", usage_key, period_id .. "|" .. user_id .. "|" .. action .. "|" .. metric,
+    amount)
+end
+
 local function not_charged_items()
   for i = 1, n_items do
     record.outcomes[i] = "not_charged"
@@ -104,7 +119,7 @@ local function reject(reason, detail)
   record.detail = detail
   not_charged_items()
   if not quote and period_id then
-    redis.call("HINCRBY", usage_key, period_id .. "|" .. user_id .. "|" .. action .. "|rejected", 1)
+    count_usage("rejected", 1)
   end
   return finish()
 end
@@ -219,10 +234,9 @@ if not quote then
   end
   table.sort(record.opened, function(a, b) return a[1] < b[1] end)
   if charged > 0 then redis.call("HINCRBY", license_key, "balance", -charged) end
-  local field = period_id .. "|" .. user_id .. "|" .. action .. "|"
-  redis.call("HINCRBY", usage_key, field .. "credits", charged)
-  redis.call("HINCRBY", usage_key, field .. "requests", 1)
-  if free > 0 then redis.call("HINCRBY", usage_key, field .. "saved", free) end
+  count_usage("credits", charged)
+  count_usage("requests", 1)
+  if free > 0 then count_usage("saved", free) end
 end
 
 -- thresholds of the period's credits (amount plus grants) used, once each per period
