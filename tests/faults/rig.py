@@ -62,7 +62,11 @@ class Rig:
 
     def __post_init__(self) -> None:
         self.stack = self.shared_stack or DevStack(
-            self.root / "stack", redis_appendfsync=self.redis_appendfsync
+            self.root / "stack",
+            redis_appendfsync=self.redis_appendfsync,
+            # a restarted Redis answers only once it has loaded its whole AOF: a soak's
+            # million keys take far longer than the 10 s default on a busy machine
+            redis_timeout=120.0,
         )
         self.registry = TopicRegistry.load(prefix=f"{self.run}.")
         self._logs = self.root / "workers"
