@@ -107,8 +107,15 @@ async def test_publish_keeps_partitions_order_values_and_headers(
 
 
 async def test_publish_of_nothing_sends_nothing(producer: AIOKafkaProducer) -> None:
-    app = SimpleNamespace(producer=SimpleNamespace(_ensure_producer=lambda: producer))
+    asked: list[AIOKafkaProducer] = []
+
+    def ensure_producer() -> AIOKafkaProducer:
+        asked.append(producer)
+        return producer
+
+    app = SimpleNamespace(producer=SimpleNamespace(_ensure_producer=ensure_producer))
     await BatchRunner(app, Settings()).publish([])  # type: ignore[arg-type]
+    assert asked == []  # no producer was even asked for: no empty batch goes out
 
 
 def test_commands_are_packed_as_redis_py_packs_them() -> None:
