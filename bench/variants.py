@@ -3,9 +3,9 @@
 - ``passthrough``: raw aiokafka. Consumes the request topics in batches of the worker's
   size and wait, produces one result per request, awaits delivery, commits. No decision:
   the most a Python consumer-producer can do here.
-- ``faust``: the same passthrough inside faust, set up like the worker (its batching,
-  its ``BatchRunner.publish``, uvloop, the frozen start-up heap), to show what faust
-  itself costs before any decision.
+- ``faust``: the same passthrough as a faust agent, the way the worker ran until its
+  decision loop moved onto aiokafka (faust's per-event stream, the worker's
+  ``Publisher``, uvloop, the frozen start-up heap): what faust's stream costs.
 - ``naive``: creditgate's decision code without batching: per request one script call
   and one awaited send per produced message.
 
@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -28,6 +28,9 @@ from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing
 from creditgate.stream.processor import Incoming
 from creditgate.stream.topics import TopicRegistry, TopicSpec
+
+# how long a baseline waits for more input while it holds a partial batch
+_WITHIN_SECONDS = 0.05
 
 
 def output_registry(prefix: str, outputs_prefix: str) -> TopicRegistry:
@@ -63,7 +66,7 @@ async def passthrough(conf: dict[str, Any]) -> None:
     await consumer.start()
     await producer.start()
     output = conf["output"]
-    within_ms = int(settings.batch_within_seconds * 1000)
+    within_ms = int(_WITHIN_SECONDS * 1000)
     headers = [("ce_specversion", b"1.0"), ("ce_type", b"passthrough")]
     try:
         while True:
@@ -112,17 +115,18 @@ async def naive(conf: dict[str, Any]) -> None:
 
 
 def faust_passthrough(conf: dict[str, Any]) -> None:
+    """The passthrough as a faust agent, the way the worker ran before issue 5's rework:
+    batches of what has arrived (``ready_batches``), acknowledged only after the batch's
+    outputs are delivered, published with the worker's ``Publisher`` on faust's own
+    aiokafka producer, uvloop and the frozen start-up heap."""
     import faust  # noqa: PLC0415
 
     from creditgate.stream.app import (  # noqa: PLC0415
-        BatchRunner,
         freeze_start_up_heap,
-        ready_batches,
-        stream_options,
         use_fast_event_loop,
     )
+    from creditgate.stream.publish import Publisher  # noqa: PLC0415
 
-    # the same process set-up as ``creditgate worker``, so the difference is the decision
     use_fast_event_loop()
 
     settings = Settings()
@@ -136,22 +140,76 @@ def faust_passthrough(conf: dict[str, Any]) -> None:
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
-        **stream_options(settings),
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
     )
-    runner = BatchRunner(app, settings)
     output = conf["output"]
     headers = [("ce_specversion", b"1.0"), ("ce_type", b"passthrough")]
-
-    async def work(batch: Sequence[Incoming]) -> list[Outgoing]:
-        return [Outgoing(output, m.key or b"", _result_of(m.value), headers) for m in batch]
 
     @app.agent(app.topic(*conf["inputs"]), concurrency=1)
     async def relay(stream: Any) -> None:
         freeze_start_up_heap()
-        async for events in ready_batches(stream, settings.batch_size):
-            await runner.run(work, [_incoming(e) for e in events])
+        # faust keeps its aiokafka producer private; it is started before the agents
+        publisher = Publisher(app.producer._ensure_producer(), settings)  # type: ignore[attr-defined]
+        async for events in ready_batches(stream, settings.batch_size, _WITHIN_SECONDS):
+            batch = [_incoming(e) for e in events]
+
+            async def work(batch: list[Incoming] = batch) -> list[Outgoing]:
+                return [Outgoing(output, m.key or b"", _result_of(m.value), headers) for m in batch]
+
+            await publisher.until_published(work, len(batch))
 
     faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+async def ready_batches(stream: Any, max_size: int, idle: float) -> AsyncIterator[list[Any]]:
+    """The stream's events in batches of what has already arrived, at most ``max_size``.
+
+    A batch ends when the stream's queue has nothing more or the batch is full, so under
+    light load a request is decided as soon as it arrives, and under load the batches
+    grow by themselves (requests queue up while the previous batch is decided).
+
+    While it holds a partial batch it never waits on the stream longer than ``idle``:
+    during a rebalance faust suspends the stream and waits until every event it handed
+    out is acknowledged, so a read that blocks then would hang the worker for good.
+
+    Each event is acknowledged when the agent asks for the next batch, so only after the
+    agent has published and awaited the batch's decisions; never when the agent stops
+    half-way (the generator is closed at ``yield``): those events are read again.
+    """
+    stream.enable_acks = False  # we acknowledge, and only after the work is done
+    queue = stream.channel.queue
+    events = stream.events().__aiter__()
+    batch: list[Any] = []
+    upcoming: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if upcoming is None:
+                upcoming = asyncio.ensure_future(events.__anext__())
+            if batch:
+                done, _ = await asyncio.wait({upcoming}, timeout=idle)
+                if not done:  # nothing more for now, or faust is rebalancing
+                    yield batch
+                    for event in batch:
+                        await stream.ack(event)
+                    batch = []
+                    continue
+            try:
+                event = await upcoming
+            except StopAsyncIteration:
+                return  # the worker stops: the batch in hand stays unacknowledged
+            upcoming = None
+            batch.append(event)
+            if len(batch) < max_size and not queue.empty():
+                continue
+            yield batch
+            for event in batch:
+                await stream.ack(event)
+            batch = []
+    finally:
+        if upcoming is not None:
+            upcoming.cancel()
 
 
 def _incoming(event: Any) -> Incoming:

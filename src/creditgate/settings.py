@@ -59,11 +59,9 @@ class Settings(BaseSettings):
     threshold_percents: tuple[int, ...] = (80, 90, 100)
 
     batch_size: int = Field(default=1000, ge=1)
-    # how long the worker waits for more input while it holds a partial batch
-    batch_within_seconds: float = 0.05
     # consumer-group session: how soon a dead worker's partitions move to another one
-    # (None: faust's default, 60 s, or its BROKER_SESSION_TIMEOUT environment variable)
-    session_timeout_seconds: float | None = None
+    # (at least the broker's group.min.session.timeout.ms, 6 s by default)
+    session_timeout_seconds: float = Field(default=10.0, gt=0)
     retry_backoff_seconds: float = 0.5
     retry_backoff_max_seconds: float = 5.0
 

@@ -50,7 +50,6 @@ class Pipeline:
             "CREDITGATE_APP_ID": f"{self.key_prefix}-{day}",
             "CREDITGATE_HTTP_PORT": str(find_free_port()),
             "CREDITGATE_CLOCK_OFFSET_SECONDS": str(DAYS[day] * 86400),
-            "CREDITGATE_BATCH_WITHIN_SECONDS": "0.02",
         }
 
     def settings(self) -> Settings:

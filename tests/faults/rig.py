@@ -23,16 +23,10 @@ from creditgate.devstack import DevStack, find_free_port
 from creditgate.settings import Settings
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
-# creditgate has no setting of its own for the consumer group's session: faust reads
-# these from the environment. 6 s is the broker's minimum session
-# (group.min.session.timeout.ms); a worker killed with -9 keeps its partitions until
-# its session expires, so the default 60 s would make every kill a minute of silence.
+# 6 s is the broker's minimum session (group.min.session.timeout.ms); a worker killed
+# with -9 keeps its partitions until its session expires, so the shorter, the less
+# silence after each kill.
 SESSION_TIMEOUT_SECONDS = 6.0
-_FAUST_GROUP_ENV = {
-    "BROKER_SESSION_TIMEOUT": str(SESSION_TIMEOUT_SECONDS),
-    "BROKER_HEARTBEAT_INTERVAL": "1.0",
-    "BROKER_REBALANCE_TIMEOUT": "20.0",
-}
 
 
 @dataclass
@@ -103,7 +97,7 @@ class Rig:
     def start_worker(self, name: str) -> Worker:
         env = {
             **os.environ,
-            **_FAUST_GROUP_ENV,
+            "CREDITGATE_SESSION_TIMEOUT_SECONDS": str(SESSION_TIMEOUT_SECONDS),
             "CREDITGATE_KAFKA_BOOTSTRAP": self.bootstrap,
             "CREDITGATE_REDIS_URL": self.redis_url,
             "CREDITGATE_TOPIC_PREFIX": self.registry.prefix,

@@ -172,7 +172,6 @@ async def worker(
             "CREDITGATE_TOPIC_PREFIX": registry.prefix,
             "CREDITGATE_APP_ID": run,
             "CREDITGATE_HTTP_PORT": str(find_free_port()),
-            "CREDITGATE_BATCH_WITHIN_SECONDS": "0.02",
         }
     )
     log = tmp_path_factory.mktemp("secure-worker") / "worker.log"
