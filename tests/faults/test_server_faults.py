@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,4 +67,26 @@ async def test_broker_stopped_and_restarted(
         await run.rig.restart_broker(down_for=2.0, crash=True)
         verdict = await run.finish()  # the same worker resumes by itself
     assert "worker_kill" not in run.rig.faults
+    assert_holds(run, verdict)
+
+
+async def test_worker_stopped_during_a_redis_outage_leaves_its_batch_to_the_next(
+    tmp_path: Path, workload_spec: Callable[..., WorkloadSpec]
+) -> None:
+    spec = workload_spec(10_000, seed=17)
+    async with FaultRun(tmp_path, spec, redis_appendfsync="always") as run:
+        await run.setup(["a", "b"])
+        run.start_stream()
+        await run.reach(0.3)
+        await run.rig.kill_redis()
+        await asyncio.sleep(1.0)  # both workers hold a batch they cannot decide
+        stopping = time.monotonic()
+        await run.rig.stop_worker("a", timeout=40.0)  # SIGTERM
+        stopped_after = time.monotonic() - stopping
+        await run.rig.start_redis()
+        verdict = await run.finish()  # b decides a's batch, and everything after it
+    # the stop gave up on the batch after its grace period instead of waiting for Redis
+    assert run.rig.hung_on_stop == []
+    print(f"'a' stopped {stopped_after:.1f}s after SIGTERM, with Redis down")
+    assert run.rig.faults == {"redis_kill": 1, "worker_leave": 1}
     assert_holds(run, verdict)

@@ -3,8 +3,8 @@
 Each turn takes what the broker has already fetched (up to ``batch_size`` records,
 across every input partition), decides it, publishes the outcomes, waits until the
 broker has every one of them, and only then marks the batch's offsets as done. A
-background task commits the done marks, so the next batch is decided while the commit
-travels. A rebalance first lets the batch in hand finish and commits it, so a
+background task commits the done marks at most once a second, so the next batches are
+decided while a commit travels. A rebalance first lets the batch in hand finish and commits it, so a
 partition's next owner starts right after the last decision published here.
 
 Why a plain aiokafka consumer inside the faust worker rather than a faust agent:
@@ -46,6 +46,9 @@ log = logging.getLogger("creditgate.worker")
 
 # how long an idle getmany waits before the loop looks at whether it should stop
 _IDLE_POLL_MS = 500
+# commits are one broker write each: at most one per interval, so small batches under a
+# light load do not each cost one (a crash re-decides at most this much, identically)
+_COMMIT_INTERVAL_SECONDS = 1.0
 # how long a stopping worker lets the batch in hand finish (during a Redis outage it
 # would retry for ever); an unfinished batch is not committed, so nothing is lost
 _STOP_GRACE_SECONDS = 15.0
@@ -143,7 +146,9 @@ class DecisionLoop(Service):
         while not self.should_stop:
             await self._commit_due.wait()
             self._commit_due.clear()
-            if not await self._commit():
+            if await self._commit():
+                await self.sleep(_COMMIT_INTERVAL_SECONDS)
+            else:
                 await self.sleep(self._settings.retry_backoff_seconds)
                 self._commit_due.set()
 
