@@ -13,6 +13,20 @@ matplotlib.use("Agg")  # files only; no display on a build machine
 import matplotlib.pyplot as plt
 
 ORDER = ("passthrough", "faust", "creditgate", "naive")
+
+
+def _order(variants: dict[str, Any]) -> list[str]:
+    """The baselines and the worker, then any scale-out runs (``creditgate_x2``, …)."""
+    scaled = sorted((n for n in variants if n.startswith("creditgate_x")), key=len)
+    return [n for n in ORDER if n in variants] + scaled
+
+
+def _label(name: str) -> str:
+    if name.startswith("creditgate_x"):
+        return f"creditgate\n{name.removeprefix('creditgate_x')} workers"
+    return LABELS[name]
+
+
 LABELS = {
     "passthrough": "aiokafka\npassthrough",
     "faust": "faust\npassthrough",
@@ -23,13 +37,12 @@ LABELS = {
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     variants = report["variants"]
-    names = [n for n in ORDER if n in variants]
+    names = _order(variants)
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     ax = axes[0]
     rates = [variants[n]["per_s"] for n in names]
-    bars = ax.bar(
-        [LABELS[n] for n in names], rates, color=["#999", "#bbb", "#2a7", "#c66"][: len(names)]
-    )
+    colours = {"passthrough": "#999", "faust": "#bbb", "creditgate": "#2a7", "naive": "#c66"}
+    bars = ax.bar([_label(n) for n in names], rates, color=[colours.get(n, "#5b9") for n in names])
     # CPU per message barely depends on how busy the machine was: it goes on each bar
     cpu = [variants[n].get("cpu_ms_per_1000") for n in names]
     ax.bar_label(
@@ -90,10 +103,14 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 def print_summary(report: dict[str, Any]) -> None:
     summary = report["summary"]
     print("\n== results ==")
-    for name in ORDER:
-        if name in report["variants"]:
-            v = report["variants"][name]
-            print(f"  {name:<12} {v['per_s']:>10,.0f}/s  ({v['records']:,} in {v['seconds']:.1f}s)")
+    for name in _order(report["variants"]):
+        v = report["variants"][name]
+        busy = v.get("machine_cpu_busy_pct")
+        print(
+            f"  {name:<14} {v['per_s']:>10,.0f}/s  ({v['records']:,} in {v['seconds']:.1f}s"
+            f"; {v['cpu_ms_per_1000']} ms CPU per 1k"
+            + (f"; machine {busy:.0f} % busy)" if busy is not None else ")")
+        )
     for key in ("creditgate/passthrough", "creditgate/faust_passthrough", "creditgate/naive"):
         if key in summary:
             print(f"  {key:<30} {summary[key]}")

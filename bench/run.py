@@ -115,6 +115,38 @@ class Child:
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
 
+    def cpu(self) -> float | None:
+        return cpu_seconds(self.process.pid)
+
+
+@dataclass
+class Children:
+    """Several workers of one consumer group, measured as one variant."""
+
+    name: str
+    members: list[Child]
+
+    def alive(self) -> bool:
+        return all(c.alive() for c in self.members)
+
+    def stop(self) -> None:
+        for c in self.members:
+            c.stop()
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {c.name} ---\n{c.tail()}" for c in self.members)
+
+    def cpu(self) -> float | None:
+        return sum(cpu_seconds(c.process.pid) or 0.0 for c in self.members)
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far (``/proc/stat``)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
 
 def start_child(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:
     log = logs / f"{name}.log"
@@ -210,7 +242,7 @@ class Run:
     async def measure(
         self,
         watcher: kafkaio.Watcher,
-        child: Child,
+        child: Child | Children,
         output: str,
         target: int,
         group: str,
@@ -223,6 +255,7 @@ class Run:
         # CPU is counted from the first output on, so start-up (imports, joining the
         # group) does not count against the messages
         cpu_first: tuple[float, int] | None = None
+        machine_first = machine_busy()
         started = time.perf_counter()
         series: list[tuple[float, int]] = []
         last_change, last_done = time.perf_counter(), 0
@@ -231,7 +264,8 @@ class Run:
             now = time.perf_counter()
             series.append((now - started, done))
             if cpu_first is None and done > 0:
-                cpu_first = (cpu_seconds(child.process.pid) or 0.0, done)
+                cpu_first = (child.cpu() or 0.0, done)
+                machine_first = machine_busy()
             kafkaio.progress(child.name, min(done, target), target, started)
             if done >= target:
                 break
@@ -246,7 +280,9 @@ class Run:
         # CPU time per message barely depends on how busy the machine is; wall-clock
         # rates do: both go in the report
         cpu_from, done_from = cpu_first or (0.0, 0)
-        cpu_used = (cpu_seconds(child.process.pid) or 0.0) - cpu_from
+        cpu_used = (child.cpu() or 0.0) - cpu_from
+        busy_now, total_now = machine_busy()
+        busy_share = (busy_now - machine_first[0]) / max(total_now - machine_first[1], 1e-9)
         cpu_done = max(done - done_from, 1)
         self.progress[child.name] = series
         committed_after = None
@@ -265,6 +301,8 @@ class Run:
             "per_s": round(span.count / span.seconds, 1),
             "process_cpu_s": round(cpu_used, 2),
             "cpu_ms_per_1000": round(1_000_000 * cpu_used / cpu_done, 1),
+            # every process on the machine (broker, Redis, this harness included)
+            "machine_cpu_busy_pct": round(100 * busy_share, 1),
             "offsets_committed_to_end": True if check_commits else None,
             "committed_seen_after_s": committed_after,
             "since": since,  # kept out of the report (see ``creditgate``)
@@ -303,6 +341,39 @@ class Run:
             child.stop()
 
     # ---- creditgate --------------------------------------------------------------
+
+    def start_workers(self, name: str, count: int, key_prefix: str, group: str) -> Children:
+        argv = [sys.executable, "-m", "creditgate", "worker", "--loglevel", "warning"]
+        env = self.env(key_prefix, group)
+        members = []
+        for i in range(count):
+            # each its own HTTP port; one consumer group, one Redis key prefix
+            own = {**env, "CREDITGATE_HTTP_PORT": str(find_free_port())}
+            members.append(start_child(f"{name}-{i + 1}", argv, own, self.logs))
+        return Children(name, members)
+
+    async def scale_out(self, watcher: kafkaio.Watcher, workers: int) -> dict[str, Any]:
+        """The same requests through ``workers`` worker processes of one group (fresh
+        Redis keys, so every request is decided anew, none replayed)."""
+        name = f"creditgate_x{workers}"
+        key_prefix = f"b{self.run_id}x{workers}"
+        group = f"{self.prefix}{name}"
+        await self.license_orgs(key_prefix)
+        children = self.start_workers(name, workers, key_prefix, group)
+        try:
+            measured = await self.measure(
+                watcher,
+                children,
+                self.registry.name(t.CHARGE_RESULTS),
+                self.args.requests,
+                group,
+                check_commits=True,
+            )
+            measured.pop("since")
+            measured["workers"] = workers
+            return measured
+        finally:
+            children.stop()
 
     async def creditgate(self, watcher: kafkaio.Watcher) -> None:
         args = self.args
@@ -520,6 +591,9 @@ class Run:
                 )
                 self.report["variants"][variant] = await self.baseline(watcher, variant, target)
             await self.creditgate(watcher)
+            if args.scale_out > 1:
+                name = f"creditgate_x{args.scale_out}"
+                self.report["variants"][name] = await self.scale_out(watcher, args.scale_out)
         finally:
             await watcher.stop()
 
@@ -565,6 +639,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         summary["creditgate/faust_passthrough"] = round(cg / v["faust"]["per_s"], 3)
     if cg and "naive" in v:
         summary["creditgate/naive"] = round(cg / v["naive"]["per_s"], 1)
+    for name in v:
+        if name.startswith("creditgate_x"):  # scale-out: reported, not a goal
+            summary[f"{name}_decisions_per_s"] = v[name]["per_s"]
     latency = report.get("latency", {}).get("received_ms", {})
     summary["p50_ms"], summary["p99_ms"] = latency.get("p50"), latency.get("p99")
     summary["rss_growth_pct"] = report.get("soak", {}).get("rss_growth_pct")
@@ -654,6 +731,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=1_000_000,
         help="requests of the RSS soak through the same worker (0: skip)",
+    )
+    parser.add_argument(
+        "--scale-out",
+        type=int,
+        default=2,
+        help="then the same requests through this many workers of one group (<2: skip)",
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--stall-seconds", type=float, default=60.0)
