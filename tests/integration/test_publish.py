@@ -116,10 +116,15 @@ async def test_pipeline_replies_in_order_with_errors_in_place(store: CreditStore
     payload = b"".join(
         _resp(command) for command in (("INCR", key), ("HGET", key, "x"), ("INCRBY", key, 2))
     )
-    first, second, third = await store._pipeline(payload, 3)
+    seen: list[tuple[int, object]] = []
+    (first, second, third), count = await store._pipeline(
+        payload, 3, lambda i, reply: seen.append((i, reply))
+    )
     assert first == 1
     assert isinstance(second, ResponseError)  # WRONGTYPE, read whole: the rest follows
     assert third == 3
+    assert seen == [(0, 1)]  # replies reach on_reply until the first error
+    assert count == 1
     assert await store.redis.get(key) == "3"  # the connection went back in step
     await store.redis.delete(key)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -46,6 +47,7 @@ from creditgate.store.gateway import (
     CommandAnswer,
     CreditStore,
     InvalidCommand,
+    PackedCharge,
 )
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing
@@ -240,6 +242,21 @@ class ScriptedStore:
             record["seq"] = self.sequence
         self.decided[key] = (fingerprint, record)
         return "decided", record
+
+    def pack_charges(self, calls: list[ChargeCall]) -> list[PackedCharge]:
+        return [PackedCharge(call, b"", b"") for call in calls]  # no Redis to send them to
+
+    async def charge_packed(
+        self,
+        packed: list[PackedCharge],
+        now_ms: int,
+        each: Callable[[int, ChargeAnswer], None] | None = None,
+    ) -> list[ChargeAnswer]:
+        answers = await self.charge_many([p.call for p in packed], now_ms)
+        for i, answer in enumerate(answers):
+            if each is not None:
+                each(i, answer)
+        return answers
 
     async def charge_many(self, calls: list[ChargeCall], now_ms: int) -> list[ChargeAnswer]:
         answers = []

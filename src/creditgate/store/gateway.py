@@ -6,7 +6,8 @@ here only maps a request onto the script's KEYS and ARGV, and reads its answer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -152,6 +153,21 @@ class InvalidCommand:
 _FIXED_CHARGE_KEYS = 7  # KEYS before the windows in charge.lua
 
 
+@dataclass(frozen=True, slots=True)
+class PackedCharge:
+    """A charge call in the Redis protocol, but for the decision clock (ARGV[1]): the
+    worker packs a batch while the previous one is in Redis, and completes it with the
+    clock when it sends it."""
+
+    call: ChargeCall
+    head: bytes  # the array header, EVALSHA, the script, the number of keys, the keys
+    tail: bytes  # every argument after the clock
+
+    def command(self, now_ms: int) -> bytes:
+        now = b"%d" % now_ms
+        return b"%s$%d\r\n%s\r\n%s" % (self.head, len(now), now, self.tail)
+
+
 class CreditStore:
     """creditgate's only writer of credit state."""
 
@@ -159,10 +175,13 @@ class CreditStore:
         self._redis = client
         self._settings = settings
         self.keys = Keys(settings.key_prefix)
-        self._charge_sha = ""
-        self._command_sha = ""
         self._charge_lua = _script("charge.lua")
         self._command_lua = _script("command.lua")
+        # Redis names a script by the SHA1 of its text: known before it is loaded, so
+        # calls can be packed ahead (``pack_charges``)
+        self._charge_sha = hashlib.sha1(self._charge_lua.encode()).hexdigest()
+        self._command_sha = hashlib.sha1(self._command_lua.encode()).hexdigest()
+        self._scripts_loaded = False
         self._thresholds = ",".join(str(p) for p in settings.threshold_percents)
 
     @classmethod
@@ -187,14 +206,18 @@ class CreditStore:
     async def load_scripts(self) -> None:
         """Register the scripts once; a restarted Redis gets them again on NOSCRIPT."""
         async with _infrastructure("loading the Lua scripts"):
-            self._charge_sha = await self._redis.script_load(self._charge_lua)
-            self._command_sha = await self._redis.script_load(self._command_lua)
+            loaded = (
+                await self._redis.script_load(self._charge_lua),
+                await self._redis.script_load(self._command_lua),
+            )
+        if loaded != (self._charge_sha, self._command_sha):
+            raise CreditgateError(f"Redis named the scripts {loaded}, not by their SHA1")
+        self._scripts_loaded = True
 
     # ---- charges ---------------------------------------------------------------
 
-    def _charge_keys_args(
-        self, call: ChargeCall, now_ms: int, mode: str
-    ) -> tuple[list[str], list[str | int]]:
+    def _charge_keys_args(self, call: ChargeCall, mode: str) -> tuple[list[str], list[str | int]]:
+        """KEYS, and ARGV after its first argument, the decision clock."""
         org = self.keys.org(call.org_id)
         keys = [
             org.license,
@@ -208,7 +231,6 @@ class CreditStore:
         keys.extend(org.window(name) for name in call.windows)
         verified = {None: "", True: "1", False: "0"}[call.verified_email_found]
         args: list[str | int] = [
-            now_ms,
             call.request_id,
             call.user_id,
             call.action.value,
@@ -231,23 +253,59 @@ class CreditStore:
             args.append(0 if company is None else company + _FIXED_CHARGE_KEYS + 1)
         return keys, args
 
+    def pack_charges(
+        self, calls: Sequence[ChargeCall], mode: Literal["charge", "quote"] = "charge"
+    ) -> list[PackedCharge]:
+        """The script calls as Redis protocol, all but the decision clock."""
+        packed = []
+        head = ("EVALSHA", self._charge_sha)
+        for call in calls:
+            keys, args = self._charge_keys_args(call, mode)
+            count = len(head) + 1 + len(keys) + 1 + len(args)
+            packed.append(
+                PackedCharge(
+                    call,
+                    b"*%d\r\n%s" % (count, _bulks((*head, len(keys), *keys))),
+                    _bulks(args),
+                )
+            )
+        return packed
+
     async def charge_many(self, calls: Sequence[ChargeCall], now_ms: int) -> list[ChargeAnswer]:
         """Decide a batch of requests: one script call each, one round trip in all."""
-        if not calls:
-            return []
-        prepared = [self._charge_keys_args(call, now_ms, "charge") for call in calls]
-        replies = await self._run_batch(
-            lambda: self._charge_sha, prepared, "deciding charge requests"
-        )
-        return [
-            ChargeAnswer(status, ChargeRecord.from_script(orjson.loads(raw)))
-            for status, raw in replies
-        ]
+        return await self.charge_packed(self.pack_charges(calls), now_ms)
+
+    async def charge_packed(
+        self,
+        packed: Sequence[PackedCharge],
+        now_ms: int,
+        each: Callable[[int, ChargeAnswer], None] | None = None,
+    ) -> list[ChargeAnswer]:
+        """``charge_many`` of calls packed ahead, decided at ``now_ms``.
+
+        ``each(i, answer)`` sees every answer as soon as its reply is read, while Redis
+        still runs the calls after it: the worker renders a decision's messages in that
+        time instead of waiting for the whole batch. If the batch fails after some
+        answers were seen, it raises; the caller starts the batch again.
+        """
+        answers: list[ChargeAnswer] = []
+
+        def answer(i: int, reply: Any) -> None:
+            status, raw = reply
+            found = ChargeAnswer(status, ChargeRecord.from_script(orjson.loads(raw)))
+            answers.append(found)
+            if each is not None:
+                each(i, found)
+
+        if packed:
+            payload = b"".join(p.command(now_ms) for p in packed)
+            await self._run_batch(payload, len(packed), "deciding charge requests", answer)
+        return answers
 
     async def quote(self, call: ChargeCall, now_ms: int) -> ChargeRecord:
         """The decision the charge script would take now, computed without writing."""
-        prepared = [self._charge_keys_args(call, now_ms, "quote")]
-        ((_, raw),) = await self._run_batch(lambda: self._charge_sha, prepared, "quoting")
+        (packed,) = self.pack_charges([call], "quote")
+        ((_, raw),) = await self._run_batch(packed.command(now_ms), 1, "quoting")
         return ChargeRecord.from_script(orjson.loads(raw))
 
     # ---- license commands ------------------------------------------------------
@@ -304,10 +362,12 @@ class CreditStore:
     ) -> list[CommandAnswer]:
         if not commands:
             return []
-        prepared = [self._command_keys_args(command, now_ms) for command in commands]
-        replies = await self._run_batch(
-            lambda: self._command_sha, prepared, "applying license commands"
+        head = ("EVALSHA", self._command_sha)
+        payload = b"".join(
+            _resp((*head, len(keys), *keys, *args))
+            for keys, args in (self._command_keys_args(c, now_ms) for c in commands)
         )
+        replies = await self._run_batch(payload, len(commands), "applying license commands")
         return [
             CommandAnswer(status, CommandRecord.from_script(orjson.loads(raw)))
             for status, raw in replies
@@ -338,36 +398,41 @@ class CreditStore:
     # ---- plumbing --------------------------------------------------------------
 
     async def _run_batch(
-        self, sha: Any, prepared: list[tuple[list[str], list[str | int]]], doing: str
+        self,
+        payload: bytes,
+        count: int,
+        doing: str,
+        on_reply: Callable[[int, Any], None] | None = None,
     ) -> list[tuple[AnswerStatus, str]]:
         async with _infrastructure(doing):
             for attempt in range(2):
-                if not sha():
+                if not self._scripts_loaded:
                     await self.load_scripts()
-                head = ("EVALSHA", sha())
-                payload = b"".join(
-                    _resp((*head, len(keys), *keys, *args)) for keys, args in prepared
-                )
-                replies = await self._pipeline(payload, len(prepared))
+                replies, seen = await self._pipeline(payload, count, on_reply)
                 failed = next((r for r in replies if isinstance(r, ResponseError)), None)
-                if isinstance(failed, NoScriptError) and not attempt:
-                    # Redis restarted and lost its script cache. Calls that did run are
-                    # idempotent, so running the whole batch again is safe.
-                    await self.load_scripts()
+                if isinstance(failed, NoScriptError) and not attempt and not seen:
+                    # Redis restarted and lost its script cache (so no call ran). Load the
+                    # scripts and send the batch again.
+                    self._scripts_loaded = False
                     continue
                 if failed is not None:
                     raise failed
                 return [(status, raw) for status, raw in replies]
         raise CreditgateError(f"{doing}: the scripts could not be loaded")
 
-    async def _pipeline(self, payload: bytes, count: int) -> list[Any]:
-        """Send ``count`` packed commands in one write and read their ``count`` replies.
+    async def _pipeline(
+        self, payload: bytes, count: int, on_reply: Callable[[int, Any], None] | None = None
+    ) -> tuple[list[Any], int]:
+        """Send ``count`` packed commands in one write and read their ``count`` replies;
+        also how many replies ``on_reply`` saw (each one read before the first error).
 
         This is redis-py's non-transactional pipeline without its per-command work: it
         encoded each of a charge call's 25+ arguments through generic checks and cost
         the worker about as much CPU as Redis spends running the script (``bench.micro``).
         An error reply is returned in its place, like ``execute(raise_on_error=False)``;
         a connection failure propagates (the batch is retried, never acknowledged).
+        Replies come back while Redis still runs the commands after them, so whatever
+        ``on_reply`` does overlaps with Redis's work.
         """
         pool = self._redis.connection_pool
         # redis-py leaves get_connection unannotated
@@ -375,12 +440,17 @@ class CreditStore:
         try:
             await connection.send_packed_command(payload)
             replies: list[Any] = []
-            for _ in range(count):
+            seen = 0
+            for i in range(count):
                 try:
-                    replies.append(await connection.read_response())
+                    reply = await connection.read_response()
                 except ResponseError as exc:  # the reply was read whole: still in step
-                    replies.append(exc)
-            return replies
+                    reply = exc
+                replies.append(reply)
+                if on_reply is not None and seen == i and not isinstance(reply, ResponseError):
+                    on_reply(i, reply)
+                    seen += 1
+            return replies, seen
         except BaseException:
             # replies may be left unread: the connection must not be reused as it is
             await connection.disconnect()
@@ -389,11 +459,15 @@ class CreditStore:
             await pool.release(connection)
 
 
-def _resp(command: tuple[str | int, ...]) -> bytes:
+def _resp(command: Sequence[str | int]) -> bytes:
     """One command in the Redis protocol, as redis-py's ``pack_command`` writes it for
     str and int arguments: an array of bulk strings, ints in decimal."""
-    parts = [b"*%d\r\n" % len(command)]
-    for arg in command:
+    return b"*%d\r\n%s" % (len(command), _bulks(command))
+
+
+def _bulks(args: Sequence[str | int]) -> bytes:
+    parts = []
+    for arg in args:
         data = arg.encode() if isinstance(arg, str) else b"%d" % arg
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)

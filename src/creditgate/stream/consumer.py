@@ -1,18 +1,22 @@
 """The worker's consumer: requests and license commands, decided batch by batch.
 
-Each turn takes what the broker has already fetched (up to ``batch_size`` records,
-across every input partition), decides it, publishes the outcomes, waits until the
-broker has every one of them, and only then marks the batch's offsets as done. A
-background task commits the done marks at most once a second, so the next batches are
-decided while a commit travels. A rebalance first lets the batch in hand finish and commits it, so a
-partition's next owner starts right after the last decision published here.
+Two stages, one batch apart. The first takes what the broker has already fetched (up
+to ``batch_size`` records, across every input partition), reads and validates it and
+packs its Redis calls. The second decides a prepared batch in one Redis round trip,
+publishes the outcomes, waits until the broker has every one of them, and only then
+marks the batch's offsets as done. The first stage runs while the second waits on
+Redis or Kafka, so the worker's CPU is not idle during those round trips. A background
+task commits the done marks at most once a second. A rebalance first lets the batch in
+hand finish and commits it, so a partition's next owner starts right after the last
+decision published here; batches prepared but not yet decided are dropped, as the
+rebalance restarts every partition from its committed offset.
 
 Why a plain aiokafka consumer inside the faust worker rather than a faust agent:
 ``python -m bench.run`` measured faust's per-event path (an event, a future, an
 acknowledgement and queue hand-offs per message) at about 140 ms of CPU per 1,000
 messages before any decision, against 30 ms for aiokafka's ``getmany``; the decision
-itself costs about 75. faust still runs the worker: its lifecycle and signals, its
-producer and the HTTP views.
+itself costs about 75. faust still runs the worker process: its lifecycle, signals and
+HTTP views.
 
 At least once, and never an undecided request acknowledged: an offset is committed only
 after its decision's messages are on the broker. Anything decided but not committed
@@ -26,7 +30,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -38,7 +43,7 @@ from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing
-from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.processor import Incoming, PreparedCharges, Processor
 from creditgate.stream.publish import Publisher
 from creditgate.stream.topics import TopicRegistry
 
@@ -54,6 +59,21 @@ _COMMIT_INTERVAL_SECONDS = 1.0
 _STOP_GRACE_SECONDS = 15.0
 
 Fetched = Mapping[TopicPartition, Sequence[Any]]  # aiokafka ConsumerRecords
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Records fetched and prepared, waiting for the second stage."""
+
+    generation: int  # the rebalance it was in hand in
+    next_offsets: dict[TopicPartition, int]  # done once the batch is published
+    charges: PreparedCharges
+    commands: list[Incoming]
+    sent_at: list[int]  # the charge requests' Kafka timestamps (ms), for the metrics
+
+
+def _incoming(records: Sequence[Any]) -> Iterator[Incoming]:
+    return (Incoming(r.topic, r.partition, r.offset, r.key, r.value) for r in records)
 
 
 class DecisionLoop(Service):
@@ -79,6 +99,10 @@ class DecisionLoop(Service):
         # held while a batch is decided and published: a rebalance or a stop waits for it
         self._in_batch = asyncio.Lock()
         self._committing = asyncio.Lock()
+        # the first stage's output: one batch, prepared while the second stage decides
+        # the one before
+        self._prepared: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=1)
+        self._generation = 0  # one more at each rebalance
         self._commit_due = asyncio.Event()
         self._done: dict[TopicPartition, int] = {}  # next offset to read, published
         self._committed: dict[TopicPartition, int] = {}
@@ -129,17 +153,36 @@ class DecisionLoop(Service):
             await self._producer.stop()
 
     @Service.task
-    async def _consume(self) -> None:
+    async def _fetch_and_prepare(self) -> None:
         consumer = self._require_consumer()
         size = self._settings.batch_size
         while not self.should_stop:
+            # fetch only once the second stage has taken the previous batch: a batch
+            # then holds everything that arrived meanwhile, and no request waits
+            # behind more than the one batch being decided
+            await self._prepared.join()
             fetched = await consumer.getmany(timeout_ms=_IDLE_POLL_MS, max_records=size)
-            if not fetched:
-                continue
+            if fetched:
+                # the rebalance these records are in hand in. Read after the fetch, not
+                # before: records fetched after a rebalance reset their partitions are
+                # past that reset, and dropping them would lose them
+                generation = self._generation
+                self._prepared.put_nowait(self._prepare(fetched, generation))
+
+    @Service.task
+    async def _decide_and_publish(self) -> None:
+        while not self.should_stop:
+            batch = await self._prepared.get()
+            self._prepared.task_done()  # taken: the first stage may fetch the next one
             async with self._in_batch:
                 if self.should_stop:
                     return  # not decided, not committed: read again after the restart
-                await self._run(self._still_owned(fetched))
+                if batch.generation != self._generation:
+                    # in hand before a rebalance: every partition now restarts from its
+                    # committed offset, so these records come again (or go to another
+                    # worker); deciding them now would only publish them twice
+                    continue
+                await self._run(batch)
 
     @Service.task
     async def _commit_in_background(self) -> None:
@@ -154,55 +197,58 @@ class DecisionLoop(Service):
 
     # ---- a batch --------------------------------------------------------------------
 
-    async def _run(self, fetched: Fetched) -> None:
+    def _prepare(self, fetched: Fetched, generation: int) -> _Batch:
         charges: list[Incoming] = []
         commands: list[Incoming] = []
         sent_at: list[int] = []
         for tp, records in fetched.items():
-            into = commands if tp.topic == self._commands else charges
-            into.extend(Incoming(r.topic, r.partition, r.offset, r.key, r.value) for r in records)
-            if into is charges:
+            if tp.topic == self._commands:
+                commands.extend(_incoming(records))
+            else:
+                charges.extend(_incoming(records))
                 sent_at.extend(r.timestamp for r in records)
-        if not charges and not commands:
-            return
+        return _Batch(
+            generation,
+            {tp: records[-1].offset + 1 for tp, records in fetched.items()},
+            self._processor.prepare(charges),
+            commands,
+            sent_at,
+        )
 
+    async def _run(self, batch: _Batch) -> None:
         async def decide() -> list[Outgoing]:
             # license commands first: a period started in the same batch as its first
             # requests is there when they are decided
-            out = await self._processor.apply(commands) if commands else []
-            if charges:
-                out += await self._processor.decide(charges)
+            out = await self._processor.apply(batch.commands) if batch.commands else []
+            if batch.charges:
+                out += await self._processor.decide_prepared(batch.charges)
             return out
 
-        assert self._publisher is not None  # created before the loop starts
-        await self._publisher.until_published(decide, len(charges) + len(commands))
-        for tp, records in fetched.items():
-            self._done[tp] = records[-1].offset + 1
+        assert self._publisher is not None  # created before the stages start
+        await self._publisher.until_published(decide, len(batch.charges) + len(batch.commands))
+        self._done.update(batch.next_offsets)
         self._commit_due.set()
-        self._observe(charges, commands, sent_at)
+        self._observe(batch)
 
-    def _still_owned(self, fetched: Fetched) -> Fetched:
-        # records fetched just before a rebalance took their partition away: leave them
-        # to the new owner rather than publish them twice
-        owned = self._require_consumer().assignment()
-        return {tp: records for tp, records in fetched.items() if tp in owned}
-
-    def _observe(
-        self, charges: Sequence[Incoming], commands: Sequence[Incoming], sent_at: Iterable[int]
-    ) -> None:
-        if charges:
-            self._metrics.batch_size.labels("charges").observe(len(charges))
+    def _observe(self, batch: _Batch) -> None:
+        if batch.charges:
+            self._metrics.batch_size.labels("charges").observe(len(batch.charges))
             now_ms = time.time() * 1000
-            for ms in sent_at:
+            for ms in batch.sent_at:
                 self._metrics.decision_seconds.observe(max(0.0, (now_ms - ms) / 1000))
-        if commands:
-            self._metrics.batch_size.labels("commands").observe(len(commands))
+        if batch.commands:
+            self._metrics.batch_size.labels("commands").observe(len(batch.commands))
 
     # ---- offsets ----------------------------------------------------------------------
 
     async def _commit(self) -> bool:
         """Commit what is published and not yet committed; False if the broker refused."""
         async with self._committing:
+            owned = self._require_consumer().assignment()
+            for tp in [tp for tp in self._done if tp not in owned]:
+                # decided just as a rebalance moved it away: its new owner commits it
+                del self._done[tp]
+                self._committed.pop(tp, None)
             due = {tp: o for tp, o in self._done.items() if self._committed.get(tp) != o}
             if not due:
                 return True
@@ -220,6 +266,10 @@ class DecisionLoop(Service):
         """Before a rebalance: finish the batch in hand, commit, forget the partitions."""
         async with self._in_batch:
             await self._commit()
+            self._generation += 1  # batches prepared until now are not decided
+            while not self._prepared.empty():
+                self._prepared.get_nowait()
+                self._prepared.task_done()
             for tp in revoked:
                 self._done.pop(tp, None)
                 self._committed.pop(tp, None)

@@ -42,7 +42,13 @@ from creditgate.domain.license_events import (
 )
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeAnswer, ChargeCall, CreditStore, InvalidCommand
+from creditgate.store.gateway import (
+    ChargeAnswer,
+    ChargeCall,
+    CreditStore,
+    InvalidCommand,
+    PackedCharge,
+)
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing, outgoing
 from creditgate.stream.topics import TopicRegistry
@@ -60,6 +66,18 @@ class Incoming:
     offset: int
     key: bytes | None
     value: bytes | None
+
+
+@dataclass(frozen=True)
+class PreparedCharges:
+    """A batch of charge requests read, validated and packed, not yet decided."""
+
+    dead_letters: list[Outgoing]  # the unreadable ones, already rendered
+    views: list[RequestView]
+    calls: list[PackedCharge]
+
+    def __len__(self) -> int:
+        return len(self.dead_letters) + len(self.calls)
 
 
 class Clock:
@@ -99,15 +117,19 @@ class Processor:
 
     async def decide(self, batch: Sequence[Incoming]) -> list[Outgoing]:
         """Decide every readable request of the batch in one Redis round trip."""
-        out: list[Outgoing] = []
+        return await self.decide_prepared(self.prepare(batch))
+
+    def prepare(self, batch: Sequence[Incoming]) -> PreparedCharges:
+        """Everything before Redis: read and validate each request, pack its script
+        call. CPU only, so the worker prepares a batch while the previous one is out."""
+        dead_letters: list[Outgoing] = []
         views: list[RequestView] = []
         calls: list[ChargeCall] = []
-        windows: list[tuple[str, ...]] = []
         for message in batch:
             action = self._actions[message.topic]
             read = read_charge_request(message.value, action, self.settings.max_items)
             if isinstance(read, Unreadable):
-                out.append(self._dead_letter(message, read.error))
+                dead_letters.append(self._dead_letter(message, read.error))
                 continue
             if isinstance(read, ChargeRequest):
                 view = RequestView.of(read)
@@ -117,14 +139,22 @@ class Processor:
                 call = self._invalid_call(read, action)
                 views.append(RequestView(read.org_id, read.request_id, read.user_id, action, []))
             calls.append(call)
-            windows.append(call.windows)
+        return PreparedCharges(dead_letters, views, self.store.pack_charges(calls))
+
+    async def decide_prepared(self, prepared: PreparedCharges) -> list[Outgoing]:
+        """Decide a prepared batch at the decision clock's now; render what to publish."""
+        out = list(prepared.dead_letters)
         now = self.clock.now_ms()
+        views, calls = prepared.views, prepared.calls
+
+        def render(i: int, answer: ChargeAnswer) -> None:  # while Redis runs the next ones
+            windows = calls[i].call.windows
+            out.extend(self._publish_charge(views[i], windows, answer.status, answer.record, now))
+
         started = time.perf_counter()
-        answers = await self.store.charge_many(calls, now)
+        answers = await self.store.charge_packed(calls, now, render)
         self.metrics.script_seconds.labels("charge").observe(time.perf_counter() - started)
-        for view, names, answer in zip(views, windows, answers, strict=True):
-            out.extend(self._publish_charge(view, names, answer.status, answer.record, now))
-        self._count_decisions(views, answers, len(batch) - len(calls))
+        self._count_decisions(views, answers, len(prepared.dead_letters))
         return out
 
     def _count_decisions(

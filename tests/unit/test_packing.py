@@ -1,0 +1,47 @@
+"""Charge calls packed ahead of their decision clock are the bytes redis-py would send."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+
+from creditgate.domain.charges import ChargeRequest
+from creditgate.settings import Settings
+from creditgate.store.gateway import ChargeCall, CreditStore
+
+
+def _call(**extra: object) -> ChargeCall:
+    request = ChargeRequest.model_validate(
+        {
+            "request_id": "r-1",
+            "org_id": "acme",
+            "user_id": "u-1",
+            "action": "export",
+            "items": [
+                {"type": "contact", "id": "c-1", "company_id": "co-9"},
+                {"type": "company", "id": "co-9"},
+            ],
+            "requested_at": "2026-11-26T10:00:00Z",
+            "reference": {"list": "Zoë's leads"},  # not ASCII: lengths count bytes
+            **extra,
+        }
+    )
+    return ChargeCall.of(request)
+
+
+def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
+    store = CreditStore(aioredis.Redis(), Settings(key_prefix="cg"))  # never connects
+    for call in (_call(), _call(max_credits=3, on_insufficient="partial")):
+        for mode in ("charge", "quote"):
+            (packed,) = store.pack_charges([call], mode)  # type: ignore[arg-type]
+            keys, args = store._charge_keys_args(call, mode)
+            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, 1_795_000_000_123, *args)
+            assert packed.command(1_795_000_000_123) == b"".join(Connection().pack_command(*whole))
+
+
+def test_scripts_are_named_by_the_sha1_redis_gives_them() -> None:
+    import hashlib
+
+    store = CreditStore(aioredis.Redis(), Settings())
+    assert store._charge_sha == hashlib.sha1(store._charge_lua.encode()).hexdigest()
+    assert len(store._command_sha) == 40
