@@ -590,10 +590,12 @@ class Run:
                     else (args.requests)
                 )
                 self.report["variants"][variant] = await self.baseline(watcher, variant, target)
-            await self.creditgate(watcher)
             if args.scale_out > 1:
+                # before the latency and soak runs add requests to the inputs: this
+                # group, new, reads the inputs from the start
                 name = f"creditgate_x{args.scale_out}"
                 self.report["variants"][name] = await self.scale_out(watcher, args.scale_out)
+            await self.creditgate(watcher)
         finally:
             await watcher.stop()
 
