@@ -1,11 +1,14 @@
 """The worker's consumer: requests and license commands, decided batch by batch.
 
-Two stages, one batch apart. The first takes what the broker has already fetched (up
-to ``batch_size`` records, across every input partition), reads and validates it and
-packs its Redis calls. The second decides a prepared batch in one Redis round trip,
-publishes the outcomes, waits until the broker has every one of them, and only then
-marks the batch's offsets as done. The first stage runs while the second waits on
-Redis or Kafka, so the worker's CPU is not idle during those round trips. A background
+Two stages. The first takes what the broker has fetched, across every input
+partition, reads and validates it and packs its Redis calls, again and again while the
+second stage is busy (up to ``batch_size`` records). The second takes everything
+prepared so far as one batch, decides it in one Redis round trip, publishes the
+outcomes, waits until the broker has every one of them, and only then marks the
+batch's offsets as done. So the first stage works while the second waits on Redis or
+Kafka, and a batch holds what arrived during the previous one: small under light load
+(a request is decided as soon as it arrives), large under heavy load (each batch's
+round trips are shared by more requests). A background
 task commits the done marks at most once a second. A rebalance first lets the batch in
 hand finish and commits it, so a partition's next owner starts right after the last
 decision published here; batches prepared but not yet decided are dropped, as the
@@ -71,6 +74,29 @@ class _Batch:
     commands: list[Incoming]
     sent_at: list[int]  # the charge requests' Kafka timestamps (ms), for the metrics
 
+    def __len__(self) -> int:
+        return len(self.charges) + len(self.commands)
+
+    @classmethod
+    def joined(cls, parts: Sequence[_Batch]) -> _Batch:
+        """Parts fetched one after the other, as one batch (in the order fetched)."""
+        if len(parts) == 1:
+            return parts[0]
+        next_offsets: dict[TopicPartition, int] = {}
+        for part in parts:
+            next_offsets.update(part.next_offsets)  # a later part reads further
+        return cls(
+            parts[-1].generation,
+            next_offsets,
+            PreparedCharges(
+                [m for p in parts for m in p.charges.dead_letters],
+                [v for p in parts for v in p.charges.views],
+                [c for p in parts for c in p.charges.calls],
+            ),
+            [c for p in parts for c in p.commands],
+            [t for p in parts for t in p.sent_at],
+        )
+
 
 def _incoming(records: Sequence[Any]) -> Iterator[Incoming]:
     return (Incoming(r.topic, r.partition, r.offset, r.key, r.value) for r in records)
@@ -99,9 +125,13 @@ class DecisionLoop(Service):
         # held while a batch is decided and published: a rebalance or a stop waits for it
         self._in_batch = asyncio.Lock()
         self._committing = asyncio.Lock()
-        # the first stage's output: one batch, prepared while the second stage decides
-        # the one before
-        self._prepared: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=1)
+        # what the first stage prepared while the second decided the batch before:
+        # the next batch, in parts (one per fetch), at most batch_size records
+        self._parts: list[_Batch] = []
+        self._waiting = 0
+        self._parts_ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self._generation = 0  # one more at each rebalance
         self._commit_due = asyncio.Event()
         self._done: dict[TopicPartition, int] = {}  # next offset to read, published
@@ -157,32 +187,41 @@ class DecisionLoop(Service):
         consumer = self._require_consumer()
         size = self._settings.batch_size
         while not self.should_stop:
-            # fetch only once the second stage has taken the previous batch: a batch
-            # then holds everything that arrived meanwhile, and no request waits
-            # behind more than the one batch being decided
-            await self._prepared.join()
-            fetched = await consumer.getmany(timeout_ms=_IDLE_POLL_MS, max_records=size)
+            await self._room.wait()  # fewer than batch_size records wait to be decided
+            room = size - self._waiting
+            fetched = await consumer.getmany(timeout_ms=_IDLE_POLL_MS, max_records=room)
             if fetched:
                 # the rebalance these records are in hand in. Read after the fetch, not
                 # before: records fetched after a rebalance reset their partitions are
                 # past that reset, and dropping them would lose them
-                generation = self._generation
-                self._prepared.put_nowait(self._prepare(fetched, generation))
+                part = self._prepare(fetched, self._generation)
+                self._parts.append(part)
+                self._waiting += len(part)
+                if self._waiting >= size:
+                    self._room.clear()
+                self._parts_ready.set()
 
     @Service.task
     async def _decide_and_publish(self) -> None:
         while not self.should_stop:
-            batch = await self._prepared.get()
-            self._prepared.task_done()  # taken: the first stage may fetch the next one
+            await self._parts_ready.wait()
+            parts = self._take_parts()
             async with self._in_batch:
                 if self.should_stop:
                     return  # not decided, not committed: read again after the restart
-                if batch.generation != self._generation:
-                    # in hand before a rebalance: every partition now restarts from its
-                    # committed offset, so these records come again (or go to another
-                    # worker); deciding them now would only publish them twice
-                    continue
-                await self._run(batch)
+                # parts in hand before a rebalance are dropped: every partition now
+                # restarts from its committed offset, so these records come again (or
+                # go to another worker); deciding them now would only publish them twice
+                current = [p for p in parts if p.generation == self._generation]
+                if current:
+                    await self._run(_Batch.joined(current))
+
+    def _take_parts(self) -> list[_Batch]:
+        """Everything prepared since the second stage last took: one batch."""
+        parts, self._parts, self._waiting = self._parts, [], 0
+        self._parts_ready.clear()
+        self._room.set()
+        return parts
 
     @Service.task
     async def _commit_in_background(self) -> None:
@@ -225,7 +264,7 @@ class DecisionLoop(Service):
             return out
 
         assert self._publisher is not None  # created before the stages start
-        await self._publisher.until_published(decide, len(batch.charges) + len(batch.commands))
+        await self._publisher.until_published(decide, len(batch))
         self._done.update(batch.next_offsets)
         self._commit_due.set()
         self._observe(batch)
@@ -266,10 +305,8 @@ class DecisionLoop(Service):
         """Before a rebalance: finish the batch in hand, commit, forget the partitions."""
         async with self._in_batch:
             await self._commit()
-            self._generation += 1  # batches prepared until now are not decided
-            while not self._prepared.empty():
-                self._prepared.get_nowait()
-                self._prepared.task_done()
+            self._generation += 1  # parts prepared until now are not decided
+            self._take_parts()
             for tp in revoked:
                 self._done.pop(tp, None)
                 self._committed.pop(tp, None)
