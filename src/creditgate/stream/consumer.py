@@ -16,9 +16,9 @@ rebalance restarts every partition from its committed offset.
 
 Why a plain aiokafka consumer inside the faust worker rather than a faust agent:
 ``python -m bench.run`` measured faust's per-event path (an event, a future, an
-acknowledgement and queue hand-offs per message) at about 140 ms of CPU per 1,000
-messages before any decision, against 30 ms for aiokafka's ``getmany``; the decision
-itself costs about 75. faust still runs the worker process: its lifecycle, signals and
+acknowledgement and queue hand-offs per message) at 90-140 ms of CPU per 1,000
+messages before any decision, against about 30 ms for aiokafka's ``getmany``: as much
+as the decision's own Python work. faust still runs the worker process: its lifecycle, signals and
 HTTP views.
 
 At least once, and never an undecided request acknowledged: an offset is committed only
