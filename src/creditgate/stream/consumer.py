@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +57,12 @@ _IDLE_POLL_MS = 500
 # commits are one broker write each: at most one per interval, so small batches under a
 # light load do not each cost one (a crash re-decides at most this much, identically)
 _COMMIT_INTERVAL_SECONDS = 1.0
+_COMMIT_TIMEOUT_SECONDS = 10.0
+# a stop's later steps talk to the broker, which may be away: each gets this long
+_STOP_STEP_SECONDS = 5.0
 # how long a stopping worker lets the batch in hand finish (during a Redis outage it
 # would retry for ever); an unfinished batch is not committed, so nothing is lost
-_STOP_GRACE_SECONDS = 15.0
+_STOP_GRACE_SECONDS = 10.0
 
 Fetched = Mapping[TopicPartition, Sequence[Any]]  # aiokafka ConsumerRecords
 
@@ -96,6 +99,17 @@ class _Batch:
             [c for p in parts for c in p.commands],
             [t for p in parts for t in p.sent_at],
         )
+
+
+async def _at_most(seconds: float, doing: str, step: Awaitable[Any]) -> None:
+    """A step of the stop, given up after ``seconds``: an unfinished commit only means
+    that some decisions are published again, identically, by the next owner."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("stopping: gave up %s after %.0fs", doing, seconds)
+    except KafkaError as exc:
+        log.warning("stopping: %s failed: %r", doing, exc)
 
 
 def _incoming(records: Sequence[Any]) -> Iterator[Incoming]:
@@ -177,10 +191,11 @@ class DecisionLoop(Service):
                 _STOP_GRACE_SECONDS,
             )
         else:
-            await self._commit()
-        await self._consumer.stop()  # leaves the group: the others take over at once
+            await _at_most(_STOP_STEP_SECONDS, "committing the last offsets", self._commit())
+        # leaving the group hands the partitions over at once, instead of after the session
+        await _at_most(_STOP_STEP_SECONDS, "leaving the consumer group", self._consumer.stop())
         if self._producer is not None:
-            await self._producer.stop()
+            await _at_most(_STOP_STEP_SECONDS, "closing the producer", self._producer.stop())
 
     @Service.task
     async def _fetch_and_prepare(self) -> None:
@@ -292,8 +307,11 @@ class DecisionLoop(Service):
             if not due:
                 return True
             try:
-                await self._require_consumer().commit(due)
-            except KafkaError as exc:
+                # bounded: aiokafka retries a commit for as long as the coordinator is
+                # unknown, and a stop or a rebalance waits for this one
+                commit = self._require_consumer().commit(due)
+                await asyncio.wait_for(commit, _COMMIT_TIMEOUT_SECONDS)
+            except (KafkaError, TimeoutError) as exc:
                 # not lost: retried with the next commit, or, if the partitions moved in
                 # a rebalance, read again and re-published identically by their owner
                 log.warning("offsets not committed yet: %r", exc)
