@@ -53,6 +53,8 @@ from creditgate.stream.topics import TopicRegistry, apply_topics
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+# ``creditgate worker`` as an operator starts it (quiet logs: its output is not measured)
+WORKER_ARGV = [sys.executable, "-m", "creditgate", "worker", "--loglevel", "warning"]
 
 GOALS = {
     "decisions_per_s": 10_000,
@@ -343,13 +345,12 @@ class Run:
     # ---- creditgate --------------------------------------------------------------
 
     def start_workers(self, name: str, count: int, key_prefix: str, group: str) -> Children:
-        argv = [sys.executable, "-m", "creditgate", "worker", "--loglevel", "warning"]
         env = self.env(key_prefix, group)
         members = []
         for i in range(count):
             # each its own HTTP port; one consumer group, one Redis key prefix
             own = {**env, "CREDITGATE_HTTP_PORT": str(find_free_port())}
-            members.append(start_child(f"{name}-{i + 1}", argv, own, self.logs))
+            members.append(start_child(f"{name}-{i + 1}", WORKER_ARGV, own, self.logs))
         return Children(name, members)
 
     async def scale_out(self, watcher: kafkaio.Watcher, workers: int) -> dict[str, Any]:
@@ -385,7 +386,7 @@ class Run:
         results = self.registry.name(t.CHARGE_RESULTS)
         child = start_child(
             "creditgate",
-            [sys.executable, "-m", "creditgate", "worker", "--loglevel", "warning"],
+            WORKER_ARGV,
             self.env(key_prefix, group),
             self.logs,
         )

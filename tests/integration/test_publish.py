@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -100,8 +99,17 @@ async def test_publish_keeps_partitions_order_values_and_headers(
 
 
 async def test_publish_of_nothing_sends_nothing() -> None:
-    # a producer with no attributes at all: any batch, send or lookup would raise
-    await Publisher(SimpleNamespace(), Settings()).publish([])  # type: ignore[arg-type]
+    asked: list[str] = []
+
+    class Recorder:
+        """Stands in for the producer and records every method asked of it."""
+
+        def __getattr__(self, name: str) -> Any:
+            asked.append(name)
+            raise AttributeError(name)
+
+    await Publisher(Recorder(), Settings()).publish([])  # type: ignore[arg-type]
+    assert asked == []  # no batch, no send, no partition lookup
 
 
 def test_commands_are_packed_as_redis_py_packs_them() -> None:

@@ -52,8 +52,8 @@ class WorkerApp(faust.App):
 def use_fast_event_loop() -> None:
     """Run the worker's event loops on uvloop (what faust's ``-L uvloop`` does).
 
-    faust's per-event path is mostly event-loop work (futures, callbacks, queue hand-offs
-    between its consumer thread and the agents): uvloop cut faust's own CPU per message
+    Much of the worker's time outside the decision is event-loop work (futures,
+    callbacks, socket reads): uvloop cut the CPU per message of the faust-based worker
     by about a fifth in ``python -m bench.run``. Call it before the app's loop exists.
     """
     import uvloop  # noqa: PLC0415 - only the worker process wants it

@@ -8,18 +8,19 @@ outcomes, waits until the broker has every one of them, and only then marks the
 batch's offsets as done. So the first stage works while the second waits on Redis or
 Kafka, and a batch holds what arrived during the previous one: small under light load
 (a request is decided as soon as it arrives), large under heavy load (each batch's
-round trips are shared by more requests). A background
-task commits the done marks at most once a second. A rebalance first lets the batch in
-hand finish and commits it, so a partition's next owner starts right after the last
-decision published here; batches prepared but not yet decided are dropped, as the
-rebalance restarts every partition from its committed offset.
+round trips are shared by more requests).
+
+A background task commits the done marks at most once a second. A rebalance first lets
+the batch in hand finish and commits it, so a partition's next owner starts right after
+the last decision published here; parts prepared but not yet decided are dropped, as
+the rebalance restarts every partition from its committed offset.
 
 Why a plain aiokafka consumer inside the faust worker rather than a faust agent:
 ``python -m bench.run`` measured faust's per-event path (an event, a future, an
 acknowledgement and queue hand-offs per message) at 90-140 ms of CPU per 1,000
 messages before any decision, against about 30 ms for aiokafka's ``getmany``: as much
-as the decision's own Python work. faust still runs the worker process: its lifecycle, signals and
-HTTP views.
+as the decision's own Python work. faust still runs the worker process: its lifecycle,
+signals and HTTP views.
 
 At least once, and never an undecided request acknowledged: an offset is committed only
 after its decision's messages are on the broker. Anything decided but not committed
@@ -30,7 +31,6 @@ re-published identically.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
@@ -330,13 +330,16 @@ class DecisionLoop(Service):
                 self._committed.pop(tp, None)
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
-        """After a rebalance: learn where each new partition was committed (for the lag)."""
+        """After a rebalance: learn where each new partition was committed (for the lag),
+        in one round of requests rather than one after the other."""
         consumer = self._require_consumer()
-        for tp in assigned:
-            with contextlib.suppress(KafkaError):
-                committed = await consumer.committed(tp)
-                if committed is not None:
-                    self._committed[tp] = self._done[tp] = committed
+        partitions = list(assigned)
+        found = await asyncio.gather(
+            *(consumer.committed(tp) for tp in partitions), return_exceptions=True
+        )
+        for tp, committed in zip(partitions, found, strict=True):
+            if isinstance(committed, int):  # None: never committed; an error: unknown
+                self._committed[tp] = committed
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per assigned partition: the high-water mark minus the committed offset."""
