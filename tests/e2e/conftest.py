@@ -7,6 +7,7 @@ of their own, each with its decision clock at another day: publishing to the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from creditgate.devstack import find_free_port
@@ -26,6 +28,12 @@ from creditgate.stream.client import CreditgateClient
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
 DAYS = {"day0": 0, "day29": 29, "day31": 31}
+# a worker starts (imports, start-up checks, group join) in 2-5 s; a loaded CI machine
+# may take several times that
+READY_TIMEOUT_SECONDS = 90.0
+# find_free_port's port was free a moment ago; an outgoing connection can take it before
+# the worker listens on it, and the worker then exits. Such a start is retried.
+START_ATTEMPTS = 3
 
 
 @dataclass
@@ -36,6 +44,7 @@ class Pipeline:
     registries: dict[str, TopicRegistry]
     clients: dict[str, CreditgateClient] = field(default_factory=dict)
     worker_envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
 
     def http(self, day: str = "day0") -> str:
         return f"http://127.0.0.1:{self.worker_envs[day]['CREDITGATE_HTTP_PORT']}"
@@ -68,6 +77,37 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+async def start_ready_worker(pipeline: Pipeline, day: str, log: Path) -> subprocess.Popen[bytes]:
+    """A worker for ``day`` whose API answers ``/ready``, so it has joined its group."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        pipeline.worker_envs[day] = pipeline.env(day)  # a fresh HTTP port each time
+        process = start_worker(pipeline.worker_envs[day], log)
+        if await answers(f"{pipeline.http(day)}/ready", process):
+            return process
+        if process.poll() is None:
+            stop_worker(process)
+            raise RuntimeError(
+                f"the {day} worker was not ready after {READY_TIMEOUT_SECONDS:.0f}s:\n" + tail(log)
+            )
+        print(f"the {day} worker exited on start (attempt {attempt}):\n{tail(log)}")
+    raise RuntimeError(f"the {day} worker exited on each of {START_ATTEMPTS} starts")
+
+
+async def answers(url: str, process: subprocess.Popen[bytes]) -> bool:
+    """True once ``url`` answers 200; False if ``process`` exits first or time runs out."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    async with aiohttp.ClientSession() as http:
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                async with http.get(url) as response:
+                    if response.status == 200:
+                        return True
+            except aiohttp.ClientError:
+                pass  # not listening yet
+            await asyncio.sleep(0.2)
+    return False
+
+
 def stop_worker(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.terminate()
@@ -76,6 +116,10 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def tail(log: Path, size: int = 4000) -> str:
+    return log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
 
 
 @pytest.fixture(scope="session")
@@ -89,8 +133,10 @@ async def pipeline(
         await apply_topics(bootstrap, registry)
     found = Pipeline(bootstrap, redis_url, run, registries)
     logs = tmp_path_factory.mktemp("workers")
-    found.worker_envs = {day: found.env(day) for day in DAYS}
-    workers = [start_worker(found.worker_envs[day], logs / f"{day}.log") for day in DAYS]
+    found.logs = {day: logs / f"{day}.log" for day in DAYS}
+    workers = list(
+        await asyncio.gather(*(start_ready_worker(found, day, found.logs[day]) for day in DAYS))
+    )
     for day, registry in registries.items():
         client = CreditgateClient(
             bootstrap,
@@ -106,10 +152,6 @@ async def pipeline(
             await client.stop()
         for worker in workers:
             stop_worker(worker)
-        for log in sorted(logs.iterdir()):
-            tail = log.read_text(errors="replace")[-1500:]
-            if "Traceback" in tail:
-                print(f"--- {log.name} ---\n{tail}")
 
 
 @pytest.fixture
@@ -129,3 +171,14 @@ def results_of(pipeline: Pipeline, org: str) -> list[dict[str, Any]]:
             if result["org_id"] == org and result["reason"] != "request_id_conflict":
                 first.setdefault(result["request_id"], result)
     return list(first.values())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test on the pipeline shows what its workers logged last."""
+    outcome = yield
+    report = outcome.get_result()
+    found = getattr(item, "funcargs", {}).get("pipeline")
+    if report.when == "call" and report.failed and isinstance(found, Pipeline):
+        for day, log in found.logs.items():
+            report.sections.append((f"{day} worker's log (end)", tail(log)))

@@ -8,7 +8,6 @@ examples use, so schemathesis's example phase reaches real data.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -32,9 +31,9 @@ from creditgate.domain.commands import license_command_adapter
 from creditgate.domain.ids import rfc3339
 from creditgate.settings import Settings
 from creditgate.store.gateway import ChargeCall, CreditStore
-from creditgate.stream.topics import TopicRegistry, apply_topics, check_topics
+from creditgate.stream.topics import TopicRegistry, apply_topics
 
-from .conftest import stop_worker
+from .conftest import answers, stop_worker, tail
 
 pytestmark = pytest.mark.e2e
 
@@ -107,33 +106,6 @@ def spawn_worker(env: dict[str, str], folder: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-2000:]
-
-
-async def wait_healthy(base: str, worker: subprocess.Popen[bytes], seconds: float = 60) -> bool:
-    deadline = time.monotonic() + seconds
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline and worker.poll() is None:
-            try:
-                async with http.get(f"{base}/health") as response:
-                    if response.status == 200:
-                        return True
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)  # polling, bounded by the deadline
-    return False
-
-
-async def wait_topics(bootstrap: str, registry: TopicRegistry, seconds: float = 30) -> None:
-    """Topics just created take a moment to show in every broker's metadata."""
-    deadline = time.monotonic() + seconds
-    while problems := await check_topics(bootstrap, registry):
-        if time.monotonic() > deadline:
-            pytest.fail(f"topics not ready: {problems}")
-        await asyncio.sleep(0.2)  # polling, bounded by the deadline
-
-
 @pytest.fixture(scope="module")
 async def secured(
     endpoints: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
@@ -142,7 +114,6 @@ async def secured(
     run = f"sec{uuid.uuid4().hex[:8]}"
     registry = TopicRegistry.load(prefix=f"{run}.")
     await apply_topics(bootstrap, registry)
-    await wait_topics(bootstrap, registry)
     tokens = {who: f"tok-{who}-{uuid.uuid4().hex}" for who in ("acme", "beta", "all")}
     scopes = {tokens["acme"]: ["acme"], tokens["beta"]: ["beta"], tokens["all"]: "*"}
     store = CreditStore.from_settings(
@@ -168,7 +139,7 @@ async def secured(
     worker = spawn_worker(env, folder)
     base = f"http://127.0.0.1:{port}"
     try:
-        if not await wait_healthy(base, worker):
+        if not await answers(f"{base}/health", worker):
             pytest.fail(f"the worker did not start: {tail(folder / 'worker.log')}")
         yield SecuredApi(base, tokens, folder / "worker.log")
     finally:

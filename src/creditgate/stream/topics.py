@@ -7,7 +7,9 @@ organisation in order while partition counts stay put).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from creditgate.connections import aiokafka_options, check_kafka
 from creditgate.domain.charges import Action
-from creditgate.errors import ConfigurationError
+from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import Settings
 
 EXPORT_REQUESTS = "credits.export.requests"
@@ -110,7 +112,13 @@ async def _admin(bootstrap: str, settings: Settings | None) -> AIOKafkaAdminClie
 async def apply_topics(
     bootstrap: str, registry: TopicRegistry, *, settings: Settings | None = None
 ) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created."""
+    """Create the topics that do not exist yet; returns the names created.
+
+    Returns once the broker's metadata shows every created partition with a leader: a
+    topic is created in the controller's log a moment before brokers serve it, and a
+    worker started right after this (which checks its topics, then joins its group)
+    must find all of them.
+    """
     admin = await _admin(bootstrap, settings)
     try:
         existing = set(await admin.list_topics())
@@ -131,9 +139,39 @@ async def apply_topics(
                 created.append(spec.name)
             except TopicAlreadyExistsError:
                 pass  # another process created it meanwhile: that is what we wanted
+        if created:
+            await _until_served(admin, created)
         return created
     finally:
         await admin.close()
+
+
+# how long a created topic may take to be served before `apply_topics` gives up
+_SERVED_WITHIN_SECONDS = 30.0
+
+
+async def _until_served(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    deadline = time.monotonic() + _SERVED_WITHIN_SECONDS
+    while True:
+        described = await admin.describe_topics(names)
+        pending = sorted(
+            set(names)
+            - {
+                d["topic"]
+                for d in described
+                if d["error_code"] == 0
+                and d["partitions"]
+                and all(p["error_code"] == 0 and p["leader"] >= 0 for p in d["partitions"])
+            }
+        )
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise InfrastructureError(
+                f"topics created but not served after {_SERVED_WITHIN_SECONDS:.0f}s: "
+                + ", ".join(pending)
+            )
+        await asyncio.sleep(0.1)  # polling, bounded by the deadline
 
 
 async def check_topics(
