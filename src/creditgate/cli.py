@@ -141,12 +141,10 @@ def fatal_topic_problems(problems: list[str]) -> list[str]:
 @click.option("--loglevel", default="info", show_default=True)
 def worker(loglevel: str) -> None:
     """Consume requests and commands, decide them, publish the outcomes."""
-    import faust
-
     from creditgate.api.access import parse_tokens, require_safe_bind
     from creditgate.connections import check_connections
     from creditgate.observability import logging_config
-    from creditgate.stream.app import create_app, use_fast_event_loop
+    from creditgate.stream.app import Worker, create_app, use_fast_event_loop
 
     settings = _settings()
     try:  # before anything connects: an open API must not face the network
@@ -170,7 +168,7 @@ def worker(loglevel: str) -> None:
     except CreditgateError as exc:  # e.g. a token scoped to a malformed organisation id
         _fail(str(exc))
         return
-    faust.Worker(
+    Worker(
         app, loglevel=loglevel, quiet=True, logging_config=logging_config(loglevel)
     ).execute_from_commandline()
 

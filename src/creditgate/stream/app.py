@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Iterable
 
 import faust
@@ -47,6 +48,20 @@ class WorkerApp(faust.App):
     async def on_started(self) -> None:
         await super().on_started()
         freeze_start_up_heap()  # the app has started: what exists now stays
+
+
+class Worker(faust.Worker):
+    """faust's worker without its terminal spinner.
+
+    To spin once per log record, the spinner sets the root logger to DEBUG whatever the
+    chosen level (only its handler keeps the level): every ``debug`` and ``info`` call of
+    every library then builds a record that is thrown away. That was about 5 % of the
+    worker's CPU at ``--loglevel warning`` (py-spy, ``python -m bench.run --profile``),
+    and the spinner's escape codes landed in the JSON log.
+    """
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        self.spinner = None
 
 
 def use_fast_event_loop() -> None:
