@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, TypeGuard
 
 from pydantic import AfterValidator, BeforeValidator, StringConstraints
@@ -47,6 +48,11 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+@lru_cache(maxsize=4096)
 def rfc3339(ms: int) -> str:
-    """Milliseconds since the epoch as an RFC 3339 UTC string with millisecond precision."""
+    """Milliseconds since the epoch as an RFC 3339 UTC string with millisecond precision.
+
+    Cached: a batch's decisions share their decision time and their windows' end, and
+    each is written several times per message (the result, the ledger entry, headers).
+    """
     return from_ms(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -48,7 +48,7 @@ def _script(name: str) -> str:
     return resources.files("creditgate.store").joinpath("lua", name).read_text("utf-8")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
 class ChargeCall:
     """One charge request mapped onto the charge script's arguments."""
 
@@ -130,7 +130,7 @@ class ChargeCall:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
 class ChargeAnswer:
     status: AnswerStatus
     record: ChargeRecord
@@ -153,7 +153,7 @@ class InvalidCommand:
 _FIXED_CHARGE_KEYS = 7  # KEYS before the windows in charge.lua
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
 class PackedCharge:
     """A charge call in the Redis protocol, but for the decision clock (ARGV[1]): the
     worker packs a batch while the previous one is in Redis, and completes it with the

@@ -10,7 +10,7 @@ import orjson
 SOURCE = "creditgate"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
 class Outgoing:
     topic: str
     key: bytes

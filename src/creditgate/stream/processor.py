@@ -57,7 +57,7 @@ from creditgate.stream.topics import TopicRegistry
 decision_log = logging.getLogger("creditgate.decisions")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
 class Incoming:
     """One consumed message, with where it came from (for the dead-letter topic)."""
 
