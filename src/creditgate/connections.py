@@ -56,6 +56,7 @@ REDIS_COMMANDS = (
     "evalsha",
     # inside charge.lua and command.lua
     "get",
+    "mget",
     "set",
     "incr",
     "del",
@@ -388,6 +389,7 @@ redis.call('ZREMRANGEBYSCORE', z, 0, 2)
 redis.call('SET', v, '1')
 redis.call('INCR', v)
 redis.call('GET', v)
+redis.call('MGET', v)
 redis.call('PEXPIRE', v, 60000)
 redis.call('TIME')
 redis.call('DEL', h, s, z, v)

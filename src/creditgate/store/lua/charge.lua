@@ -70,8 +70,16 @@ if not quote then
   end
 end
 
+-- the threshold flags are read with the rest of the license, in the same call
+local percents, threshold_fields = {}, {}
+for percent in string.gmatch(thresholds_csv, "%d+") do
+  table.insert(percents, tonumber(percent))
+  table.insert(threshold_fields, "thr:" .. percent)
+end
 local license = redis.call("HMGET", license_key,
-  "period_id", "starts_ms", "ends_ms", "credits", "granted", "balance", "insufficient_notified")
+  "period_id", "starts_ms", "ends_ms", "credits", "granted", "balance", "insufficient_notified",
+  unpack(threshold_fields))
+local THRESHOLD_FLAGS = 7
 local period_id = license[1]
 local balance = tonumber(license[6]) or 0
 
@@ -96,12 +104,15 @@ end
 -- Usage counters of the period, per user and action. The period's users are listed in
 -- one field ("<period>|*users", in order of first use) so a team report reads
 -- O(users) fields, never the counters of other periods; "*" is never in an id.
+local user_listed = false
 local function count_usage(metric, amount)
-  local seen = period_id .. "|" .. user_id .. "|*"
-  if redis.call("HSETNX", usage_key, seen, "1") == 1 then
-    local list_field = period_id .. "|*users"
-    local users = redis.call("HGET", usage_key, list_field)
-    redis.call("HSET", usage_key, list_field, users and (users .. "," .. user_id) or user_id)
+  if not user_listed then  -- once per decision, however many metrics it counts
+    user_listed = true
+    if redis.call("HSETNX", usage_key, period_id .. "|" .. user_id .. "|*", "1") == 1 then
+      local list_field = period_id .. "|*users"
+      local users = redis.call("HGET", usage_key, list_field)
+      redis.call("HSET", usage_key, list_field, users and (users .. "," .. user_id) or user_id)
+    end
   end
   redis.call("HINCRBY", usage_key, period_id .. "|" .. user_id .. "|" .. action .. "|" .. metric,
     amount)
@@ -144,14 +155,18 @@ if now >= tonumber(license[3]) then return reject("license_period_ended", nil) e
 
 -- 4. repeat windows. One pass over the items, in request order; `budget` is how many
 -- items may still be charged (all of them on the first pass).
+-- Every window end is read up front, in MGETs of at most WINDOW_READ keys (unpack has
+-- a limit, and one call per item costs more than the items' keys in one call).
+local WINDOW_READ = 1000
 local stored_ends = {}
-local function window_end(index)
-  local value = stored_ends[index]
-  if value == nil then
-    value = tonumber(redis.call("GET", KEYS[index])) or 0
-    stored_ends[index] = value
+local function read_window_ends()
+  for first = FIRST_WINDOW, #KEYS, WINDOW_READ do
+    local last = math.min(#KEYS, first + WINDOW_READ - 1)
+    local values = redis.call("MGET", unpack(KEYS, first, last))
+    for offset = 1, #values do
+      stored_ends[first + offset - 1] = tonumber(values[offset]) or 0
+    end
   end
-  return value
 end
 
 local function assess(budget)
@@ -168,7 +183,7 @@ local function assess(budget)
       outcome = "duplicate_in_request"
     else
       seen[key] = true
-      local ends = opened[key] or window_end(key)
+      local ends = opened[key] or stored_ends[key]
       if ends > now then
         outcome, free_until, free = "free_repeat", ends, free + 1
       else
@@ -177,7 +192,7 @@ local function assess(budget)
           outcome, free_until, charged = "charged", new_end, charged + 1
           opened[key] = new_end
           -- the company's data went out with the contact: its window opens too
-          if company > 0 and (opened[company] or window_end(company)) <= now then
+          if company > 0 and (opened[company] or stored_ends[company]) <= now then
             opened[company] = new_end
           end
         else
@@ -190,6 +205,7 @@ local function assess(budget)
   return outcomes, untils, opened, cost, charged, free
 end
 
+if verified ~= "0" then read_window_ends() end
 local outcomes, untils, opened, cost, charged, free = assess(math.huge)
 record.needed = cost
 if quote then
@@ -243,12 +259,11 @@ end
 local total = (tonumber(license[4]) or 0) + (tonumber(license[5]) or 0)
 if charged > 0 and total > 0 then
   local used = total - record.balance
-  for percent in string.gmatch(thresholds_csv, "%d+") do
-    local field = "thr:" .. percent
-    if used * 100 >= tonumber(percent) * total and redis.call("HEXISTS", license_key, field) == 0 then
+  for i, percent in ipairs(percents) do
+    if used * 100 >= percent * total and not license[THRESHOLD_FLAGS + i] then
       table.insert(record.notes, {type = "credits.threshold_reached", to = "admin",
-        threshold = tonumber(percent)})
-      if not quote then redis.call("HSET", license_key, field, "1") end
+        threshold = percent})
+      if not quote then redis.call("HSET", license_key, threshold_fields[i], "1") end
     end
   end
 end
