@@ -49,6 +49,7 @@ from creditgate.domain.commands import license_command_adapter
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
+from creditgate.stream.publish import RECORD_BATCH_BYTES
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -325,7 +326,11 @@ class Run:
             "outputs_prefix": self.prefix + "naive.",
             # the passthrough batches like the worker; the naive pipeline sends one message
             # at a time and waits for it, so lingering would only add to each wait
-            "producer": {"acks": "all", "linger_ms": 0 if variant == "naive" else 5},
+            "producer": {
+                "acks": "all",
+                "linger_ms": 0 if variant == "naive" else 5,
+                "max_batch_size": RECORD_BATCH_BYTES,  # the worker's
+            },
         }
         child = start_child(
             variant,

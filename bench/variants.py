@@ -122,6 +122,7 @@ def faust_passthrough(conf: dict[str, Any]) -> None:
     import faust  # noqa: PLC0415
 
     from creditgate.stream.app import (  # noqa: PLC0415
+        Worker,
         freeze_start_up_heap,
         use_fast_event_loop,
     )
@@ -141,6 +142,7 @@ def faust_passthrough(conf: dict[str, Any]) -> None:
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         producer_acks=-1,
+        producer_max_batch_size=conf["producer"]["max_batch_size"],
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
     )
@@ -154,13 +156,11 @@ def faust_passthrough(conf: dict[str, Any]) -> None:
         publisher = Publisher(app.producer._ensure_producer(), settings)  # type: ignore[attr-defined]
         async for events in ready_batches(stream, settings.batch_size, _WITHIN_SECONDS):
             batch = [_incoming(e) for e in events]
+            results = [Outgoing(output, m.key or b"", _result_of(m.value), headers) for m in batch]
+            await publisher.until_published(results, len(batch))
 
-            async def work(batch: list[Incoming] = batch) -> list[Outgoing]:
-                return [Outgoing(output, m.key or b"", _result_of(m.value), headers) for m in batch]
-
-            await publisher.until_published(work, len(batch))
-
-    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+    # creditgate's Worker: faust's without the spinner's cost (stream/app.py)
+    Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
 
 
 async def ready_batches(stream: Any, max_size: int, idle: float) -> AsyncIterator[list[Any]]:

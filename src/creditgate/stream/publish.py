@@ -1,10 +1,10 @@
 """Publishing a batch's outcomes: all of them on the broker, or the batch is retried.
 
-``until_published`` decides a batch (through the callable it is given), publishes every
-message and awaits the broker's acknowledgement of each; any failure retries the whole
-batch with backoff, for as long as it takes. Retrying is safe because decisions are
-idempotent: a batch decided before the failure is re-published from the stored
-decisions, identically. Only when it returns may the batch's offsets be committed.
+``until_published`` publishes every message of a batch and awaits the broker's
+acknowledgement of each; any failure publishes the whole batch again, with backoff, for
+as long as it takes. Re-publishing is safe because decisions are idempotent: a message
+the broker already had is a copy of the same decision. Only when it returns may the
+batch's offsets be committed. ``until_done`` is that retry loop, for any step.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -25,10 +25,48 @@ from creditgate.stream.events import Outgoing
 
 log = logging.getLogger("creditgate.worker")
 
-Decide = Callable[[], Awaitable[list[Outgoing]]]
+T = TypeVar("T")
+
+# The producer's record batch size (aiokafka's ``max_batch_size``): a batch's messages
+# for one partition fit in one record batch. At aiokafka's default of 16 KiB a batch of
+# decisions (results and ledger entries of ~1 KB) filled about a hundred record batches,
+# each closed and sent on its own: publishing cost 9 µs of CPU per message against 5.5
+# at this size. Below the broker's default message.max.bytes (1 MiB).
+RECORD_BATCH_BYTES = 512 * 1024
 
 # (topic, key) → partition, remembered for this many keys (organisations times topics)
 _PARTITION_CACHE_SIZE = 100_000
+
+
+async def until_done(
+    step: Callable[[], Awaitable[T]], doing: str, settings: Settings, metrics: Metrics
+) -> T:
+    """``step()``'s result, calling it again after each failure, with backoff, for as
+    long as it takes: a batch's records are never acknowledged half done."""
+    delay = settings.retry_backoff_seconds
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            done = await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure: the batch stays uncommitted
+            metrics.batch_retries.labels("batch").inc()
+            log.warning(
+                "%s failed (attempt %d), retrying in %.1fs: %s",
+                doing,
+                attempt,
+                delay,
+                exc,
+                exc_info=not _is_infrastructure(exc),
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.retry_backoff_max_seconds)
+        else:
+            if attempt > 1:
+                log.info("%s done after %d attempts", doing, attempt)
+            return done
 
 
 class Publisher:
@@ -41,31 +79,15 @@ class Publisher:
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[tuple[str, bytes], int] = {}
 
-    async def until_published(self, decide: Decide, size: int) -> None:
-        delay = self._settings.retry_backoff_seconds
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self.publish(await decide())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any failure: the batch stays uncommitted
-                self._metrics.batch_retries.labels("batch").inc()
-                log.warning(
-                    "batch of %d not done (attempt %d), retrying in %.1fs: %s",
-                    size,
-                    attempt,
-                    delay,
-                    exc,
-                    exc_info=not _is_infrastructure(exc),
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._settings.retry_backoff_max_seconds)
-            else:
-                if attempt > 1:
-                    log.info("batch of %d done after %d attempts", size, attempt)
-                return
+    async def until_published(self, messages: Sequence[Outgoing], size: int) -> None:
+        """Publish a batch's messages (the outcomes of ``size`` records), retried until
+        the broker has every one."""
+        await until_done(
+            lambda: self.publish(messages),
+            f"publishing the outcomes of a batch of {size}",
+            self._settings,
+            self._metrics,
+        )
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
         """Publish the messages and wait until the broker has every one of them.
@@ -81,8 +103,11 @@ class Publisher:
         kafka = self._producer
         open_batches: dict[tuple[str, int], Any] = {}
         pending = []
+        known = self._partitions
         for m in messages:
-            partition = await self._partition(m.topic, m.key)
+            partition = known.get((m.topic, m.key))  # no coroutine for a known key
+            if partition is None:
+                partition = await self._partition(m.topic, m.key)
             where = (m.topic, partition)
             batch = open_batches.get(where)
             if batch is None:
