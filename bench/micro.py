@@ -3,8 +3,9 @@
 Feeds batches of the benchmark's workload through the processor's stages on a real
 Redis and prints this process's CPU microseconds per request for each stage and for
 ``Processor.decide`` as a whole (CPU time, so a busy machine or Redis's own work do not
-count). Complements the py-spy profile of the worker (``python -m bench.run
---profile``), which also shows faust's and aiokafka's share.
+count), then Redis's own microseconds per ``charge.lua`` call (``INFO commandstats``).
+Complements the py-spy profile of the worker (``python -m bench.run --profile``), which
+also shows faust's and aiokafka's share.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ async def measure(batches: int, size: int) -> dict[str, float]:
     workload = Workload(WorkloadSpec(seed=3), "micro")
     await license_commands_for(store, workload, int(time.time() * 1000))
     totals: dict[str, float] = {}
+    scripts_before = await _script_stats(store)
 
     def add(stage: str, seconds: float) -> None:
         totals[stage] = totals.get(stage, 0.0) + seconds
@@ -72,11 +74,25 @@ async def measure(batches: int, size: int) -> dict[str, float]:
             t6 = time.process_time()
             await processor.decide(rest)
             add("Processor.decide, whole", (time.process_time() - t6) / len(rest))
+        (calls_after, usec_after), (calls_before, usec_before) = (
+            await _script_stats(store),
+            scripts_before,
+        )
+        calls, usec = calls_after - calls_before, usec_after - usec_before
     finally:
         async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
             await store.redis.delete(key)
         await store.close()
-    return {stage: 1e6 * s / batches for stage, s in totals.items()}
+    found = {stage: 1e6 * s / batches for stage, s in totals.items()}
+    found["Redis, per charge.lua call (server time)"] = usec / max(1, calls)
+    return found
+
+
+async def _script_stats(store: CreditStore) -> tuple[int, int]:
+    """(calls, microseconds) Redis has spent in EVALSHA since its start."""
+    stats = await store.redis.info("commandstats")
+    evalsha = stats.get("cmdstat_evalsha", {})
+    return int(evalsha.get("calls", 0)), int(evalsha.get("usec", 0))
 
 
 def main() -> None:

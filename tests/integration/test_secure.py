@@ -14,7 +14,6 @@ message that names it, never with minutes of retries or a password in a log.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
@@ -49,7 +48,7 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.client import CreditgateClient, Timeout
-from creditgate.stream.topics import TopicRegistry, apply_topics, check_topics
+from creditgate.stream.topics import TopicRegistry, apply_topics
 
 pytestmark = pytest.mark.secure
 
@@ -163,7 +162,6 @@ async def worker(
     registry = TopicRegistry.load(prefix=f"{run}.")
     settings = secure.settings(key_prefix=run, topic_prefix=registry.prefix, app_id=run)
     await apply_topics(settings.kafka_bootstrap, registry, settings=settings)
-    await topics_visible(settings, registry)
     env = (
         clean_env()
         | secure.env()
@@ -185,22 +183,6 @@ async def worker(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-async def topics_visible(settings: Settings, registry: TopicRegistry, timeout: float = 30) -> None:
-    """Wait until the broker lists every topic just created.
-
-    A created topic reaches the broker's metadata a moment after CreateTopics returns;
-    a worker started in that moment finds its topics missing and refuses to start.
-    """
-    deadline = time.monotonic() + timeout
-    while missing := [
-        problem
-        for problem in await check_topics(settings.kafka_bootstrap, registry, settings=settings)
-        if "missing" in problem
-    ]:
-        assert time.monotonic() < deadline, missing
-        await asyncio.sleep(0.2)
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
