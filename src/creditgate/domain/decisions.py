@@ -15,6 +15,9 @@ import orjson
 from creditgate.domain.charges import Action, ChargeRequest, Outcome, Reason
 from creditgate.domain.ids import rfc3339
 
+# iterating an Enum class is slow (a generator over its members): once, here
+_OUTCOMES = tuple(Outcome)
+
 RESULT_APPROVED = "charge.approved"
 RESULT_REJECTED = "charge.rejected"
 
@@ -133,7 +136,7 @@ def _plural(count: int, word: str) -> str:
 def charge_message(view: RequestView, record: ChargeRecord, window_days: float) -> str:
     """One sentence a person can read: what was charged, or why nothing was."""
     if record.approved:
-        counts = {o: record.outcomes.count(o) for o in Outcome}
+        counts = {o: record.outcomes.count(o) for o in _OUTCOMES}
         parts = [f"{_plural(record.credits, 'credit')} charged"]
         if counts[Outcome.FREE_REPEAT]:
             parts.append(
