@@ -30,12 +30,47 @@ def _call(**extra: object) -> ChargeCall:
 
 
 def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
+    """The bytes are redis-py's for charge.lua's KEYS and ARGV as its header lists them."""
     store = CreditStore(aioredis.Redis(), Settings(key_prefix="cg"))  # never connects
+    settings = Settings(key_prefix="cg")
     for call in (_call(), _call(max_credits=3, on_insufficient="partial")):
         for mode in ("charge", "quote"):
             (packed,) = store.pack_charges([call], mode)  # type: ignore[arg-type]
-            keys, args = store._charge_keys_args(call, mode)
-            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, 1_795_000_000_123, *args)
+            org = "cg:{acme}"
+            keys = [
+                f"{org}:license",
+                f"{org}:members",
+                f"{org}:disallowed",
+                f"{org}:seq",
+                f"{org}:req:r-1",
+                f"{org}:usage",
+                f"{org}:hist:export:u-1",
+                f"{org}:win:contact:c-1",
+                f"{org}:win:company:co-9",
+            ]
+            args = [
+                1_795_000_000_123,  # the decision clock
+                "r-1",
+                "u-1",
+                "export",
+                call.fingerprint,
+                "1" if call.partial else "0",
+                "" if call.max_credits is None else call.max_credits,
+                "",  # verified_email_found: not a verification
+                settings.repeat_window_ms,
+                settings.idempotency_ttl_ms,
+                "",  # no preset reason
+                "",
+                "80,90,100",
+                mode,
+                call.summary,
+                2,  # items, then per item its window's KEYS index and its company's
+                8,
+                9,
+                9,
+                0,
+            ]
+            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
             assert packed.command(1_795_000_000_123) == b"".join(Connection().pack_command(*whole))
 
 

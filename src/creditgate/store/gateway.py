@@ -40,6 +40,7 @@ from creditgate.store.keys import (
     SHARED_CONTACT,
     VERIFIED_CONTACT,
     Keys,
+    OrgKeys,
     window_name,
 )
 
@@ -159,6 +160,8 @@ class InvalidCommand:
 
 
 _FIXED_CHARGE_KEYS = 7  # KEYS before the windows in charge.lua
+_VERIFIED = {None: "", True: "1", False: "0"}  # verified_email_found as ARGV 8
+_PACKED_ORGS = 100_000  # organisations whose fixed keys CreditStore keeps encoded
 
 
 @dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
@@ -191,6 +194,7 @@ class CreditStore:
         self._command_sha = hashlib.sha1(self._command_lua.encode()).hexdigest()
         self._scripts_loaded = False
         self._thresholds = ",".join(str(p) for p in settings.threshold_percents)
+        self._packed_org_keys: dict[str, bytes] = {}  # see _org_keys_packed
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CreditStore:
@@ -224,60 +228,78 @@ class CreditStore:
 
     # ---- charges ---------------------------------------------------------------
 
-    def _charge_keys_args(self, call: ChargeCall, mode: str) -> tuple[list[str], list[str | int]]:
-        """KEYS, and ARGV after its first argument, the decision clock."""
-        org = self.keys.org(call.org_id)
-        keys = [
-            org.license,
-            org.members,
-            org.disallowed,
-            org.sequence,
-            org.request(call.request_id),
-            org.usage,
-            org.history(call.user_id, call.action),
-        ]
-        keys.extend(org.window(name) for name in call.windows)
-        verified = {None: "", True: "1", False: "0"}[call.verified_email_found]
-        args: list[str | int] = [
-            call.request_id,
-            call.user_id,
-            call.action.value,
-            call.fingerprint,
-            "1" if call.partial else "0",
-            "" if call.max_credits is None else call.max_credits,
-            verified,
-            self._settings.repeat_window_ms,
-            self._settings.idempotency_ttl_ms,
-            call.preset_reason,
-            call.preset_detail,
-            self._thresholds,
-            mode,
-            call.summary,
-            len(call.items),
-        ]
-        for window, company in call.items:
-            # Lua indexes KEYS from 1
-            args.append(window + _FIXED_CHARGE_KEYS + 1)
-            args.append(0 if company is None else company + _FIXED_CHARGE_KEYS + 1)
-        return keys, args
-
     def pack_charges(
         self, calls: Sequence[ChargeCall], mode: Literal["charge", "quote"] = "charge"
     ) -> list[PackedCharge]:
-        """The script calls as Redis protocol, all but the decision clock."""
+        """The script calls as Redis protocol, all but the decision clock.
+
+        charge.lua's KEYS and ARGV, in the order its header lists them. What is the same
+        for every call (EVALSHA and the script, the settings, an organisation's fixed
+        keys) is encoded once, not per call: packing was a sixth of the worker's CPU.
+        """
+        evalsha = _bulks(("EVALSHA", self._charge_sha))
+        settings = self._settings
+        window_and_ttl = _bulks((settings.repeat_window_ms, settings.idempotency_ttl_ms))
+        thresholds_and_mode = _bulks((self._thresholds, mode))
         packed = []
-        head = ("EVALSHA", self._charge_sha)
         for call in calls:
-            keys, args = self._charge_keys_args(call, mode)
-            count = len(head) + 1 + len(keys) + 1 + len(args)
-            packed.append(
-                PackedCharge(
-                    call,
-                    b"*%d\r\n%s" % (count, _bulks((*head, len(keys), *keys))),
-                    _bulks(args),
+            org = self.keys.org(call.org_id)
+            fixed = self._org_keys_packed(org)
+            keys = _bulks(
+                (
+                    org.request(call.request_id),
+                    org.usage,
+                    org.history(call.user_id, call.action),
+                    *(org.window(name) for name in call.windows),
                 )
             )
+            item_args: list[str | int] = []
+            for window, company in call.items:
+                # KEYS indexes of the item's window and its company's (0: none); Lua
+                # counts from 1
+                item_args.append(window + _FIXED_CHARGE_KEYS + 1)
+                item_args.append(0 if company is None else company + _FIXED_CHARGE_KEYS + 1)
+            n_keys = _FIXED_CHARGE_KEYS + len(call.windows)
+            head = b"*%d\r\n%s%s%s%s" % (
+                # EVALSHA, the script, the key count, the keys, 16 arguments, the items'
+                3 + n_keys + 16 + len(item_args),
+                evalsha,
+                _bulks((n_keys,)),
+                fixed,
+                keys,
+            )
+            tail = b"".join(
+                (
+                    _bulks(
+                        (
+                            call.request_id,
+                            call.user_id,
+                            call.action.value,
+                            call.fingerprint,
+                            "1" if call.partial else "0",
+                            "" if call.max_credits is None else call.max_credits,
+                            _VERIFIED[call.verified_email_found],
+                        )
+                    ),
+                    window_and_ttl,
+                    _bulks((call.preset_reason, call.preset_detail)),
+                    thresholds_and_mode,
+                    _bulks((call.summary, len(call.items), *item_args)),
+                )
+            )
+            packed.append(PackedCharge(call, head, tail))
         return packed
+
+    def _org_keys_packed(self, org: OrgKeys) -> bytes:
+        """KEYS 1-4 of charge.lua (license, members, disallowed, sequence), encoded."""
+        found = self._packed_org_keys.get(org.org_id)
+        if found is None:
+            if len(self._packed_org_keys) >= _PACKED_ORGS:
+                self._packed_org_keys.clear()
+            found = self._packed_org_keys[org.org_id] = _bulks(
+                (org.license, org.members, org.disallowed, org.sequence)
+            )
+        return found
 
     async def charge_many(self, calls: Sequence[ChargeCall], now_ms: int) -> list[ChargeAnswer]:
         """Decide a batch of requests: one script call each, one round trip in all."""
@@ -481,11 +503,14 @@ def _resp(command: Sequence[str | int]) -> bytes:
 
 
 def _bulks(args: Sequence[str | int]) -> bytes:
+    """Bulk strings of the Redis protocol. Built as text and encoded once (formatting
+    bytes is slower than formatting str); a length counts bytes, not characters."""
     parts = []
     for arg in args:
-        data = arg.encode() if isinstance(arg, str) else b"%d" % arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+        text = arg if isinstance(arg, str) else str(arg)
+        size = len(text) if text.isascii() else len(text.encode())
+        parts.append(f"${size}\r\n{text}\r\n")
+    return "".join(parts).encode()
 
 
 class _infrastructure:
