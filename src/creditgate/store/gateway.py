@@ -472,21 +472,34 @@ class CreditStore:
             await connection.send_packed_command(payload)
             replies: list[Any] = []
             seen = 0
-            async with asyncio.timeout_at(loop.time() + _SILENCE_SECONDS) as silence:
-                pushed_back = loop.time()
-                for i in range(count):
-                    try:  # math.inf: no timer of redis-py's own (see _SILENCE_SECONDS)
-                        reply = await connection.read_response(timeout=math.inf)
-                    except ResponseError as exc:  # the reply was read whole: still in step
-                        reply = exc
-                    replies.append(reply)
-                    if on_reply is not None and seen == i and not isinstance(reply, ResponseError):
-                        on_reply(i, reply)
-                        seen += 1
-                    now = loop.time()
-                    if now - pushed_back > _PUSH_BACK_EVERY_SECONDS:
-                        silence.reschedule(now + _SILENCE_SECONDS)
-                        pushed_back = now
+            try:
+                async with asyncio.timeout_at(loop.time() + _SILENCE_SECONDS) as silence:
+                    pushed_back = loop.time()
+                    for i in range(count):
+                        try:  # math.inf: no timer of redis-py's own (see _SILENCE_SECONDS)
+                            reply = await connection.read_response(timeout=math.inf)
+                        except ResponseError as exc:  # read whole: still in step
+                            reply = exc
+                        if reply is None:
+                            # with a timeout given, redis-py answers a socket timeout with
+                            # None; the scripts never reply nil
+                            raise RedisConnectionError("the connection to Redis timed out")
+                        replies.append(reply)
+                        if (
+                            on_reply is not None
+                            and seen == i
+                            and not isinstance(reply, ResponseError)
+                        ):
+                            on_reply(i, reply)
+                            seen += 1
+                        now = loop.time()
+                        if now - pushed_back > _PUSH_BACK_EVERY_SECONDS:
+                            silence.reschedule(now + _SILENCE_SECONDS)
+                            pushed_back = now
+            except TimeoutError:
+                raise RedisTimeoutError(
+                    f"no reply from Redis for about {_SILENCE_SECONDS:.0f}s"
+                ) from None
             return replies, seen
         except BaseException:
             # replies may be left unread: the connection must not be reused as it is

@@ -79,7 +79,7 @@ _RECENT_ORGS = 100_000
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "cg"
-    _recent: dict[str, OrgKeys] = field(default_factory=dict, compare=False, repr=False)
+    _recent: dict[str, OrgKeys] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def org(self, org_id: str) -> OrgKeys:
         found = self._recent.get(org_id)

@@ -6,7 +6,7 @@ Three stages, each working on another batch at the same time:
    validates it and packs its Redis calls, again and again while the next stage is busy
    (up to ``batch_size`` records);
 2. *decide* takes everything prepared so far as one batch, decides it in one Redis
-   round trip and renders its outcomes;
+   round trip (two when it holds license commands too) and renders its outcomes;
 3. *publish* sends the outcomes, waits until the broker has every one of them, and only
    then marks the batch's offsets as done.
 
@@ -149,6 +149,7 @@ class DecisionLoop(Service):
         # stop takes it, then waits for the publish in flight (``_published``)
         self._in_batch = asyncio.Lock()
         self._publishing: asyncio.Future[None] | None = None
+        self._stopping = False
         self._committing = asyncio.Lock()
         # what the first stage prepared while the second decided the batch before:
         # the next batch, in parts (one per fetch), at most batch_size records
@@ -194,6 +195,7 @@ class DecisionLoop(Service):
     async def on_stop(self) -> None:
         if self._consumer is None:
             return
+        self._stopping = True
         try:
             await asyncio.wait_for(self._quiet(), _STOP_GRACE_SECONDS)
         except TimeoutError:
@@ -204,12 +206,12 @@ class DecisionLoop(Service):
             )
         else:
             await _at_most(_STOP_STEP_SECONDS, "committing the last offsets", self._commit())
-        if self._publishing is not None:
-            self._publishing.cancel()  # still retrying: its batch stays uncommitted
+        self._cancel_publishing()  # still retrying: its batch stays uncommitted
         # leaving the group hands the partitions over at once, instead of after the session
         await _at_most(_STOP_STEP_SECONDS, "leaving the consumer group", self._consumer.stop())
         if self._producer is not None:
             await _at_most(_STOP_STEP_SECONDS, "closing the producer", self._producer.stop())
+        self._cancel_publishing()  # one started meanwhile would only retry, unheard
 
     @Service.task
     async def _fetch_and_prepare(self) -> None:
@@ -231,7 +233,8 @@ class DecisionLoop(Service):
                 self._parts_ready.set()
 
     async def _quiet(self) -> None:
-        """Until no batch is in hand; the lock stays taken: no further batch starts."""
+        """Until no batch is in hand. Once it has the lock it keeps it: no further batch
+        starts (if the stop's grace runs out first, the decide stage sees should_stop)."""
         await self._in_batch.acquire()
         await self._published()
 
@@ -256,6 +259,8 @@ class DecisionLoop(Service):
                         self._metrics,
                     )
                     await self._published()  # the batch before goes out first
+                    if self.should_stop:
+                        return  # decided but not published: decided again, identically
                     self._publishing = asyncio.ensure_future(self._publish(batch, outcomes))
 
     def _take_parts(self) -> list[_Batch]:
@@ -312,9 +317,19 @@ class DecisionLoop(Service):
         self._observe(batch)
 
     async def _published(self) -> None:
-        """Until the batch being published (if any) is on the broker and marked done."""
+        """Until the batch being published (if any) is on the broker and marked done.
+
+        Shielded: a waiter given up on (a stop's grace running out) leaves the publish
+        running, for ``_cancel_publishing`` to end. The lock is held meanwhile, so there
+        is one waiter at a time.
+        """
         if self._publishing is not None:
-            await self._publishing
+            await asyncio.shield(self._publishing)
+            self._publishing = None
+
+    def _cancel_publishing(self) -> None:
+        if self._publishing is not None:
+            self._publishing.cancel()
 
     def _observe(self, batch: _Batch) -> None:
         if batch.charges:
@@ -353,9 +368,19 @@ class DecisionLoop(Service):
 
     async def hand_over(self, revoked: Iterable[TopicPartition]) -> None:
         """Before a rebalance: finish the batches in hand, commit, forget the partitions."""
+        if self._stopping:
+            # the stop holds the lock for good and has finished what it could: waiting
+            # for the lock would hold the group up until the stop gives up on leaving it
+            await self._commit_and_forget(revoked)
+            return
         async with self._in_batch:
             await self._published()
+            await self._commit_and_forget(revoked)
+
+    async def _commit_and_forget(self, revoked: Iterable[TopicPartition]) -> None:
+        try:
             await self._commit()
+        finally:
             self._generation += 1  # parts prepared until now are not decided
             self._take_parts()
             for tp in revoked:
