@@ -36,11 +36,15 @@ async def test_worker_killed_at_random_moments(
     async with FaultRun(tmp_path, spec, shared_stack=worker_fault_stack) as run:
         await run.setup(["w"])
         run.start_stream()
-        for _ in range(5):
-            # let the (re)started worker decide a while, then kill it at a random moment:
-            # inside a Redis pipeline, between Redis and Kafka, or between batches
-            await run.reach_more(rng.randint(1000, 2500))
-            await asyncio.sleep(rng.uniform(0, 0.4))
+        # five kills spread over the run, 1,500 to 3,000 decisions apart, so each
+        # (re)started worker decides a while first; points by count rather than by time,
+        # as a fast worker decides the whole stream in a few seconds
+        points = [1_500 + 3_000 * i + rng.randint(0, 1_500) for i in range(5)]
+        for point in points:
+            await run.reach(point / spec.requests)
+            # a random moment of its work: inside a Redis pipeline, between Redis and
+            # Kafka, or between batches
+            await asyncio.sleep(rng.uniform(0, 0.1))
             assert run.decided < spec.requests, "the stream ended before the kill"
             run.rig.kill_worker("w")
             run.rig.start_worker("w")
