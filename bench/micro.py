@@ -74,11 +74,8 @@ async def measure(batches: int, size: int) -> dict[str, float]:
             t6 = time.process_time()
             await processor.decide(rest)
             add("Processor.decide, whole", (time.process_time() - t6) / len(rest))
-        (calls_after, usec_after), (calls_before, usec_before) = (
-            await _script_stats(store),
-            scripts_before,
-        )
-        calls, usec = calls_after - calls_before, usec_after - usec_before
+        calls, usec = await _script_stats(store)
+        calls, usec = calls - scripts_before[0], usec - scripts_before[1]
     finally:
         async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
             await store.redis.delete(key)

@@ -7,7 +7,7 @@ may touch all of them in one atomic call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 # Window kinds. Export and CRM push share one window per entity; email verification
@@ -19,8 +19,8 @@ VERIFIED_CONTACT = "verify"
 
 @dataclass(frozen=True)
 class OrgKeys:
-    """The keys of one organisation under one prefix; the fixed ones are built once
-    (``Keys.org`` keeps the objects of recent organisations)."""
+    """The keys of one organisation under one prefix; each fixed one is built once per
+    object (the store keeps the objects of recent organisations)."""
 
     prefix: str
     org_id: str
@@ -71,23 +71,12 @@ def window_name(kind: str, entity_id: str) -> str:
     return f"{kind}:{entity_id}"
 
 
-# how many organisations' OrgKeys a Keys keeps: every charge call needs its
-# organisation's keys, and building them anew each time cost a fifth of packing a call
-_RECENT_ORGS = 100_000
-
-
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "cg"
-    _recent: dict[str, OrgKeys] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def org(self, org_id: str) -> OrgKeys:
-        found = self._recent.get(org_id)
-        if found is None:
-            if len(self._recent) >= _RECENT_ORGS:
-                self._recent.clear()
-            found = self._recent[org_id] = OrgKeys(self.prefix, org_id)
-        return found
+        return OrgKeys(self.prefix, org_id)
 
     def org_pattern(self, org_id: str = "*") -> str:
         """A SCAN pattern for an organisation's keys (tests and rebuilds, not the hot path)."""

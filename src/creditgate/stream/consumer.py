@@ -149,7 +149,6 @@ class DecisionLoop(Service):
         # stop takes it, then waits for the publish in flight (``_published``)
         self._in_batch = asyncio.Lock()
         self._publishing: asyncio.Future[None] | None = None
-        self._stopping = False
         self._committing = asyncio.Lock()
         # what the first stage prepared while the second decided the batch before:
         # the next batch, in parts (one per fetch), at most batch_size records
@@ -195,7 +194,6 @@ class DecisionLoop(Service):
     async def on_stop(self) -> None:
         if self._consumer is None:
             return
-        self._stopping = True
         try:
             await asyncio.wait_for(self._quiet(), _STOP_GRACE_SECONDS)
         except TimeoutError:
@@ -368,7 +366,7 @@ class DecisionLoop(Service):
 
     async def hand_over(self, revoked: Iterable[TopicPartition]) -> None:
         """Before a rebalance: finish the batches in hand, commit, forget the partitions."""
-        if self._stopping:
+        if self.should_stop:  # set before on_stop runs
             # the stop holds the lock for good and has finished what it could: waiting
             # for the lock would hold the group up until the stop gives up on leaving it
             await self._commit_and_forget(revoked)

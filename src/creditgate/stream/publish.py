@@ -107,7 +107,7 @@ class Publisher:
         for m in messages:
             partition = known.get((m.topic, m.key))  # no coroutine for a known key
             if partition is None:
-                partition = await self._partition(m.topic, m.key)
+                partition = await self._learn_partition(m.topic, m.key)
             where = (m.topic, partition)
             batch = open_batches.get(where)
             if batch is None:
@@ -121,16 +121,15 @@ class Publisher:
             pending.append(await kafka.send_batch(batch, topic, partition=partition))
         await asyncio.gather(*pending)
 
-    async def _partition(self, topic: str, key: bytes) -> int:
-        found = self._partitions.get((topic, key))
-        if found is None:
-            # partition counts never change under a running worker (it checks them at
-            # start-up, and keys only keep an organisation in order while they stay put)
-            ids = sorted(await self._producer.partitions_for(topic))
-            found = int(self._partitioner(key, ids, ids))
-            if len(self._partitions) >= _PARTITION_CACHE_SIZE:
-                self._partitions.clear()
-            self._partitions[(topic, key)] = found
+    async def _learn_partition(self, topic: str, key: bytes) -> int:
+        """The partition of a key not yet in ``_partitions``, remembered there."""
+        # partition counts never change under a running worker (it checks them at
+        # start-up, and keys only keep an organisation in order while they stay put)
+        ids = sorted(await self._producer.partitions_for(topic))
+        found = int(self._partitioner(key, ids, ids))
+        if len(self._partitions) >= _PARTITION_CACHE_SIZE:
+            self._partitions.clear()
+        self._partitions[(topic, key)] = found
         return found
 
 

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -150,20 +151,21 @@ async def apply_topics(
 _SERVED_WITHIN_SECONDS = 30.0
 
 
+def _served(described: dict[str, Any]) -> bool:
+    """A topic the broker knows, with a leader for every partition."""
+    partitions = described["partitions"]
+    return (
+        described["error_code"] == 0
+        and bool(partitions)
+        and all(p["error_code"] == 0 and p["leader"] >= 0 for p in partitions)
+    )
+
+
 async def _until_served(admin: AIOKafkaAdminClient, names: list[str]) -> None:
     deadline = time.monotonic() + _SERVED_WITHIN_SECONDS
     while True:
-        described = await admin.describe_topics(names)
-        pending = sorted(
-            set(names)
-            - {
-                d["topic"]
-                for d in described
-                if d["error_code"] == 0
-                and d["partitions"]
-                and all(p["error_code"] == 0 and p["leader"] >= 0 for p in d["partitions"])
-            }
-        )
+        served = {d["topic"] for d in await admin.describe_topics(names) if _served(d)}
+        pending = sorted(set(names) - served)
         if not pending:
             return
         if time.monotonic() > deadline:
