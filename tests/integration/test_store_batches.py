@@ -1,0 +1,123 @@
+"""Large batches on a real Redis: written while their replies are read, and a batch whose
+connection drops half-way is decided once when it is sent again.
+
+The store hands a whole batch to the socket at once and reads the replies as Redis runs
+it. A batch far larger than the kernel's socket buffers must still go out whole (the
+event loop writes the rest while the replies are being read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from creditgate.domain.charges import ChargeRequest
+from creditgate.domain.commands import license_command_adapter
+from creditgate.domain.ids import rfc3339
+from creditgate.errors import StoreUnavailable
+from creditgate.settings import Settings
+from creditgate.store.gateway import ChargeAnswer, ChargeCall, CreditStore
+
+ORG = "org-batch"
+DAY_MS = 86_400_000
+
+
+async def licensed(store: CreditStore, credits: int, now: int) -> None:
+    """ORG with a period of ``credits`` and one member, u1."""
+    bodies: list[dict[str, Any]] = [
+        {
+            "command_id": "start",
+            "type": "license.start_period",
+            "period_id": "p1",
+            "starts_at": rfc3339(now - DAY_MS),
+            "ends_at": rfc3339(now + 30 * DAY_MS),
+            "credits": credits,
+        },
+        {"command_id": "member", "type": "member.upsert", "user_id": "u1", "role": "member"},
+    ]
+    commands = [license_command_adapter.validate_python({**b, "org_id": ORG}) for b in bodies]
+    answers = await store.apply_commands(commands, now)
+    assert all(a.record.applied for a in answers), answers
+
+
+def export(request_id: str, n_items: int, now: int) -> ChargeCall:
+    return ChargeCall.of(
+        ChargeRequest.model_validate(
+            {
+                "request_id": request_id,
+                "org_id": ORG,
+                "user_id": "u1",
+                "action": "export",
+                "items": [
+                    {"type": "contact", "id": f"{request_id}-contact-{i}"} for i in range(n_items)
+                ],
+                "requested_at": rfc3339(now),
+            }
+        )
+    )
+
+
+async def test_a_batch_larger_than_the_socket_buffers_is_decided_whole_and_in_order(
+    store: CreditStore,
+) -> None:
+    now = int(time.time() * 1000)
+    await licensed(store, credits=1_000_000, now=now)
+    calls = [export(f"r-{n}", 100, now) for n in range(1_500)]
+    payload = sum(len(p.command(now)) for p in store.pack_charges(calls))
+    assert payload > 8 * 1024 * 1024  # more than loopback's socket buffers hold at once
+
+    answers = await store.charge_many(calls, now)
+
+    assert [a.status for a in answers] == ["decided"] * len(calls)
+    assert [a.record.request_id for a in answers] == [c.request_id for c in calls]
+    assert all(a.record.credits == 100 for a in answers)
+    # decided in order: the ledger sequence counts up through the batch
+    assert [a.record.sequence for a in answers] == list(
+        range(answers[0].record.sequence, answers[0].record.sequence + len(calls))
+    )
+    credits = await store.credits(ORG, now)
+    assert credits is not None
+    assert credits["remaining"] == 1_000_000 - 150_000
+
+
+async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
+    store: CreditStore, settings: Settings
+) -> None:
+    now = int(time.time() * 1000)
+    await licensed(store, credits=10_000, now=now)
+    calls = [export(f"r-{n}", 1, now) for n in range(3_000)]
+    killer = Redis.from_url(settings.redis_url.get_secret_value())
+    kills: list[asyncio.Task[Any]] = []
+
+    async def cut_off() -> None:
+        # the connection running the batch: the one whose last command is the script
+        (batch,) = [c for c in await killer.client_list() if c["cmd"] == "evalsha"]
+        await killer.client_kill_filter(_id=batch["id"])
+
+    def cut_off_after_a_few(i: int, answer: ChargeAnswer) -> None:
+        if i == 100:  # replies are coming in
+            kills.append(asyncio.ensure_future(cut_off()))
+
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.charge_packed(store.pack_charges(calls), now, cut_off_after_a_few)
+        assert kills, "the batch failed before any reply was read"
+        await asyncio.gather(*kills)
+    finally:
+        await killer.aclose()
+
+    answers = await store.charge_many(calls, now)
+
+    statuses = {a.status for a in answers}
+    assert statuses <= {"decided", "replay"}
+    assert "replay" in statuses  # the first attempt decided some before the cut
+    assert all(a.record.credits == 1 for a in answers)
+    sequences = sorted(a.record.sequence for a in answers)
+    assert sequences == list(range(sequences[0], sequences[0] + len(calls)))  # once each
+    credits = await store.credits(ORG, now)
+    assert credits is not None
+    assert credits["remaining"] == 10_000 - len(calls)
