@@ -100,7 +100,7 @@ def spawn_worker(env: dict[str, str], folder: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "creditgate", "worker"],
             env=env,
-            cwd=folder,  # faust's data folder lands here
+            cwd=folder,  # nothing but its log lands here (a test below checks)
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -212,6 +212,13 @@ def test_tokens_never_reach_the_log(secured: SecuredApi) -> None:
     assert text, "the worker wrote no log"
     for token in secured.tokens.values():
         assert token not in text
+
+
+def test_the_worker_leaves_nothing_but_its_log_in_its_working_directory(
+    secured: SecuredApi,
+) -> None:
+    # faust creates a data folder (``<app_id>-data``) for tables; the worker has none
+    assert [p.name for p in secured.log.parent.iterdir()] == ["worker.log"]
 
 
 # ---- 403: tenant isolation -----------------------------------------------------------

@@ -49,6 +49,11 @@ class WorkerApp(faust.App):
         await super().on_started()
         freeze_start_up_heap()  # the app has started: what exists now stays
 
+    def _create_directories(self) -> None:
+        # faust's data directory holds its tables' local stores: there are none, and
+        # creating it left an empty ``<app_id>-data`` folder in the working directory
+        pass
+
 
 class Worker(faust.Worker):
     """faust's worker without its terminal spinner.
