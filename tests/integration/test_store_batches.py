@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -85,17 +86,20 @@ async def test_a_batch_larger_than_the_socket_buffers_is_decided_whole_and_in_or
 
 
 async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
-    store: CreditStore, settings: Settings
+    settings: Settings,
 ) -> None:
+    url = settings.redis_url.get_secret_value()
+    # a store whose connection can be told apart from every other test's
+    name = f"cut-off-{uuid.uuid4().hex[:8]}"
+    store = CreditStore(Redis.from_url(url, decode_responses=True, client_name=name), settings)
+    killer = Redis.from_url(url)
     now = int(time.time() * 1000)
     await licensed(store, credits=10_000, now=now)
     calls = [export(f"r-{n}", 1, now) for n in range(3_000)]
-    killer = Redis.from_url(settings.redis_url.get_secret_value())
     kills: list[asyncio.Task[Any]] = []
 
     async def cut_off() -> None:
-        # the connection running the batch: the one whose last command is the script
-        (batch,) = [c for c in await killer.client_list() if c["cmd"] == "evalsha"]
+        (batch,) = [c for c in await killer.client_list() if c["name"] == name]
         await killer.client_kill_filter(_id=batch["id"])
 
     def cut_off_after_a_few(i: int, answer: ChargeAnswer) -> None:
@@ -107,10 +111,11 @@ async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
             await store.charge_packed(store.pack_charges(calls), now, cut_off_after_a_few)
         assert kills, "the batch failed before any reply was read"
         await asyncio.gather(*kills)
+        answers = await store.charge_many(calls, now)
+        credits = await store.credits(ORG, now)
     finally:
         await killer.aclose()
-
-    answers = await store.charge_many(calls, now)
+        await store.close()
 
     statuses = {a.status for a in answers}
     assert statuses <= {"decided", "replay"}
@@ -118,6 +123,5 @@ async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
     assert all(a.record.credits == 1 for a in answers)
     sequences = sorted(a.record.sequence for a in answers)
     assert sequences == list(range(sequences[0], sequences[0] + len(calls)))  # once each
-    credits = await store.credits(ORG, now)
     assert credits is not None
     assert credits["remaining"] == 10_000 - len(calls)
