@@ -85,8 +85,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # stage "decide" (Redis, or a bug in a batch) or "publish" (Kafka): which one is away
         self.batch_retries = Counter(
-            "creditgate_batch_retries", "Batches retried after a failure", ["agent"], registry=r
+            "creditgate_batch_retries", "Batch steps retried after a failure", ["stage"], registry=r
         )
 
     def watch_lag(self, source: LagSource) -> None:

@@ -34,6 +34,7 @@ class Worker:
     name: str
     process: subprocess.Popen[bytes]
     log: Path
+    http_port: int
     paused: bool = False
     # set when we ended it on purpose; an exit without it is a crash
     ended_by_us: bool = False
@@ -95,6 +96,7 @@ class Rig:
     # ---- workers ---------------------------------------------------------------
 
     def start_worker(self, name: str) -> Worker:
+        http_port = find_free_port()
         env = {
             **os.environ,
             "CREDITGATE_SESSION_TIMEOUT_SECONDS": str(SESSION_TIMEOUT_SECONDS),
@@ -103,7 +105,7 @@ class Rig:
             "CREDITGATE_TOPIC_PREFIX": self.registry.prefix,
             "CREDITGATE_KEY_PREFIX": self.run,
             "CREDITGATE_APP_ID": f"{self.run}-workers",
-            "CREDITGATE_HTTP_PORT": str(find_free_port()),
+            "CREDITGATE_HTTP_PORT": str(http_port),
             "CREDITGATE_BATCH_SIZE": str(self.batch_size),
         }
         log = self._logs / f"{name}-{sum(1 for w in self.retired if w.name == name)}.log"
@@ -115,7 +117,7 @@ class Rig:
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
             )
-        worker = Worker(name, process, log)
+        worker = Worker(name, process, log, http_port)
         self.workers[name] = worker
         return worker
 

@@ -14,12 +14,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .harness import FaultRun, assert_holds
 from .workload import WorkloadSpec
 
 pytestmark = pytest.mark.faults
+
+
+async def retries_of(http_port: int, stage: str) -> float:
+    """creditgate_batch_retries_total{stage} as the worker's /metrics shows it."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "creditgate_batch_retries_total" and sample.labels == {
+                "stage": stage
+            }:
+                return sample.value
+    return 0.0
 
 
 async def test_redis_killed_and_restarted(
@@ -40,7 +56,9 @@ async def test_redis_killed_and_restarted(
             assert worker.process.poll() is None, "the worker died with Redis"
             back_at = await run.rig.start_redis()
             outages.append((int(dead_at * 1000), int(back_at * 1000)))
+        retries = await retries_of(worker.http_port, "decide")
         verdict = await run.finish()  # the same worker, never restarted, decides the rest
+    assert retries > 0, "the outage did not show in creditgate_batch_retries_total"
     decided_in_outage = [
         rid
         for rid, found in run.observer.seen.decisions.items()

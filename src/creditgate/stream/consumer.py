@@ -252,6 +252,7 @@ class DecisionLoop(Service):
                     batch = _Batch.joined(current)
                     outcomes = await until_done(
                         partial(self._decide, batch),
+                        "decide",
                         f"deciding a batch of {len(batch)}",
                         self._settings,
                         self._metrics,

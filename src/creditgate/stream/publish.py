@@ -39,10 +39,11 @@ _PARTITION_CACHE_SIZE = 100_000
 
 
 async def until_done(
-    step: Callable[[], Awaitable[T]], doing: str, settings: Settings, metrics: Metrics
+    step: Callable[[], Awaitable[T]], stage: str, doing: str, settings: Settings, metrics: Metrics
 ) -> T:
     """``step()``'s result, calling it again after each failure, with backoff, for as
-    long as it takes: a batch's records are never acknowledged half done."""
+    long as it takes: a batch's records are never acknowledged half done. Each retry
+    counts in ``creditgate_batch_retries_total{stage}``."""
     delay = settings.retry_backoff_seconds
     attempt = 0
     while True:
@@ -52,7 +53,7 @@ async def until_done(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure: the batch stays uncommitted
-            metrics.batch_retries.labels("batch").inc()
+            metrics.batch_retries.labels(stage).inc()
             log.warning(
                 "%s failed (attempt %d), retrying in %.1fs: %s",
                 doing,
@@ -84,6 +85,7 @@ class Publisher:
         the broker has every one."""
         await until_done(
             lambda: self.publish(messages),
+            "publish",
             f"publishing the outcomes of a batch of {size}",
             self._settings,
             self._metrics,
