@@ -125,15 +125,18 @@ async def test_pipeline_replies_in_order_with_errors_in_place(store: CreditStore
         _resp(command) for command in (("INCR", key), ("HGET", key, "x"), ("INCRBY", key, 2))
     )
     seen: list[tuple[int, object]] = []
-    (first, second, third), count = await store._pipeline(
-        payload, 3, lambda i, reply: seen.append((i, reply))
-    )
+    async with store._connection(pooled=False) as connection:  # the batches' connection
+        (first, second, third), count = await store._pipeline(
+            connection, payload, 3, lambda i, reply: seen.append((i, reply))
+        )
+        # the same connection answers the next batch in step
+        (after,), _ = await store._pipeline(connection, _resp(("GET", key)), 1)
     assert first == 1
     assert isinstance(second, ResponseError)  # WRONGTYPE, read whole: the rest follows
     assert third == 3
     assert seen == [(0, 1)]  # replies reach on_reply until the first error
     assert count == 1
-    assert await store.redis.get(key) == "3"  # the connection went back in step
+    assert after == "3"
     await store.redis.delete(key)
 
 

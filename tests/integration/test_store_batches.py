@@ -99,7 +99,8 @@ async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
     kills: list[asyncio.Task[Any]] = []
 
     async def cut_off() -> None:
-        (batch,) = [c for c in await killer.client_list() if c["name"] == name]
+        clients = await killer.client_list()
+        (batch,) = [c for c in clients if c["name"] == name and c["cmd"] == "evalsha"]
         await killer.client_kill_filter(_id=batch["id"])
 
     def cut_off_after_a_few(i: int, answer: ChargeAnswer) -> None:
@@ -125,3 +126,27 @@ async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
     assert sequences == list(range(sequences[0], sequences[0] + len(calls)))  # once each
     assert credits is not None
     assert credits["remaining"] == 10_000 - len(calls)
+
+
+async def test_batches_and_quotes_at_once_each_get_their_own_answers(store: CreditStore) -> None:
+    # the decision loop's batches share one connection, a batch at a time; quotes (the
+    # HTTP API) run beside them on others: no reply may reach the wrong caller
+    now = int(time.time() * 1000)
+    await licensed(store, credits=100_000, now=now)
+    batches = [[export(f"b{b}-r{n}", 3, now) for n in range(400)] for b in range(3)]
+    quotes = [export(f"q-{n}", 5, now) for n in range(20)]
+
+    answered = await asyncio.gather(
+        *(store.charge_many(calls, now) for calls in batches),
+        *(store.quote(call, now) for call in quotes),
+    )
+
+    for calls, answers in zip(batches, answered[: len(batches)], strict=True):
+        assert [a.record.request_id for a in answers] == [c.request_id for c in calls]
+        assert all(a.status == "decided" and a.record.credits == 3 for a in answers)
+    for call, quote in zip(quotes, answered[len(batches) :], strict=True):
+        assert quote.request_id == call.request_id
+        assert quote.needed == 5
+    credits = await store.credits(ORG, now)
+    assert credits is not None
+    assert credits["remaining"] == 100_000 - 3 * 400 * 3  # quotes charge nothing
