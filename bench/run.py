@@ -324,6 +324,9 @@ class Run:
             "group": group,
             "output": output,
             "outputs_prefix": self.prefix + "naive.",
+            # faust's data folder (for tables, which the faust baseline has none of): with
+            # the run's logs, not in the checkout the children run in
+            "datadir": str(self.logs / f"{variant}-data"),
             # the passthrough batches like the worker; the naive pipeline sends one message
             # at a time and waits for it, so lingering would only add to each wait
             "producer": {

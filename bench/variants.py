@@ -135,6 +135,7 @@ def faust_passthrough(conf: dict[str, Any]) -> None:
         conf["group"],
         broker=[f"kafka://{h}" for h in settings.kafka_bootstrap.split(",")],
         autodiscover=False,
+        datadir=conf["datadir"],
         key_serializer="raw",
         value_serializer="raw",
         topic_allow_declare=False,
