@@ -150,3 +150,25 @@ async def test_batches_and_quotes_at_once_each_get_their_own_answers(store: Cred
     credits = await store.credits(ORG, now)
     assert credits is not None
     assert credits["remaining"] == 100_000 - 3 * 400 * 3  # quotes charge nothing
+
+
+async def test_an_error_rendering_a_reply_surfaces_as_itself(store: CreditStore) -> None:
+    # a bug in the worker's rendering is not a Redis outage: it must not be reported
+    # (and retried for ever, without a traceback) as StoreUnavailable
+    now = int(time.time() * 1000)
+    await licensed(store, credits=100_000, now=now)
+    calls = [export(f"r-{n}", 1, now) for n in range(5_000)]
+
+    def broken_render(i: int, answer: ChargeAnswer) -> None:
+        if i == 100:
+            raise ValueError("a bug in rendering")
+
+    with pytest.raises(ValueError, match="a bug in rendering"):
+        await store.charge_packed(store.pack_charges(calls), now, broken_render)
+
+    answers = await store.charge_many(calls, now)  # sent again: each decided once
+    sequences = sorted(a.record.sequence for a in answers)
+    assert sequences == list(range(sequences[0], sequences[0] + len(calls)))
+    credits = await store.credits(ORG, now)
+    assert credits is not None
+    assert credits["remaining"] == 100_000 - len(calls)

@@ -223,8 +223,10 @@ class CreditStore:
         return self._redis
 
     async def close(self) -> None:
-        if self._batch_connection is not None:
-            await self._batch_connection.disconnect()
+        async with self._batch_turn:  # after the batch in hand, if any
+            if self._batch_connection is not None:
+                await self._batch_connection.disconnect()
+                self._batch_connection = None
         await self._redis.aclose()
 
     async def load_scripts(self) -> None:
@@ -512,8 +514,8 @@ class CreditStore:
             # meanwhile (preparing the next batch, publishing the last) run before a reply
             # is read. Now the replies are read while Redis runs the batch, and the event
             # loop writes whatever the socket did not take at once (short ``python -m
-            # bench.run`` runs: 7,200 → 11,000 decisions/s). A failed write closes the
-            # connection, and the reads then fail.
+            # bench.run`` runs: 7,200 → 11,000 decisions/s). A write to a broken
+            # connection fails here or in the reads; either way the batch is retried.
             connection._writer.write(payload)
             replies: list[Any] = []
             seen = 0
@@ -547,9 +549,21 @@ class CreditStore:
                 ) from None
             return replies, seen
         except BaseException:
-            # replies may be left unread: the connection must not be reused as it is
-            await connection.disconnect()
+            # Replies may be left unread, and the rest of the batch may still wait in the
+            # transport's buffer: a plain close would send it anyway, for Redis to run
+            # beside the batch's retry, and wait until it is sent (an error of ours then
+            # surfaced as a Redis timeout). So the socket is dropped at once; what Redis
+            # has already received it still runs. The connection reconnects on next use.
+            _drop(connection)
+            await connection.disconnect(nowait=True)
             raise
+
+
+def _drop(connection: Any) -> None:
+    """Close a redis-py connection's socket now, unsent bytes and all."""
+    writer = connection._writer
+    if writer is not None:
+        writer.transport.abort()
 
 
 def _resp(command: Sequence[str | int]) -> bytes:
