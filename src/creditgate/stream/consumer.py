@@ -110,6 +110,12 @@ class _Batch:
         )
 
 
+def heartbeat_seconds(session_timeout_seconds: float) -> float:
+    """How often the consumer tells the group it is alive: six times a session, so a few
+    late heartbeats do not end it, and at most twice a second."""
+    return max(0.5, session_timeout_seconds / 6)
+
+
 async def _at_most(seconds: float, doing: str, step: Awaitable[Any]) -> None:
     """A step of the stop, given up after ``seconds``: an unfinished commit only means
     that some decisions are published again, identically, by the next owner."""
@@ -184,7 +190,7 @@ class DecisionLoop(Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=int(session * 1000),
-            heartbeat_interval_ms=int(max(0.5, session / 6) * 1000),
+            heartbeat_interval_ms=int(heartbeat_seconds(session) * 1000),
             max_poll_records=self._settings.batch_size,
             **security,
         )
