@@ -60,12 +60,15 @@ async def test_paused_worker_is_replaced_then_rejoins(
     spec = workload_spec(12_000, seed=12)
     async with FaultRun(tmp_path, spec, shared_stack=worker_fault_stack) as run:
         await run.setup(["a", "b"])
-        run.start_stream(8_000)
+        run.start_stream(3_000)
         await run.reach(0.2)
         run.rig.pause_worker("a")
         paused = time.monotonic()
-        # Every request sent so far is decided while "a" is frozen: "b" took its
-        # partitions over once a's session expired.
+        # More requests, some on a's partitions: every request sent so far is decided
+        # while "a" is frozen, so "b" took a's partitions over once its session expired.
+        # (Sent after the pause: the workers may well have decided the first part.)
+        await run.stream_sent()
+        run.start_stream(5_000)
         await run.stream_sent()
         await run.wait_sent_decided(timeout=150)
         frozen_for = time.monotonic() - paused
