@@ -56,7 +56,8 @@ from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing
 from creditgate.stream.processor import Incoming, PreparedCharges, Processor
-from creditgate.stream.publish import RECORD_BATCH_BYTES, Publisher, until_done
+from creditgate.stream.publish import RECORD_BATCH_BYTES, Publisher
+from creditgate.stream.retry import until_done
 from creditgate.stream.topics import TopicRegistry
 
 log = logging.getLogger("creditgate.worker")

@@ -2,30 +2,24 @@
 
 ``until_published`` publishes every message of a batch and awaits the broker's
 acknowledgement of each; any failure publishes the whole batch again, with backoff, for
-as long as it takes. Re-publishing is safe because decisions are idempotent: a message
-the broker already had is a copy of the same decision. Only when it returns may the
-batch's offsets be committed. ``until_done`` is that retry loop, for any step.
+as long as it takes (``retry.until_done``). Re-publishing is safe because decisions are
+idempotent: a message the broker already had is a copy of the same decision. Only when
+it returns may the batch's offsets be committed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
-from creditgate.errors import InfrastructureError
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.stream.events import Outgoing
-
-log = logging.getLogger("creditgate.worker")
-
-T = TypeVar("T")
+from creditgate.stream.retry import until_done
 
 # The producer's record batch size (aiokafka's ``max_batch_size``): a batch's messages
 # for one partition fit in one record batch. At aiokafka's default of 16 KiB a batch of
@@ -36,38 +30,6 @@ RECORD_BATCH_BYTES = 512 * 1024
 
 # (topic, key) → partition, remembered for this many keys (organisations times topics)
 _PARTITION_CACHE_SIZE = 100_000
-
-
-async def until_done(
-    step: Callable[[], Awaitable[T]], stage: str, doing: str, settings: Settings, metrics: Metrics
-) -> T:
-    """``step()``'s result, calling it again after each failure, with backoff, for as
-    long as it takes: a batch's records are never acknowledged half done. Each retry
-    counts in ``creditgate_batch_retries_total{stage}``."""
-    delay = settings.retry_backoff_seconds
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            done = await step()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # any failure: the batch stays uncommitted
-            metrics.batch_retries.labels(stage).inc()
-            log.warning(
-                "%s failed (attempt %d), retrying in %.1fs: %s",
-                doing,
-                attempt,
-                delay,
-                exc,
-                exc_info=not _is_infrastructure(exc),
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, settings.retry_backoff_max_seconds)
-        else:
-            if attempt > 1:
-                log.info("%s done after %d attempts", doing, attempt)
-            return done
 
 
 class Publisher:
@@ -133,7 +95,3 @@ class Publisher:
             self._partitions.clear()
         self._partitions[(topic, key)] = found
         return found
-
-
-def _is_infrastructure(exc: BaseException) -> bool:
-    return isinstance(exc, InfrastructureError | KafkaError | OSError)
