@@ -3,28 +3,16 @@ traffic should move."""
 
 from __future__ import annotations
 
-import re
-
 import aiohttp
 import pytest
 
 from creditgate.stream import topics as t
 
+from ..metrics import sample
 from .conftest import Pipeline
 from .test_pipeline import contact, request, setup_org
 
 pytestmark = pytest.mark.e2e
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and line.split(" ")[0] != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line))
-        if all(found.get(key) == value for key, value in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def scrape(pipeline: Pipeline) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from ..metrics import sample
 from .harness import FaultRun, assert_holds
 from .workload import WorkloadSpec
 
@@ -29,13 +29,7 @@ async def retries_of(http_port: int, stage: str) -> float:
     url = f"http://127.0.0.1:{http_port}/metrics"
     async with aiohttp.ClientSession() as http, http.get(url) as response:
         text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "creditgate_batch_retries_total" and sample.labels == {
-                "stage": stage
-            }:
-                return sample.value
-    return 0.0
+    return sample(text, "creditgate_batch_retries_total", stage=stage)
 
 
 async def test_redis_killed_and_restarted(
