@@ -169,8 +169,8 @@ def encoded(body: Any) -> bytes:
 # ---- the properties ----------------------------------------------------------------
 
 
-def read_request(raw: bytes | None, action: Action, max_items: int) -> Any:
-    """Read, and check that the outcome keeps its promise."""
+def assert_read_request(raw: bytes | None, action: Action, max_items: int) -> Any:
+    """Read, assert that the outcome keeps its promise, and return it."""
     result = read_charge_request(raw, action, max_items)
     assert isinstance(result, ChargeRequest | InvalidRequest | Unreadable)
     sent = _object(raw)
@@ -199,7 +199,7 @@ def read_request(raw: bytes | None, action: Action, max_items: int) -> Any:
     return result
 
 
-def read_command(raw: bytes | None) -> Any:
+def assert_read_command(raw: bytes | None) -> Any:
     result = read_license_command(raw)
     sent = _object(raw)
     match result:
@@ -236,15 +236,15 @@ def _object(raw: bytes | None) -> Any:
 @FUZZ
 @given(raw=st.binary(max_size=300), action=st.sampled_from(list(Action)))
 def test_arbitrary_bytes(raw: bytes, action: Action) -> None:
-    read_request(raw, action, 10_000)
-    read_command(raw)
+    assert_read_request(raw, action, 10_000)
+    assert_read_command(raw)
 
 
 @FUZZ
 @given(value=json_values | st.integers(), action=st.sampled_from(list(Action)))
 def test_arbitrary_json_values(value: Any, action: Action) -> None:
-    read_request(encoded(value), action, 10_000)
-    read_command(encoded(value))
+    assert_read_request(encoded(value), action, 10_000)
+    assert_read_command(encoded(value))
 
 
 @FUZZ
@@ -252,21 +252,21 @@ def test_arbitrary_json_values(value: Any, action: Action) -> None:
 def test_charge_requests_near_the_contract(
     body: dict[str, Any], action: Action, max_items: int
 ) -> None:
-    read_request(encoded(body), action, max_items)
+    assert_read_request(encoded(body), action, max_items)
 
 
 @FUZZ
 @given(body=charge_bodies(), action=st.sampled_from(list(Action)), cut=st.integers(0, 400))
 def test_truncated_charge_requests(body: dict[str, Any], action: Action, cut: int) -> None:
     raw = encoded(body)
-    read_request(raw[: min(cut, len(raw) - 1)], action, 10_000)
+    assert_read_request(raw[: min(cut, len(raw) - 1)], action, 10_000)
 
 
 @FUZZ
 @given(body=command_bodies(), cut=st.none() | st.integers(0, 300))
 def test_license_commands_near_the_contract(body: dict[str, Any], cut: int | None) -> None:
     raw = encoded(body)
-    read_command(raw if cut is None else raw[:cut])
+    assert_read_command(raw if cut is None else raw[:cut])
 
 
 def test_the_fuzzers_reach_all_three_outcomes() -> None:
@@ -276,7 +276,7 @@ def test_the_fuzzers_reach_all_three_outcomes() -> None:
     @settings(max_examples=100, deadline=None, database=None, derandomize=True)
     @given(body=charge_bodies(), action=st.sampled_from(list(Action)))
     def collect(body: dict[str, Any], action: Action) -> None:
-        seen.add(type(read_request(encoded(body), action, 10_000)).__name__)
+        seen.add(type(assert_read_request(encoded(body), action, 10_000)).__name__)
 
     collect()
     assert seen == {"ChargeRequest", "InvalidRequest", "Unreadable"}
@@ -307,18 +307,22 @@ def _nested(depth: int) -> bytes:
 def test_a_deeply_nested_request_is_not_a_crash(field: str) -> None:
     head = orjson.dumps(_valid_request())[:-1]
     value = b'{"a":' + _nested(DEEP) + b"}" if field == "reference" else _nested(DEEP)
-    read = read_request(head + b',"' + field.encode() + b'":' + value + b"}", Action.EXPORT, 10)
+    read = assert_read_request(
+        head + b',"' + field.encode() + b'":' + value + b"}", Action.EXPORT, 10
+    )
     assert isinstance(read, Unreadable)
     assert "nested too deeply" in read.error
 
 
 def test_a_deeply_nested_command_is_not_a_crash() -> None:
-    read = read_command(b'{"org_id":"acme","command_id":"k-1","x":' + _nested(DEEP) + b"}")
+    read = assert_read_command(b'{"org_id":"acme","command_id":"k-1","x":' + _nested(DEEP) + b"}")
     assert isinstance(read, Unreadable)
 
 
 @pytest.mark.parametrize("timestamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
 def test_a_timestamp_at_the_calendar_edge_is_not_a_crash(timestamp: str) -> None:
-    read = read_request(orjson.dumps(_valid_request(requested_at=timestamp)), Action.EXPORT, 10)
+    read = assert_read_request(
+        orjson.dumps(_valid_request(requested_at=timestamp)), Action.EXPORT, 10
+    )
     assert isinstance(read, InvalidRequest)
     assert "out of range" in read.detail
