@@ -42,7 +42,22 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax = axes[0]
     rates = [variants[n]["per_s"] for n in names]
     colours = {"passthrough": "#999", "faust": "#bbb", "creditgate": "#2a7", "naive": "#c66"}
-    bars = ax.bar([_label(n) for n in names], rates, color=[colours.get(n, "#5b9") for n in names])
+    # a variant measured in rounds: its median, with a line from the slowest to the fastest
+    spans = [
+        [r["per_s"] for r in variants[n].get("rounds", [])] or [rate]
+        for n, rate in zip(names, rates, strict=True)
+    ]
+    spread = [
+        [rate - min(span) for rate, span in zip(rates, spans, strict=True)],
+        [max(span) - rate for rate, span in zip(rates, spans, strict=True)],
+    ]
+    bars = ax.bar(
+        [_label(n) for n in names],
+        rates,
+        yerr=spread,
+        capsize=4,
+        color=[colours.get(n, "#5b9") for n in names],
+    )
     # CPU per message barely depends on how busy the machine was: it goes on each bar
     cpu = [variants[n].get("cpu_ms_per_1000") for n in names]
     ax.bar_label(
@@ -52,7 +67,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     )
     ax.axhline(10_000, ls="--", color="k", lw=1, label="goal 10,000/s")
     ax.set_ylim(top=max([*rates, 10_000]) * 1.2)  # room for the labels
-    ax.set_title("throughput, 1-item requests (messages/s)")
+    ax.set_title("throughput, 1-item requests (messages/s; median and range of rounds)")
     ax.legend(loc="upper right")
 
     ax = axes[1]
@@ -106,8 +121,14 @@ def print_summary(report: dict[str, Any]) -> None:
     for name in _order(report["variants"]):
         v = report["variants"][name]
         busy = v.get("machine_cpu_busy_pct")
+        rounds = v.get("rounds")
+        measured = (
+            f"median of {len(rounds)} rounds: " + ", ".join(f"{r['per_s']:,.0f}" for r in rounds)
+            if rounds
+            else f"{v['records']:,} in {v['seconds']:.1f}s"
+        )
         print(
-            f"  {name:<14} {v['per_s']:>10,.0f}/s  ({v['records']:,} in {v['seconds']:.1f}s"
+            f"  {name:<14} {v['per_s']:>10,.0f}/s  ({measured}"
             f"; {v['cpu_ms_per_1000']} ms CPU per 1k"
             + (f"; machine {busy:.0f} % busy)" if busy is not None else ")")
         )

@@ -311,8 +311,12 @@ class Run:
             "since": since,  # kept out of the report (see ``creditgate``)
         }
 
-    async def baseline(self, watcher: kafkaio.Watcher, variant: str, target: int) -> Any:
-        group = f"{self.prefix}{variant}"
+    async def baseline(
+        self, watcher: kafkaio.Watcher, variant: str, target: int, round_no: int = 1
+    ) -> Any:
+        # each round its own consumer group, so it reads the inputs from the start
+        name = variant if round_no == 1 else f"{variant}-r{round_no}"
+        group = f"{self.prefix}{name}"
         output = self.prefix + (
             "naive.credits.charge.results" if variant == "naive" else f"{variant}.results"
         )
@@ -336,7 +340,7 @@ class Run:
             },
         }
         child = start_child(
-            variant,
+            name,
             [sys.executable, "-m", "bench.variants", variant, json.dumps(conf)],
             self.env(key_prefix, group),
             self.logs,
@@ -383,6 +387,27 @@ class Run:
             return measured
         finally:
             children.stop()
+
+    async def creditgate_round(self, watcher: kafkaio.Watcher, round_no: int) -> dict[str, Any]:
+        """An earlier throughput round: a worker of its own, fresh Redis keys and group."""
+        name = f"creditgate-r{round_no}"
+        key_prefix = f"b{self.run_id}cg{round_no}"
+        group = f"{self.prefix}{name}"
+        await self.license_orgs(key_prefix)
+        child = start_child(name, WORKER_ARGV, self.env(key_prefix, group), self.logs)
+        try:
+            measured = await self.measure(
+                watcher,
+                child,
+                self.registry.name(t.CHARGE_RESULTS),
+                self.args.requests,
+                group,
+                check_commits=True,
+            )
+            measured.pop("since")
+            return measured
+        finally:
+            child.stop()
 
     async def creditgate(self, watcher: kafkaio.Watcher) -> None:
         args = self.args
@@ -604,7 +629,31 @@ class Run:
                 # group, new, reads the inputs from the start
                 name = f"creditgate_x{args.scale_out}"
                 self.report["variants"][name] = await self.scale_out(watcher, args.scale_out)
+            # The rates the goals compare, measured in turns: on this machine one
+            # variant's rate moved by 25 % from one run to the next, and by more within a
+            # run, so one measurement of each says little. The last round is the worker
+            # that then goes on to the latency and soak runs.
+            earlier: dict[str, list[dict[str, Any]]] = {"creditgate": [], "passthrough": []}
+            for round_no in range(1, args.rounds):
+                earlier["creditgate"].append(await self.creditgate_round(watcher, round_no))
+                if "passthrough" in args.baselines:
+                    earlier["passthrough"].append(
+                        await self.baseline(watcher, "passthrough", args.requests, round_no + 1)
+                    )
             await self.creditgate(watcher)
+            variants = self.report["variants"]
+            for name, rounds in earlier.items():
+                if rounds and name in variants:
+                    # passthrough's first round ran first; creditgate's last runs last
+                    ordered = (
+                        [variants[name], *rounds]
+                        if name == "passthrough"
+                        else [
+                            *rounds,
+                            variants[name],
+                        ]
+                    )
+                    variants[name] = with_rounds(ordered)
         finally:
             await watcher.stop()
 
@@ -618,6 +667,19 @@ async def license_commands_for(store: CreditStore, workload: Workload, now_ms: i
         refused = [a for a in answers if not a.record.applied]
         if refused:
             raise RuntimeError(f"set-up command refused: {refused[0]}")
+
+
+ROUND_FIELDS = ("records", "seconds", "per_s", "cpu_ms_per_1000", "machine_cpu_busy_pct")
+
+
+def with_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A variant measured in several rounds: the median of each figure, and every round."""
+    merged = dict(rounds[-1])
+    for key in ("per_s", "cpu_ms_per_1000", "machine_cpu_busy_pct"):
+        merged[key] = round(statistics.median(r[key] for r in rounds), 1)
+    merged["rounds"] = [{key: r[key] for key in ROUND_FIELDS} for r in rounds]
+    merged["median_of"] = len(rounds)
+    return merged
 
 
 def _mean(values: list[int]) -> float | None:
@@ -748,6 +810,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=2,
         help="then the same requests through this many workers of one group (<2: skip)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="creditgate's and the passthrough's throughput are measured this many times "
+        "in turns; the report gives each round and the median (default 3)",
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--stall-seconds", type=float, default=60.0)
