@@ -409,7 +409,11 @@ class Run:
         finally:
             child.stop()
 
-    async def creditgate(self, watcher: kafkaio.Watcher) -> None:
+    async def creditgate(
+        self, watcher: kafkaio.Watcher, earlier_rates: list[float] | None = None
+    ) -> None:
+        """The last throughput round (after ``earlier_rates``), then latency and soak
+        through the same worker."""
         args = self.args
         key_prefix = f"b{self.run_id}cg"
         group = f"{self.prefix}creditgate"
@@ -441,12 +445,13 @@ class Run:
                 client, key_prefix, memory_before, memory_after
             )
             if args.latency_seconds > 0:
-                rate = args.latency_rate or throughput["per_s"] / 2
+                # the measured maximum: the median of the rounds, as the report gives it
+                maximum = statistics.median([*(earlier_rates or []), throughput["per_s"]])
+                rate = args.latency_rate or maximum / 2
                 self.report["latency"] = await self.latency(rate)
                 # lighter loads too: where the latency goals are met, if not at half
                 self.report["latency_more"] = [
-                    await self.latency(throughput["per_s"] * fraction)
-                    for fraction in args.latency_fractions
+                    await self.latency(maximum * fraction) for fraction in args.latency_fractions
                 ]
             if args.soak_requests > 0:
                 self.report["soak"] = await self.soak(watcher, child, results, group)
@@ -640,7 +645,7 @@ class Run:
                     earlier["passthrough"].append(
                         await self.baseline(watcher, "passthrough", args.requests, round_no + 1)
                     )
-            await self.creditgate(watcher)
+            await self.creditgate(watcher, [r["per_s"] for r in earlier["creditgate"]])
             variants = self.report["variants"]
             for name, rounds in earlier.items():
                 if rounds and name in variants:

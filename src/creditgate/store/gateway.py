@@ -19,7 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis._parsers import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.connections import redis_options
@@ -524,8 +524,11 @@ class CreditStore:
             # redis-py's read_response: its coroutine and checks per reply cost 1.5 µs
             # of the worker's CPU per decision. Nothing else reads this connection
             # meanwhile (one batch at a time), so the two parsers never share bytes.
-            parser = hiredis.Reader(
-                replyError=BaseParser.parse_error, notEnoughData=_MORE, encoding="utf-8"
+            parser = hiredis.Reader(  # errors as redis-py's own hiredis parser gives them
+                protocolError=InvalidResponse,
+                replyError=BaseParser.parse_error,
+                notEnoughData=_MORE,
+                encoding="utf-8",
             )
             stream = connection._reader
             replies: list[Any] = []
