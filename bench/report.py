@@ -115,6 +115,11 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _rewrites(run: dict[str, Any]) -> str:
+    count = run.get("redis_aof_rewrites")
+    return "" if count is None else f" ({count} Redis AOF rewrites meanwhile)"
+
+
 def print_summary(report: dict[str, Any]) -> None:
     summary = report["summary"]
     print("\n== results ==")
@@ -140,11 +145,14 @@ def print_summary(report: dict[str, Any]) -> None:
         r = latency["received_ms"]
         print(
             f"  latency at {latency['rate_per_s']:,.0f}/s: p50 {r['p50']} ms, p99 {r['p99']} ms,"
-            f" p99.9 {r['p999']} ms"
+            f" p99.9 {r['p999']} ms{_rewrites(latency)}"
         )
     for more in report.get("latency_more", []):
         r = more["received_ms"]
-        print(f"  latency at {more['rate_per_s']:,.0f}/s: p50 {r['p50']} ms, p99 {r['p99']} ms")
+        print(
+            f"  latency at {more['rate_per_s']:,.0f}/s: p50 {r['p50']} ms, p99 {r['p99']} ms"
+            + _rewrites(more)
+        )
     soak = report.get("soak")
     if soak:
         print(

@@ -242,6 +242,16 @@ class Run:
 
     # ---- measuring a variant -------------------------------------------------------
 
+    async def aof_rewrites(self) -> int:
+        """How many times Redis has rewritten its AOF so far. Each rewrite is a forked
+        child that takes a core for a second or more: on this 2-core machine, beside the
+        broker and the worker, the latency runs' worst stretches line up with them."""
+        client = aioredis.Redis.from_url(self.redis_url)
+        try:
+            return int((await client.info("persistence"))["aof_rewrites"])
+        finally:
+            await client.aclose()
+
     async def measure(
         self,
         watcher: kafkaio.Watcher,
@@ -254,6 +264,7 @@ class Run:
     ) -> dict[str, Any]:
         """Wait until ``target`` records are on ``output``, then read the span."""
         since = await watcher.end_offsets([output])
+        rewrites_before = await self.aof_rewrites()
         start_total = sum(since.values())
         # CPU is counted from the first output on, so start-up (imports, joining the
         # group) does not count against the messages
@@ -308,6 +319,7 @@ class Run:
             "machine_cpu_busy_pct": round(100 * busy_share, 1),
             "offsets_committed_to_end": True if check_commits else None,
             "committed_seen_after_s": committed_after,
+            "redis_aof_rewrites": await self.aof_rewrites() - rewrites_before,
             "since": since,  # kept out of the report (see ``creditgate``)
         }
 
@@ -523,6 +535,7 @@ class Run:
         args = self.args
         count = int(rate * args.latency_seconds)
         print(f"  latency: open loop at {rate:,.0f}/s for {args.latency_seconds}s", flush=True)
+        rewrites_before = await self.aof_rewrites()
         requests = list(self.workload.requests(count))
         names = {logical: self.registry.name(logical) for logical in t.REQUEST_ACTIONS}
         scheduled: dict[str, float] = {}
@@ -563,6 +576,7 @@ class Run:
             "warmup_seconds": args.latency_warmup_seconds,
             "requests": len(scheduled),
             "answered": len(seen),
+            "redis_aof_rewrites": await self.aof_rewrites() - rewrites_before,
             "received_ms": _percentiles(sorted((seen[r][0] - scheduled[r]) * 1000 for r in warm)),
             "decided_ms": _percentiles(sorted(seen[r][1] - wall_sent[r] for r in warm)),
             "note": "received: scheduled produce time to the decision read by a consumer; "
@@ -674,7 +688,14 @@ async def license_commands_for(store: CreditStore, workload: Workload, now_ms: i
             raise RuntimeError(f"set-up command refused: {refused[0]}")
 
 
-ROUND_FIELDS = ("records", "seconds", "per_s", "cpu_ms_per_1000", "machine_cpu_busy_pct")
+ROUND_FIELDS = (
+    "records",
+    "seconds",
+    "per_s",
+    "cpu_ms_per_1000",
+    "machine_cpu_busy_pct",
+    "redis_aof_rewrites",
+)
 
 
 def with_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -682,7 +703,7 @@ def with_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(rounds[-1])
     for key in ("per_s", "cpu_ms_per_1000", "machine_cpu_busy_pct"):
         merged[key] = round(statistics.median(r[key] for r in rounds), 1)
-    merged["rounds"] = [{key: r[key] for key in ROUND_FIELDS} for r in rounds]
+    merged["rounds"] = [{key: r.get(key) for key in ROUND_FIELDS} for r in rounds]
     merged["median_of"] = len(rounds)
     return merged
 
