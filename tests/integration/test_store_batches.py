@@ -172,3 +172,44 @@ async def test_an_error_rendering_a_reply_surfaces_as_itself(store: CreditStore)
     credits = await store.credits(ORG, now)
     assert credits is not None
     assert credits["remaining"] == 100_000 - len(calls)
+
+
+async def test_server_notices_in_the_middle_of_a_batch_are_not_taken_for_replies(
+    store: CreditStore, settings: Settings
+) -> None:
+    """RESP3 lets Redis push notices (maintenance events on a managed Redis, pub/sub
+    messages) between replies; each reply must still reach its own request. Here the
+    batch connection also subscribes to a channel that another client publishes to while
+    the batch runs."""
+    now = int(time.time() * 1000)
+    await licensed(store, credits=1_000_000, now=now)
+    await store.charge_many([export("warm-up", 1, now)], now)  # opens the batch connection
+    connection = store._batch_connection
+    await connection.send_command("SUBSCRIBE", "notices")
+    confirmed = await connection.read_response(push_request=True)
+    assert confirmed[0] == "subscribe"
+
+    publisher = Redis.from_url(settings.redis_url.get_secret_value())
+    published = 0
+    batch_done = asyncio.Event()
+
+    async def publish_meanwhile() -> None:
+        nonlocal published
+        while not batch_done.is_set():
+            published += await publisher.publish("notices", "a notice") > 0
+
+    calls = [export(f"n-{n}", 20, now) for n in range(3_000)]
+    noise = asyncio.create_task(publish_meanwhile())
+    try:
+        answers = await store.charge_many(calls, now)
+    finally:
+        batch_done.set()
+        await noise  # stops after its publish in flight; one that failed fails the test
+        await publisher.aclose()
+
+    assert published > 10  # notices did arrive during the batch
+    assert [a.record.request_id for a in answers] == [c.request_id for c in calls]
+    assert all(a.status == "decided" and a.record.credits == 20 for a in answers)
+    # and the next batch on the same connection is still in step
+    (after,) = await store.charge_many([export("after", 1, now)], now)
+    assert after.record.request_id == "after"

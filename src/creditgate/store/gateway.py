@@ -524,11 +524,17 @@ class CreditStore:
             # redis-py's read_response: its coroutine and checks per reply cost 1.5 µs
             # of the worker's CPU per decision. Nothing else reads this connection
             # meanwhile (one batch at a time), so the two parsers never share bytes.
-            parser = hiredis.Reader(  # errors as redis-py's own hiredis parser gives them
+            encoder = connection.encoder
+            text = (
+                {"encoding": encoder.encoding, "errors": encoder.encoding_errors}
+                if encoder.decode_responses
+                else {}
+            )
+            parser = hiredis.Reader(  # errors and text as redis-py's own hiredis parser
                 protocolError=InvalidResponse,
                 replyError=BaseParser.parse_error,
                 notEnoughData=_MORE,
-                encoding="utf-8",
+                **text,
             )
             stream = connection._reader
             replies: list[Any] = []
@@ -548,6 +554,9 @@ class CreditStore:
                                 silence.reschedule(now + _SILENCE_SECONDS)
                                 pushed_back = now
                             continue
+                        if isinstance(reply, hiredis.PushNotification):
+                            # RESP3: a server notice (a maintenance event), not a reply
+                            continue
                         if isinstance(reply, RedisConnectionError):
                             raise reply  # BusyLoadingError (LOADING) is one
                         i = len(replies)
@@ -563,6 +572,10 @@ class CreditStore:
                 raise RedisTimeoutError(
                     f"no reply from Redis for about {_SILENCE_SECONDS:.0f}s"
                 ) from None
+            if connection.health_check_interval:
+                # the connection just answered: as redis-py's own reads do, put its next
+                # health-check PING off, so a busy batch connection never waits for one
+                connection.next_health_check = loop.time() + connection.health_check_interval
             return replies, seen
         except BaseException:
             # Replies may be left unread, and the rest of the batch may still wait in the
