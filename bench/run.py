@@ -242,15 +242,22 @@ class Run:
 
     # ---- measuring a variant -------------------------------------------------------
 
-    async def aof_rewrites(self) -> int:
-        """How many times Redis has rewritten its AOF so far. Each rewrite is a forked
-        child that takes a core for a second or more: on this 2-core machine, beside the
-        broker and the worker, the latency runs' worst stretches line up with them."""
+    async def aof_rewrites(self) -> tuple[int, int]:
+        """Redis's AOF rewrites so far: (finished, running). Each is a forked child that
+        takes a core for a second or more: on this 2-core machine, beside the broker and
+        the worker, the latency runs' worst stretches line up with them."""
         client = aioredis.Redis.from_url(self.redis_url)
         try:
-            return int((await client.info("persistence"))["aof_rewrites"])
+            found = await client.info("persistence")
         finally:
             await client.aclose()
+        return int(found.get("aof_rewrites", 0)), int(found.get("aof_rewrite_in_progress", 0))
+
+    async def rewrites_since(self, before: tuple[int, int]) -> int:
+        """Rewrites that ran in a window that started at ``before``: one already running
+        then counts too."""
+        finished, running = await self.aof_rewrites()
+        return finished + running - before[0]
 
     async def measure(
         self,
@@ -319,7 +326,7 @@ class Run:
             "machine_cpu_busy_pct": round(100 * busy_share, 1),
             "offsets_committed_to_end": True if check_commits else None,
             "committed_seen_after_s": committed_after,
-            "redis_aof_rewrites": await self.aof_rewrites() - rewrites_before,
+            "redis_aof_rewrites": await self.rewrites_since(rewrites_before),
             "since": since,  # kept out of the report (see ``creditgate``)
         }
 
@@ -576,7 +583,7 @@ class Run:
             "warmup_seconds": args.latency_warmup_seconds,
             "requests": len(scheduled),
             "answered": len(seen),
-            "redis_aof_rewrites": await self.aof_rewrites() - rewrites_before,
+            "redis_aof_rewrites": await self.rewrites_since(rewrites_before),
             "received_ms": _percentiles(sorted((seen[r][0] - scheduled[r]) * 1000 for r in warm)),
             "decided_ms": _percentiles(sorted(seen[r][1] - wall_sent[r] for r in warm)),
             "note": "received: scheduled produce time to the decision read by a consumer; "
@@ -636,7 +643,8 @@ class Run:
         watcher = kafkaio.Watcher(self.bootstrap, self.partitions)
         await watcher.start()
         try:
-            for variant in args.baselines:
+            # the other baselines first: the passthrough goes in turns with creditgate
+            for variant in [b for b in args.baselines if b != "passthrough"]:
                 target = (
                     min(args.naive_requests, args.requests)
                     if variant == "naive"
@@ -648,31 +656,25 @@ class Run:
                 # group, new, reads the inputs from the start
                 name = f"creditgate_x{args.scale_out}"
                 self.report["variants"][name] = await self.scale_out(watcher, args.scale_out)
-            # The rates the goals compare, measured in turns: on this machine one
-            # variant's rate moved by 25 % from one run to the next, and by more within a
-            # run, so one measurement of each says little. The last round is the worker
-            # that then goes on to the latency and soak runs.
-            earlier: dict[str, list[dict[str, Any]]] = {"creditgate": [], "passthrough": []}
-            for round_no in range(1, args.rounds):
-                earlier["creditgate"].append(await self.creditgate_round(watcher, round_no))
+            # The rates the goals compare, measured in turns (passthrough, creditgate,
+            # passthrough, …): on this machine one variant's rate moved by 25 % from one
+            # run to the next, and by more within a run, so one measurement of each says
+            # little. creditgate's last round is the worker that then goes on to the
+            # latency and soak runs.
+            rounds: dict[str, list[dict[str, Any]]] = {"passthrough": [], "creditgate": []}
+            for round_no in range(1, args.rounds + 1):
                 if "passthrough" in args.baselines:
-                    earlier["passthrough"].append(
-                        await self.baseline(watcher, "passthrough", args.requests, round_no + 1)
+                    rounds["passthrough"].append(
+                        await self.baseline(watcher, "passthrough", args.requests, round_no)
                     )
-            await self.creditgate(watcher, [r["per_s"] for r in earlier["creditgate"]])
+                if round_no < args.rounds:
+                    rounds["creditgate"].append(await self.creditgate_round(watcher, round_no))
+            await self.creditgate(watcher, [r["per_s"] for r in rounds["creditgate"]])
             variants = self.report["variants"]
-            for name, rounds in earlier.items():
-                if rounds and name in variants:
-                    # passthrough's first round ran first; creditgate's last runs last
-                    ordered = (
-                        [variants[name], *rounds]
-                        if name == "passthrough"
-                        else [
-                            *rounds,
-                            variants[name],
-                        ]
-                    )
-                    variants[name] = with_rounds(ordered)
+            rounds["creditgate"].append(variants["creditgate"])
+            for name, measured in rounds.items():
+                if measured:
+                    variants[name] = with_rounds(measured)
         finally:
             await watcher.stop()
 
@@ -699,10 +701,14 @@ ROUND_FIELDS = (
 
 
 def with_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """A variant measured in several rounds: the median of each figure, and every round."""
-    merged = dict(rounds[-1])
+    """A variant measured in several rounds: the median of each rate, every round, and
+    what is not per round (the last round's commit check, its outcomes' ``since``)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = {k: v for k, v in rounds[-1].items() if k not in (*ROUND_FIELDS, "process_cpu_s")}
     for key in ("per_s", "cpu_ms_per_1000", "machine_cpu_busy_pct"):
         merged[key] = round(statistics.median(r[key] for r in rounds), 1)
+    merged["redis_aof_rewrites"] = sum(r.get("redis_aof_rewrites") or 0 for r in rounds)
     merged["rounds"] = [{key: r.get(key) for key in ROUND_FIELDS} for r in rounds]
     merged["median_of"] = len(rounds)
     return merged
@@ -859,6 +865,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=float, default=15.0)
     parser.add_argument("--label", default="", help="a word for the report's file name")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.baselines = [b for b in args.baselines.split(",") if b]
     args.latency_fractions = [float(f) for f in args.latency_fractions.split(",") if f]
     return args
