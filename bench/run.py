@@ -384,11 +384,11 @@ class Run:
             members.append(start_child(f"{name}-{i + 1}", WORKER_ARGV, own, self.logs))
         return Children(name, members)
 
-    async def scale_out(self, watcher: kafkaio.Watcher, workers: int) -> dict[str, Any]:
-        """The same requests through ``workers`` worker processes of one group (fresh
-        Redis keys, so every request is decided anew, none replayed)."""
-        name = f"creditgate_x{workers}"
-        key_prefix = f"b{self.run_id}x{workers}"
+    async def fresh_workers(
+        self, watcher: kafkaio.Watcher, name: str, key_prefix: str, workers: int
+    ) -> dict[str, Any]:
+        """The throughput of ``workers`` new worker processes of one new group, on fresh
+        Redis keys (every request decided anew, none replayed)."""
         group = f"{self.prefix}{name}"
         await self.license_orgs(key_prefix)
         children = self.start_workers(name, workers, key_prefix, group)
@@ -402,31 +402,21 @@ class Run:
                 check_commits=True,
             )
             measured.pop("since")
-            measured["workers"] = workers
             return measured
         finally:
             children.stop()
 
+    async def scale_out(self, watcher: kafkaio.Watcher, workers: int) -> dict[str, Any]:
+        """The same requests through ``workers`` worker processes of one group."""
+        key_prefix = f"b{self.run_id}x{workers}"
+        measured = await self.fresh_workers(watcher, f"creditgate_x{workers}", key_prefix, workers)
+        measured["workers"] = workers
+        return measured
+
     async def creditgate_round(self, watcher: kafkaio.Watcher, round_no: int) -> dict[str, Any]:
-        """An earlier throughput round: a worker of its own, fresh Redis keys and group."""
-        name = f"creditgate-r{round_no}"
+        """An earlier throughput round: one worker of its own."""
         key_prefix = f"b{self.run_id}cg{round_no}"
-        group = f"{self.prefix}{name}"
-        await self.license_orgs(key_prefix)
-        child = start_child(name, WORKER_ARGV, self.env(key_prefix, group), self.logs)
-        try:
-            measured = await self.measure(
-                watcher,
-                child,
-                self.registry.name(t.CHARGE_RESULTS),
-                self.args.requests,
-                group,
-                check_commits=True,
-            )
-            measured.pop("since")
-            return measured
-        finally:
-            child.stop()
+        return await self.fresh_workers(watcher, f"creditgate-r{round_no}", key_prefix, 1)
 
     async def creditgate(
         self, watcher: kafkaio.Watcher, earlier_rates: list[float] | None = None
