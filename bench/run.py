@@ -419,9 +419,9 @@ class Run:
         return await self.fresh_workers(watcher, f"creditgate-r{round_no}", key_prefix, 1)
 
     async def creditgate(
-        self, watcher: kafkaio.Watcher, earlier_rates: list[float] | None = None
+        self, watcher: kafkaio.Watcher, earlier: list[dict[str, Any]] | None = None
     ) -> None:
-        """The last throughput round (after ``earlier_rates``), then latency and soak
+        """The last throughput round (after the ``earlier`` ones), then latency and soak
         through the same worker."""
         args = self.args
         key_prefix = f"b{self.run_id}cg"
@@ -447,15 +447,17 @@ class Run:
             if profiler is not None:
                 self.report["profile"] = profiling.finish(profiler, RESULTS_DIR, self.run_id)
             since = throughput.pop("since")
-            self.report["variants"]["creditgate"] = throughput
+            # the measured maximum: the median of the rounds, as the report gives it
+            measured = self.report["variants"]["creditgate"] = with_rounds(
+                [*(earlier or []), throughput]
+            )
             memory_after = int((await client.info("memory"))["used_memory"])
             self.report["outcomes"] = await self.outcomes(watcher, results, since)
             self.report["redis_memory"] = await self.window_memory(
                 client, key_prefix, memory_before, memory_after
             )
             if args.latency_seconds > 0:
-                # the measured maximum: the median of the rounds, as the report gives it
-                maximum = statistics.median([*(earlier_rates or []), throughput["per_s"]])
+                maximum = measured["per_s"]
                 rate = args.latency_rate or maximum / 2
                 self.report["latency"] = await self.latency(rate)
                 # lighter loads too: where the latency goals are met, if not at half
@@ -651,20 +653,18 @@ class Run:
             # run to the next, and by more within a run, so one measurement of each says
             # little. creditgate's last round is the worker that then goes on to the
             # latency and soak runs.
-            rounds: dict[str, list[dict[str, Any]]] = {"passthrough": [], "creditgate": []}
+            passthrough: list[dict[str, Any]] = []
+            earlier: list[dict[str, Any]] = []
             for round_no in range(1, args.rounds + 1):
                 if "passthrough" in args.baselines:
-                    rounds["passthrough"].append(
+                    passthrough.append(
                         await self.baseline(watcher, "passthrough", args.requests, round_no)
                     )
                 if round_no < args.rounds:
-                    rounds["creditgate"].append(await self.creditgate_round(watcher, round_no))
-            await self.creditgate(watcher, [r["per_s"] for r in rounds["creditgate"]])
-            variants = self.report["variants"]
-            rounds["creditgate"].append(variants["creditgate"])
-            for name, measured in rounds.items():
-                if measured:
-                    variants[name] = with_rounds(measured)
+                    earlier.append(await self.creditgate_round(watcher, round_no))
+            if passthrough:
+                self.report["variants"]["passthrough"] = with_rounds(passthrough)
+            await self.creditgate(watcher, earlier)
         finally:
             await watcher.stop()
 
