@@ -524,18 +524,7 @@ class CreditStore:
             # redis-py's read_response: its coroutine and checks per reply cost 1.5 µs
             # of the worker's CPU per decision. Nothing else reads this connection
             # meanwhile (one batch at a time), so the two parsers never share bytes.
-            encoder = connection.encoder
-            text = (
-                {"encoding": encoder.encoding, "errors": encoder.encoding_errors}
-                if encoder.decode_responses
-                else {}
-            )
-            parser = hiredis.Reader(  # errors and text as redis-py's own hiredis parser
-                protocolError=InvalidResponse,
-                replyError=BaseParser.parse_error,
-                notEnoughData=_MORE,
-                **text,
-            )
+            parser = _reply_parser(connection)
             stream = connection._reader
             replies: list[Any] = []
             seen = 0
@@ -586,6 +575,23 @@ class CreditStore:
             _drop(connection)
             await connection.disconnect(nowait=True)
             raise
+
+
+def _reply_parser(connection: Any) -> hiredis.Reader:
+    """A parser of a redis-py connection's replies: errors and text as redis-py's own
+    hiredis parser gives them, and ``_MORE`` until a whole reply is in."""
+    encoder = connection.encoder
+    text = (
+        {"encoding": encoder.encoding, "errors": encoder.encoding_errors}
+        if encoder.decode_responses
+        else {}
+    )
+    return hiredis.Reader(
+        protocolError=InvalidResponse,
+        replyError=BaseParser.parse_error,
+        notEnoughData=_MORE,
+        **text,
+    )
 
 
 def _drop(connection: Any) -> None:
