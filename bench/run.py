@@ -347,6 +347,7 @@ class Run:
             "group": group,
             "output": output,
             "outputs_prefix": self.prefix + "naive.",
+            "limit": target,  # the naive pipeline stops there (the others read everything)
             # faust's data folder (for tables, which the faust baseline has none of): with
             # the run's logs, not in the checkout the children run in
             "datadir": str(self.logs / f"{variant}-data"),

@@ -104,10 +104,16 @@ async def naive(conf: dict[str, Any]) -> None:
     await consumer.start()
     await producer.start()
     try:
+        decided = 0
         async for r in consumer:
             message = Incoming(r.topic, r.partition, r.offset, r.key, r.value)
             for out in await processor.decide([message]):
                 await producer.send_and_wait(out.topic, out.value, key=out.key, headers=out.headers)
+            decided += 1
+            if decided == conf["limit"]:
+                # the harness counts results until it sees the limit: deciding more would
+                # only add records past it. Idle until it stops this process.
+                await asyncio.Event().wait()
     finally:
         await producer.stop()
         await consumer.stop()
