@@ -911,6 +911,26 @@ async def test_an_invalid_request_is_rejected_once_with_its_detail(orgs: OrgFact
     assert await org.balance() == 10
 
 
+async def test_a_detail_reaches_the_decision_as_it_was_written(orgs: OrgFactory) -> None:
+    """The request's own arguments travel to the script as JSON: quotes, backslashes,
+    slashes, control characters and non-ASCII text come back unchanged."""
+    org = await orgs(credits=10)
+    detail = 'invalid request: "a\\b" / Zoë\u0001\n{"not": [json]}'
+    call = ChargeCall.invalid(
+        org_id=org.org_id,
+        request_id="bad-2",
+        user_id=None,
+        action=Action.CRM_PUSH,
+        fingerprint="0" * 32,
+        detail=detail,
+    )
+
+    (answer,) = await org.store.charge_many([call], day(0))
+
+    assert answer.record.detail == detail
+    assert answer.record.reason == "invalid_request"
+
+
 # ---- the quote ----------------------------------------------------------------------
 
 

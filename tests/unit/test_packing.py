@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 
@@ -48,27 +50,27 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 f"{org}:win:contact:c-1",
                 f"{org}:win:company:co-9",
             ]
-            args = [
-                1_795_000_000_123,  # the decision clock
+            request = [
                 "r-1",
                 "u-1",
                 "export",
                 call.fingerprint,
-                "1" if call.partial else "0",
-                "" if call.max_credits is None else call.max_credits,
-                "",  # verified_email_found: not a verification
-                settings.repeat_window_ms,
-                settings.idempotency_ttl_ms,
+                call.partial,
+                call.max_credits,
+                None,  # verified_email_found: not a verification
                 "",  # no preset reason
                 "",
+                # per item its window's KEYS index and its company's
+                [8, 9, 9, 0],
+            ]
+            args = [
+                1_795_000_000_123,  # the decision clock
+                settings.repeat_window_ms,
+                settings.idempotency_ttl_ms,
                 "80,90,100",
                 mode,
+                json.dumps(request, separators=(",", ":")),
                 call.summary,
-                2,  # items, then per item its window's KEYS index and its company's
-                8,
-                9,
-                9,
-                0,
             ]
             whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
             assert packed.command(1_795_000_000_123) == b"".join(Connection().pack_command(*whole))

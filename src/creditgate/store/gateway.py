@@ -164,7 +164,7 @@ class InvalidCommand:
 
 
 _FIXED_CHARGE_KEYS = 7  # KEYS before the windows in charge.lua
-_VERIFIED = {None: "", True: "1", False: "0"}  # verified_email_found as ARGV 8
+_CHARGE_ARGS = 7  # its ARGV
 # organisations whose keys CreditStore keeps for packing: building an organisation's keys
 # and encoding its fixed ones anew for every call cost a fifth of packing the call
 _PACKED_ORGS = 100_000
@@ -252,12 +252,16 @@ class CreditStore:
 
         charge.lua's KEYS and ARGV, in the order its header lists them. What is the same
         for every call (EVALSHA and the script, the settings, an organisation's fixed
-        keys) is encoded once, not per call: packing was a sixth of the worker's CPU.
+        keys) is encoded once, not per call. What is the request's own goes in one JSON
+        argument rather than a dozen bulk strings: packing 20,000 calls of the benchmark's
+        workload took 4.9 µs a call against 8.0 (medians of seven), and ``cjson.decode``
+        costs Redis about 1.5 µs of its ~65 per call (``bench.micro``).
         """
         evalsha = _bulks(("EVALSHA", self._charge_sha))
         settings = self._settings
-        window_and_ttl = _bulks((settings.repeat_window_ms, settings.idempotency_ttl_ms))
-        thresholds_and_mode = _bulks((self._thresholds, mode))
+        shared = _bulks(
+            (settings.repeat_window_ms, settings.idempotency_ttl_ms, self._thresholds, mode)
+        )
         packed = []
         for call in calls:
             org, fixed = self._packing_org(call.org_id)
@@ -269,39 +273,42 @@ class CreditStore:
                     *(org.window(name) for name in call.windows),
                 )
             )
-            item_args: list[str | int] = []
+            item_keys: list[int] = []
             for window, company in call.items:
                 # KEYS indexes of the item's window and its company's (0: none); Lua
                 # counts from 1
-                item_args.append(window + _FIXED_CHARGE_KEYS + 1)
-                item_args.append(0 if company is None else company + _FIXED_CHARGE_KEYS + 1)
+                item_keys.append(window + _FIXED_CHARGE_KEYS + 1)
+                item_keys.append(0 if company is None else company + _FIXED_CHARGE_KEYS + 1)
+            request = orjson.dumps(
+                [
+                    call.request_id,
+                    call.user_id,
+                    call.action,
+                    call.fingerprint,
+                    call.partial,
+                    call.max_credits,
+                    call.verified_email_found,
+                    call.preset_reason,
+                    call.preset_detail,
+                    item_keys,
+                ]
+            )
+            summary = call.summary.encode()
             n_keys = _FIXED_CHARGE_KEYS + len(call.windows)
             head = b"*%d\r\n%s%s%s%s" % (
-                # EVALSHA, the script, the key count, the keys, 16 arguments, the items'
-                3 + n_keys + 16 + len(item_args),
+                # EVALSHA, the script, the key count, the keys, the 7 arguments
+                3 + n_keys + _CHARGE_ARGS,
                 evalsha,
                 _bulks((n_keys,)),
                 fixed,
                 keys,
             )
-            tail = b"".join(
-                (
-                    _bulks(
-                        (
-                            call.request_id,
-                            call.user_id,
-                            call.action.value,
-                            call.fingerprint,
-                            "1" if call.partial else "0",
-                            "" if call.max_credits is None else call.max_credits,
-                            _VERIFIED[call.verified_email_found],
-                        )
-                    ),
-                    window_and_ttl,
-                    _bulks((call.preset_reason, call.preset_detail)),
-                    thresholds_and_mode,
-                    _bulks((call.summary, len(call.items), *item_args)),
-                )
+            tail = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+                shared,
+                len(request),
+                request,
+                len(summary),
+                summary,
             )
             packed.append(PackedCharge(call, head, tail))
         return packed

@@ -18,14 +18,15 @@ KEYS
   8… windows      string window end (ms); each also expires at that time. The items
                          below point at these keys by their index in KEYS.
 ARGV
-  1 now_ms  2 request_id  3 user_id  4 action  5 fingerprint
-  6 partial ("1" | "0")  7 max_credits ("" = none)  8 verified_email_found ("1" | "0" | "")
-  9 window_ms  10 idempotency_ttl_ms  11 preset reason ("" or a reason decided before,
-  e.g. invalid_request)  12 preset detail  13 threshold percents, comma-separated
-  14 mode ("charge" | "quote": quote decides the same way and writes nothing)
-  15 the request as reports show it (JSON: user_id, action, items, reference), stored
-  beside the decision  16 n items, then two numbers per item: its window key index,
-  and the index of the company window a contact opens (0 = none)
+  1 now_ms  2 window_ms  3 idempotency_ttl_ms  4 threshold percents, comma-separated
+  5 mode ("charge" | "quote": quote decides the same way and writes nothing)
+  6 the request, a JSON array: request_id, user_id, action, fingerprint, partial
+    (true | false), max_credits (null = none), verified_email_found (true | false |
+    null), preset reason ("" or a reason decided before, e.g. invalid_request), preset
+    detail, and two numbers per item: its window key index, and the index of the
+    company window a contact opens (0 = none)
+  7 the request as reports show it (JSON: user_id, action, items, reference), stored
+    beside the decision
 RETURNS
   {status, record_json}; status is "decided", "replay" (the stored decision) or
   "conflict" (the stored decision of another body with this request_id).
@@ -38,22 +39,19 @@ local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
 local sequence_key, request_key, usage_key, history_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 
 local now = tonumber(ARGV[1])
-local request_id = ARGV[2]
-local user_id = ARGV[3]
-local action = ARGV[4]
-local fingerprint = ARGV[5]
-local partial = ARGV[6] == "1"
-local max_credits = tonumber(ARGV[7])
-local verified = ARGV[8]
-local window_ms = tonumber(ARGV[9])
-local idempotency_ttl_ms = tonumber(ARGV[10])
-local preset_reason = ARGV[11]
-local preset_detail = ARGV[12]
-local thresholds_csv = ARGV[13]
-local quote = ARGV[14] == "quote"
-local request_summary = ARGV[15]
-local n_items = tonumber(ARGV[16])
-local ITEMS = 16
+local window_ms = tonumber(ARGV[2])
+local idempotency_ttl_ms = tonumber(ARGV[3])
+local thresholds_csv = ARGV[4]
+local quote = ARGV[5] == "quote"
+local request = cjson.decode(ARGV[6])
+local request_summary = ARGV[7]
+local request_id, user_id, action, fingerprint = request[1], request[2], request[3], request[4]
+local partial = request[5] == true
+local max_credits = request[6] ~= cjson.null and request[6] or nil
+local verified = request[7]  -- true, false or cjson.null (not a verification)
+local preset_reason, preset_detail = request[8], request[9]
+local item_keys = request[10]
+local n_items = #item_keys / 2
 local FIRST_WINDOW = 8
 
 local function ms(value)
@@ -174,10 +172,9 @@ local function assess(budget)
   local cost, charged, free = 0, 0, 0
   local new_end = now + window_ms
   for i = 1, n_items do
-    local key = tonumber(ARGV[ITEMS + 2 * i - 1])
-    local company = tonumber(ARGV[ITEMS + 2 * i])
+    local key, company = item_keys[2 * i - 1], item_keys[2 * i]
     local outcome, free_until = nil, 0
-    if verified == "0" then
+    if verified == false then
       outcome = "no_verified_email"
     elseif seen[key] then
       outcome = "duplicate_in_request"
@@ -205,7 +202,7 @@ local function assess(budget)
   return outcomes, untils, opened, cost, charged, free
 end
 
-if verified ~= "0" then read_window_ends() end
+if verified ~= false then read_window_ends() end
 local outcomes, untils, opened, cost, charged, free = assess(math.huge)
 record.needed = cost
 if quote then
