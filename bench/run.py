@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -253,6 +253,29 @@ class Run:
             await client.aclose()
         return int(found.get("aof_rewrites", 0)), int(found.get("aof_rewrite_in_progress", 0))
 
+    async def clear_redis(self) -> None:
+        """Delete the keys of the measurements before, then rewrite the AOF and wait for
+        it: each creditgate measurement starts on the same Redis, holding nothing of this
+        run, with no rewrite due. Left as they were, later rounds ran beside the data of
+        the earlier ones, and the rounds' AOF rewrites (each a forked child taking a core
+        for seconds) came out anywhere from none to two per round."""
+        client = aioredis.Redis.from_url(self.redis_url)
+        try:
+            async for keys in _batches(client.scan_iter(match=f"b{self.run_id}*", count=5000)):
+                await client.unlink(*keys)
+            requested_after: int | None = None  # the rewrites finished before ours
+            while True:
+                state = await client.info("persistence")
+                if not state["aof_rewrite_in_progress"]:
+                    if requested_after is None:  # after the one running, if any
+                        requested_after = int(state["aof_rewrites"])
+                        await client.bgrewriteaof()
+                    elif int(state["aof_rewrites"]) > requested_after:
+                        break
+                await asyncio.sleep(0.2)
+        finally:
+            await client.aclose()
+
     async def rewrites_since(self, before: tuple[int, int]) -> int:
         """Rewrites that ran in a window that started at ``before``: one already running
         then counts too."""
@@ -391,6 +414,7 @@ class Run:
         """The throughput of ``workers`` new worker processes of one new group, on fresh
         Redis keys (every request decided anew, none replayed)."""
         group = f"{self.prefix}{name}"
+        await self.clear_redis()
         await self.license_orgs(key_prefix)
         children = self.start_workers(name, workers, key_prefix, group)
         try:
@@ -427,6 +451,7 @@ class Run:
         args = self.args
         key_prefix = f"b{self.run_id}cg"
         group = f"{self.prefix}creditgate"
+        await self.clear_redis()
         await self.license_orgs(key_prefix)
         client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
         memory_before = int((await client.info("memory"))["used_memory"])
@@ -668,6 +693,17 @@ class Run:
             await self.creditgate(watcher, earlier)
         finally:
             await watcher.stop()
+
+
+async def _batches(keys: AsyncIterator[Any], size: int = 5000) -> AsyncIterator[list[Any]]:
+    batch: list[Any] = []
+    async for key in keys:
+        batch.append(key)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 async def license_commands_for(store: CreditStore, workload: Workload, now_ms: int) -> None:
