@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -92,6 +93,7 @@ def stack(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
             print(f"stack kept running in {root} (stop: DevStack(root).down())")
         else:
             devstack.down()
+            shutil.rmtree(root, ignore_errors=True)  # its logs and pid files: a throwaway
 
 
 # ---- child processes -------------------------------------------------------------
