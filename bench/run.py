@@ -201,6 +201,9 @@ class Run:
         self.inputs = [self.registry.name(logical) for logical in t.REQUEST_ACTIONS]
         self.partitions = self.registry.specs[t.CHARGE_RESULTS].partitions
         self.workload = Workload(WorkloadSpec(seed=self.args.seed), self.run_id)
+        # the harness's own reads and writes (settings, memory, AOF rewrites, clearing);
+        # it connects on first use and is closed at the end of ``run``
+        self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
 
     def env(self, key_prefix: str, group: str) -> dict[str, str]:
         return {
@@ -227,10 +230,8 @@ class Run:
         naive = output_registry(self.prefix, self.prefix + "naive.")
         extra += [s.name for k, s in naive.specs.items() if k not in t.REQUEST_ACTIONS]
         await kafkaio.create_topics(self.bootstrap, extra, self.partitions)
-        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
-        fsync = await client.config_get("appendfsync")
-        aof = await client.config_get("appendonly")
-        await client.aclose()
+        fsync = await self.redis.config_get("appendfsync")
+        aof = await self.redis.config_get("appendonly")
         self.report["redis"] = {"appendonly": aof.get("appendonly"), **fsync}
         if fsync.get("appendfsync") != "everysec":
             print(f"warning: Redis runs with appendfsync {fsync}, not everysec")
@@ -248,11 +249,7 @@ class Run:
         """Redis's AOF rewrites so far: (finished, running). Each is a forked child that
         takes a core for a second or more: on this 2-core machine, beside the broker and
         the worker, the latency runs' worst stretches line up with them."""
-        client = aioredis.Redis.from_url(self.redis_url)
-        try:
-            found = await client.info("persistence")
-        finally:
-            await client.aclose()
+        found = await self.redis.info("persistence")
         return int(found.get("aof_rewrites", 0)), int(found.get("aof_rewrite_in_progress", 0))
 
     async def clear_redis(self) -> None:
@@ -261,22 +258,19 @@ class Run:
         run, with no rewrite due. Left as they were, later rounds ran beside the data of
         the earlier ones, and the rounds' AOF rewrites (each a forked child taking a core
         for seconds) came out anywhere from none to two per round."""
-        client = aioredis.Redis.from_url(self.redis_url)
-        try:
-            async for keys in _batches(client.scan_iter(match=f"b{self.run_id}*", count=5000)):
-                await client.unlink(*keys)
-            requested_after: int | None = None  # the rewrites finished before ours
-            while True:
-                state = await client.info("persistence")
-                if not state["aof_rewrite_in_progress"]:
-                    if requested_after is None:  # after the one running, if any
-                        requested_after = int(state["aof_rewrites"])
-                        await client.bgrewriteaof()
-                    elif int(state["aof_rewrites"]) > requested_after:
-                        break
-                await asyncio.sleep(0.2)
-        finally:
-            await client.aclose()
+        redis = self.redis
+        async for keys in _batches(redis.scan_iter(match=f"b{self.run_id}*", count=5000)):
+            await redis.unlink(*keys)
+        requested_after: int | None = None  # the rewrites finished before ours
+        while True:
+            finished, running = await self.aof_rewrites()
+            if not running:
+                if requested_after is None:  # after the one running, if any
+                    requested_after = finished
+                    await redis.bgrewriteaof()
+                elif finished > requested_after:
+                    break
+            await asyncio.sleep(0.2)
 
     async def rewrites_since(self, before: tuple[int, int]) -> int:
         """Rewrites that ran in a window that started at ``before``: one already running
@@ -455,8 +449,7 @@ class Run:
         group = f"{self.prefix}creditgate"
         await self.clear_redis()
         await self.license_orgs(key_prefix)
-        client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
-        memory_before = int((await client.info("memory"))["used_memory"])
+        memory_before = int((await self.redis.info("memory"))["used_memory"])
         results = self.registry.name(t.CHARGE_RESULTS)
         child = start_child(
             "creditgate",
@@ -479,10 +472,10 @@ class Run:
             measured = self.report["variants"]["creditgate"] = with_rounds(
                 [*(earlier or []), throughput]
             )
-            memory_after = int((await client.info("memory"))["used_memory"])
+            memory_after = int((await self.redis.info("memory"))["used_memory"])
             self.report["outcomes"] = await self.outcomes(watcher, results, since)
             self.report["redis_memory"] = await self.window_memory(
-                client, key_prefix, memory_before, memory_after
+                key_prefix, memory_before, memory_after
             )
             if args.latency_seconds > 0:
                 maximum = measured["per_s"]
@@ -499,7 +492,6 @@ class Run:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
             child.stop()
-            await client.aclose()
 
     async def sample_rss(self, child: Child, watcher: kafkaio.Watcher, results: str) -> None:
         started = time.perf_counter()
@@ -527,10 +519,9 @@ class Run:
             "by_outcome": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
         }
 
-    async def window_memory(
-        self, client: aioredis.Redis, key_prefix: str, before: int, after: int
-    ) -> dict[str, Any]:
+    async def window_memory(self, key_prefix: str, before: int, after: int) -> dict[str, Any]:
         """INFO memory growth over the run, per open repeat window key."""
+        client = self.redis
         windows = requests = 0
         window_sample: list[int] = []
         request_sample: list[int] = []
@@ -645,6 +636,12 @@ class Run:
     # ---- everything ---------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            await self.redis.aclose()
+
+    async def _run(self) -> None:
         args = self.args
         await self.set_up()
         self.report["variants"] = {}
