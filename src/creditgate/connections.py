@@ -80,6 +80,15 @@ REDIS_COMMANDS = (
     "zrevrange",
     "zrevrank",
     "zrevrangebyscore",
+    # healing from the ledger (stream/healing.py): the checkpoint, an organisation's
+    # state read and written back in one WATCHed transaction
+    "zrange",
+    "smembers",
+    "watch",
+    "unwatch",
+    "multi",
+    "exec",
+    "discard",
     # the client's health checks
     "ping",
     # the rebuild from the ledger (and test clean-up) find an organisation's keys with

@@ -30,5 +30,16 @@ class StoreUnavailable(InfrastructureError):
     """Redis did not answer or refused the call."""
 
 
+class RedisMayHaveForgotten(CreditgateError):
+    """Redis may lack ledger entries already published (a restart from an older AOF, a
+    promoted replica, a flush): nothing more is decided for ``orgs`` (every organisation
+    when None) until the worker has healed Redis from the ledger (``stream.healing``)."""
+
+    def __init__(self, why: str, orgs: frozenset[str] | None) -> None:
+        scope = "every organisation" if orgs is None else f"{len(orgs)} organisation(s)"
+        super().__init__(f"Redis may have forgotten ledger entries of {scope}: {why}")
+        self.orgs = orgs
+
+
 class UnreadableMessage(CreditgateError):
     """A message whose bytes cannot be read as a request or command; it is dead-lettered."""

@@ -47,6 +47,7 @@ from creditgate.store.gateway import (
     CommandAnswer,
     CreditStore,
     InvalidCommand,
+    KnownSequences,
     PackedCharge,
 )
 from creditgate.stream import topics as t
@@ -251,6 +252,7 @@ class ScriptedStore:
         packed: list[PackedCharge],
         now_ms: int,
         each: Callable[[int, ChargeAnswer], None] | None = None,
+        known: KnownSequences = None,
     ) -> list[ChargeAnswer]:
         answers = await self.charge_many([p.call for p in packed], now_ms)
         for i, answer in enumerate(answers):
@@ -268,7 +270,10 @@ class ScriptedStore:
         return answers
 
     async def apply_commands(
-        self, commands: list[LicenseCommand | InvalidCommand], now_ms: int
+        self,
+        commands: list[LicenseCommand | InvalidCommand],
+        now_ms: int,
+        known: KnownSequences = None,
     ) -> list[CommandAnswer]:
         answers = []
         for command in commands:

@@ -65,6 +65,7 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
             ]
             args = [
                 1_795_000_000_123,  # the decision clock
+                "",  # no known sequence: no check
                 settings.repeat_window_ms,
                 settings.idempotency_ttl_ms,
                 "80,90,100",
@@ -74,6 +75,14 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
             ]
             whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
             assert packed.command(1_795_000_000_123) == b"".join(Connection().pack_command(*whole))
+            # with the organisation's last published sequence, for the check that Redis
+            # has not forgotten it
+            args[1] = 41
+            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
+            known = {"acme": 41}.__getitem__
+            assert packed.command(1_795_000_000_123, known) == b"".join(
+                Connection().pack_command(*whole)
+            )
 
 
 def test_scripts_are_named_by_the_sha1_redis_gives_them() -> None:

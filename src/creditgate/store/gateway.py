@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import hiredis
 import orjson
@@ -35,7 +35,7 @@ from creditgate.domain.commands import (
 from creditgate.domain.decisions import ChargeRecord, RequestView, request_summary
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.license_events import CommandRecord
-from creditgate.errors import CreditgateError, StoreUnavailable
+from creditgate.errors import CreditgateError, RedisMayHaveForgotten, StoreUnavailable
 from creditgate.settings import Settings
 from creditgate.store.keys import (
     SHARED_COMPANY,
@@ -45,8 +45,15 @@ from creditgate.store.keys import (
     OrgKeys,
     window_name,
 )
+from creditgate.store.restore import HealedOrg, heal_org, redis_skew_ms
 
 AnswerStatus = Literal["decided", "replay", "conflict"]
+# the scripts' answers that decide nothing: Redis is behind what the ledger published
+_STALE = ("behind", "unknown")
+
+# The organisation's last published ledger sequence, as the worker knows it (-1: none),
+# for the scripts' check that Redis has not forgotten it. None: no check (tools, tests).
+KnownSequences = Callable[[str], int] | None
 
 # A batch's replies are read under one timer rather than redis-py's timer per read (arming
 # and cancelling one per reply was 5-7 % of the worker's CPU, py-spy): the timer is
@@ -164,7 +171,7 @@ class InvalidCommand:
 
 
 _FIXED_CHARGE_KEYS = 7  # KEYS before the windows in charge.lua
-_CHARGE_ARGS = 7  # its ARGV
+_CHARGE_ARGS = 8  # its ARGV
 # organisations whose keys CreditStore keeps for packing: building an organisation's keys
 # and encoding its fixed ones anew for every call cost a fifth of packing the call
 _PACKED_ORGS = 100_000
@@ -172,17 +179,25 @@ _PACKED_ORGS = 100_000
 
 @dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
 class PackedCharge:
-    """A charge call in the Redis protocol, but for the decision clock (ARGV[1]): the
-    worker packs a batch while the previous one is in Redis, and completes it with the
-    clock when it sends it."""
+    """A charge call in the Redis protocol, but for the decision clock and the known
+    sequence (ARGV[1] and [2]): the worker packs a batch while the previous one is in
+    Redis, and completes it with both when it sends it."""
 
     call: ChargeCall
     head: bytes  # the array header, EVALSHA, the script, the number of keys, the keys
-    tail: bytes  # every argument after the clock
+    tail: bytes  # every argument after the known sequence
 
-    def command(self, now_ms: int) -> bytes:
+    def command(self, now_ms: int, known: KnownSequences = None) -> bytes:
         now = b"%d" % now_ms
-        return b"%s$%d\r\n%s\r\n%s" % (self.head, len(now), now, self.tail)
+        sequence = b"" if known is None else b"%d" % known(self.call.org_id)
+        return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+            self.head,
+            len(now),
+            now,
+            len(sequence),
+            sequence,
+            self.tail,
+        )
 
 
 class CreditStore:
@@ -208,6 +223,11 @@ class CreditStore:
         # ``python -m bench.run`` runs on one stack. Quotes from the HTTP API use the pool.
         self._batch_connection: Any = None
         self._batch_turn = asyncio.Lock()
+        # Set by ``watch_reconnections``: a (re)connection of the batch connection may
+        # reach a Redis that forgot (a restart from an older AOF, a promoted replica), so
+        # the batch is not sent until the worker has checked Redis against the ledger.
+        self._watching_reconnections = False
+        self._connections_made = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CreditStore:
@@ -325,15 +345,18 @@ class CreditStore:
             found = self._packing_orgs[org_id] = (org, fixed)
         return found
 
-    async def charge_many(self, calls: Sequence[ChargeCall], now_ms: int) -> list[ChargeAnswer]:
+    async def charge_many(
+        self, calls: Sequence[ChargeCall], now_ms: int, known: KnownSequences = None
+    ) -> list[ChargeAnswer]:
         """Decide a batch of requests: one script call each, one round trip in all."""
-        return await self.charge_packed(self.pack_charges(calls), now_ms)
+        return await self.charge_packed(self.pack_charges(calls), now_ms, known=known)
 
     async def charge_packed(
         self,
         packed: Sequence[PackedCharge],
         now_ms: int,
         each: Callable[[int, ChargeAnswer], None] | None = None,
+        known: KnownSequences = None,
     ) -> list[ChargeAnswer]:
         """``charge_many`` of calls packed ahead, decided at ``now_ms``.
 
@@ -341,31 +364,41 @@ class CreditStore:
         still runs the calls after it: the worker renders a decision's messages in that
         time instead of waiting for the whole batch. If the batch fails after some
         answers were seen, it raises; the caller starts the batch again.
+
+        With ``known``, a call whose organisation Redis has forgotten decides nothing, and
+        once the batch's replies are read it raises ``RedisMayHaveForgotten`` naming those
+        organisations (the others were decided: sent again, they are replays).
         """
         answers: list[ChargeAnswer] = []
+        stale: set[str] = set()
 
         def answer(i: int, reply: Any) -> None:
             status, raw = reply
+            if status in _STALE:
+                stale.add(packed[i].call.org_id)
+                return
             found = ChargeAnswer(status, ChargeRecord.from_script(orjson.loads(raw)))
             answers.append(found)
-            if each is not None:
+            if each is not None and not stale:
                 each(i, found)
 
         if packed:
-            payload = b"".join(p.command(now_ms) for p in packed)
+            payload = b"".join(p.command(now_ms, known) for p in packed)
             await self._run_batch(payload, len(packed), "deciding charge requests", answer)
+        if stale:
+            raise RedisMayHaveForgotten("its sequence is behind the ledger", frozenset(stale))
         return answers
 
     async def quote(self, call: ChargeCall, now_ms: int) -> ChargeRecord:
         """The decision the charge script would take now, computed without writing."""
-        (packed,) = self.pack_charges([call], "quote")
+        (packed,) = self.pack_charges([call], "quote")  # no sequence check: writes nothing
         ((_, raw),) = await self._run_batch(packed.command(now_ms), 1, "quoting", pooled=True)
         return ChargeRecord.from_script(orjson.loads(raw))
 
     # ---- license commands ------------------------------------------------------
 
     def _command_keys_args(
-        self, command: LicenseCommand | InvalidCommand, now_ms: int
+        self, command: LicenseCommand | InvalidCommand, now_ms: int, known: KnownSequences
     ) -> tuple[list[str], list[str | int]]:
         org = self.keys.org(command.org_id)
         keys = [
@@ -377,9 +410,11 @@ class CreditStore:
             org.grants,
         ]
         ttl = self._settings.idempotency_ttl_ms
+        sequence = "" if known is None else known(command.org_id)
         if isinstance(command, InvalidCommand):
             return keys, [
                 now_ms,
+                sequence,
                 command.command_id,
                 command.fingerprint,
                 "invalid",
@@ -388,6 +423,7 @@ class CreditStore:
             ]
         head: list[str | int] = [
             now_ms,
+            sequence,
             command.command_id,
             command.fingerprint(),
             command.type,
@@ -412,16 +448,26 @@ class CreditStore:
         return keys, head + tail
 
     async def apply_commands(
-        self, commands: Sequence[LicenseCommand | InvalidCommand], now_ms: int
+        self,
+        commands: Sequence[LicenseCommand | InvalidCommand],
+        now_ms: int,
+        known: KnownSequences = None,
     ) -> list[CommandAnswer]:
+        """Apply a batch of license commands, one round trip; ``known`` as in
+        ``charge_packed``."""
         if not commands:
             return []
         head = ("EVALSHA", self._command_sha)
         payload = b"".join(
             _resp((*head, len(keys), *keys, *args))
-            for keys, args in (self._command_keys_args(c, now_ms) for c in commands)
+            for keys, args in (self._command_keys_args(c, now_ms, known) for c in commands)
         )
         replies = await self._run_batch(payload, len(commands), "applying license commands")
+        stale = {
+            c.org_id for c, (status, _) in zip(commands, replies, strict=True) if status in _STALE
+        }
+        if stale:
+            raise RedisMayHaveForgotten("its sequence is behind the ledger", frozenset(stale))
         return [
             CommandAnswer(status, CommandRecord.from_script(orjson.loads(raw)))
             for status, raw in replies
@@ -449,6 +495,59 @@ class CreditStore:
             "remaining": balance,
         }
 
+    # ---- healing from the ledger (stream/healing.py) ----------------------------
+
+    async def ledger_checkpoint(self, topic: str) -> dict[int, int]:
+        """Per partition of the ledger ``topic``: the offset below which every entry is
+        known to be in Redis (none for a partition never checkpointed, or forgotten)."""
+        async with _infrastructure("reading the ledger checkpoint"):
+            found = cast(
+                list[tuple[str, float]],
+                await self._redis.zrange(self.keys.ledger_checkpoint, 0, -1, withscores=True),
+            )
+        prefix = f"{topic}:"
+        return {
+            int(member[len(prefix) :]): int(score)
+            for member, score in found
+            if member.startswith(prefix)
+        }
+
+    async def raise_ledger_checkpoint(self, topic: str, offsets: dict[int, int]) -> None:
+        """Raise the checkpoint of each partition to its offset, never lower it (another
+        worker may have raised it further). Over the batch connection: if that connection
+        had to be made anew, Redis may have forgotten what the offsets vouch for, and this
+        raises ``RedisMayHaveForgotten`` instead of writing."""
+        if not offsets:
+            return
+        scores = [part for p, o in sorted(offsets.items()) for part in (o, f"{topic}:{p}")]
+        payload = _resp(("ZADD", self.keys.ledger_checkpoint, "GT", *scores))
+        await self._run_batch(payload, 1, "raising the ledger checkpoint")
+
+    async def sequences(self, org_ids: Sequence[str]) -> dict[str, int]:
+        """Each organisation's ledger sequence in Redis (0: none)."""
+        async with _infrastructure("reading sequences"):
+            pipe = self._redis.pipeline(transaction=False)
+            for org_id in org_ids:
+                pipe.get(self.keys.org(org_id).sequence)
+            found = await pipe.execute()
+        return {org: int(value or 0) for org, value in zip(org_ids, found, strict=True)}
+
+    async def heal_org(
+        self, org_id: str, entries: Sequence[Mapping[str, Any]], now_ms: int
+    ) -> HealedOrg:
+        """Fold the ledger ``entries`` (whole, in sequence order, one copy each) that Redis
+        lacks onto the organisation's state, in one transaction (restore.heal_org)."""
+        async with _infrastructure(f"healing organisation {org_id}"):
+            skew = await redis_skew_ms(self._redis, now_ms)
+            return await heal_org(
+                self._redis,
+                self.keys.org(org_id),
+                entries,
+                self._settings.idempotency_ttl_ms,
+                now_ms,
+                skew,
+            )
+
     # ---- plumbing --------------------------------------------------------------
 
     async def _run_batch(
@@ -459,13 +558,15 @@ class CreditStore:
         on_reply: Callable[[int, Any], None] | None = None,
         *,
         pooled: bool = False,
-    ) -> list[tuple[AnswerStatus, str]]:
+    ) -> list[Any]:
         async with _infrastructure(doing):
             for attempt in range(2):
                 if not self._scripts_loaded:
                     await self.load_scripts()
                 async with self._connection(pooled) as connection:
-                    replies, seen = await self._pipeline(connection, payload, count, on_reply)
+                    replies, seen = await self._pipeline(
+                        connection, payload, count, on_reply, pooled=pooled
+                    )
                 failed = next((r for r in replies if isinstance(r, ResponseError)), None)
                 if isinstance(failed, NoScriptError) and not attempt and not seen:
                     # Redis restarted and lost its script cache (so no call ran). Load the
@@ -474,7 +575,7 @@ class CreditStore:
                     continue
                 if failed is not None:
                     raise failed
-                return [(status, raw) for status, raw in replies]
+                return replies
         raise CreditgateError(f"{doing}: the scripts could not be loaded")
 
     @contextlib.asynccontextmanager
@@ -494,7 +595,20 @@ class CreditStore:
                 # redis-py leaves make_connection unannotated
                 pool = self._redis.connection_pool
                 self._batch_connection = pool.make_connection()  # type: ignore[no-untyped-call]
+                self._batch_connection.register_connect_callback(self._connected)
             yield self._batch_connection
+
+    def watch_reconnections(self) -> None:
+        """From now on, a batch whose connection had to be (re)made is not sent: it raises
+        ``RedisMayHaveForgotten`` for every organisation, once per connection made, so the
+        worker checks Redis against the ledger first (the first connection included)."""
+        self._watching_reconnections = True
+        self._connections_made = 1  # whatever connection there is was not checked yet
+
+    def _connected(self, connection: Any) -> None:
+        """redis-py's connect callback: after every connect of the batch connection, the
+        health check's silent reconnect included."""
+        self._connections_made += 1
 
     async def _pipeline(
         self,
@@ -502,6 +616,8 @@ class CreditStore:
         payload: bytes,
         count: int,
         on_reply: Callable[[int, Any], None] | None = None,
+        *,
+        pooled: bool = False,
     ) -> tuple[list[Any], int]:
         """Send ``count`` packed commands in one write and read their ``count`` replies;
         also how many replies ``on_reply`` saw (each one read before the first error).
@@ -518,6 +634,10 @@ class CreditStore:
         try:
             await connection.connect()  # a no-op when connected
             await connection.check_health()  # its PING, if due, goes before the batch
+            if self._watching_reconnections and self._connections_made and not pooled:
+                # counted by _connected: a Redis reached anew may have forgotten writes
+                self._connections_made = 0
+                raise RedisMayHaveForgotten("the connection to Redis was made anew", None)
             # The batch goes to the socket at once, without awaiting the write's drain as
             # redis-py's send does: with a large batch, the drain returns only once Redis
             # has read (and so run) most of it, and then the tasks that became ready
@@ -573,6 +693,8 @@ class CreditStore:
                 # health-check PING off, so a busy batch connection never waits for one
                 connection.next_health_check = loop.time() + connection.health_check_interval
             return replies, seen
+        except RedisMayHaveForgotten:
+            raise  # nothing was sent: the connection stays, checked
         except BaseException:
             # Replies may be left unread, and the rest of the batch may still wait in the
             # transport's buffer: a plain close would send it anyway, for Redis to run
@@ -634,9 +756,8 @@ class _infrastructure:
     async def __aenter__(self) -> None:
         return None
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
             raise StoreUnavailable(f"Redis unavailable while {self._doing}: {exc}") from exc
         if isinstance(exc, ResponseError) and "LOADING" in str(exc):
             raise StoreUnavailable(f"Redis is loading its data while {self._doing}") from exc
-        return False

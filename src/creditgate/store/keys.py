@@ -78,6 +78,13 @@ class Keys:
     def org(self, org_id: str) -> OrgKeys:
         return OrgKeys(self.prefix, org_id)
 
+    @property
+    def ledger_checkpoint(self) -> str:
+        """The ledger checkpoint (a hash, ``<ledger topic>:<partition>`` -> offset): every
+        ledger entry below the offset is known to be in Redis (``stream.healing``). It
+        belongs to no organisation, so it has no hash tag."""
+        return f"{self.prefix}:ledger-checkpoint"
+
     def org_pattern(self, org_id: str = "*") -> str:
         """A SCAN pattern for an organisation's keys (tests and rebuilds, not the hot path)."""
         return f"{self.prefix}:{{{org_id}}}:*"

@@ -29,12 +29,13 @@ Expiry, like the scripts set it:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from creditgate.store.keys import OrgKeys
 
@@ -360,3 +361,82 @@ async def write_org(
     if queued:
         await pipe.execute()
     return state.key_count()
+
+
+# ---- healing: the entries Redis forgot, folded onto what it kept ---------------------
+
+
+@dataclass(frozen=True)
+class HealedOrg:
+    """What healing one organisation did."""
+
+    org_id: str
+    sequence_before: int  # the organisation's sequence in Redis when it was healed
+    applied: int  # ledger entries folded onto it
+    # the first sequence Redis lacks, when the entries given do not start there: the
+    # caller reads the ledger further back (nothing was written)
+    missing_from: int | None = None
+    inconsistencies: tuple[str, ...] = ()
+
+
+# The keys an organisation's later decisions change as a whole. Healing reads them, folds
+# the missing entries onto them and writes them back whole; records, histories and
+# windows are only ever added by an entry, so the missing entries' own are written.
+async def _read_aggregates(client: Any, keys: OrgKeys, state: OrgState) -> None:
+    license_ = await client.hgetall(keys.license)
+    state.license = dict(license_) if license_ else None
+    state.members = dict(await client.hgetall(keys.members))
+    state.disallowed = set(await client.smembers(keys.disallowed))
+    state.grants = dict(await client.hgetall(keys.grants))
+    state.usage = {
+        # "<period>|*users" lists users; every other field is a count (or a marker, 1)
+        name: value if name.endswith("|*users") else int(value)
+        for name, value in (await client.hgetall(keys.usage)).items()
+    }
+
+
+def _heal_commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[Any, ...]]:
+    # a member removed or a flag cleared by a missing entry must go: the whole keys anew
+    yield ("DEL", keys.license, keys.members, keys.disallowed, keys.grants, keys.usage)
+    yield from _commands(keys, state, skew_ms)
+
+
+async def heal_org(
+    client: aioredis.Redis,
+    keys: OrgKeys,
+    entries: Sequence[Mapping[str, Any]],
+    ttl_ms: int,
+    now_ms: int,
+    skew_ms: int,
+) -> HealedOrg:
+    """Fold the entries of ``entries`` that Redis lacks (sequence above Redis's) onto the
+    organisation's state and write it, in one transaction.
+
+    ``entries``: whole ledger entries of one organisation, one copy each, in sequence
+    order. WATCH on its sequence key: a decision (or another worker healing the same
+    organisation) between the read and the write makes the transaction fail, and the
+    organisation is read again, so a newer decision is never overwritten.
+    """
+    while True:
+        async with client.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(keys.sequence)
+                before = int(await pipe.get(keys.sequence) or 0)
+                missing = [e for e in entries if int(e["sequence"]) > before]
+                if not missing:
+                    return HealedOrg(keys.org_id, before, 0)
+                if int(missing[0]["sequence"]) != before + 1:
+                    return HealedOrg(keys.org_id, before, 0, missing_from=before + 1)
+                state = OrgState(keys.org_id, ttl_ms, now_ms, sequence=before)
+                await _read_aggregates(pipe, keys, state)
+                for entry in missing:
+                    state.apply(entry)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                for command in _heal_commands(keys, state, skew_ms):
+                    pipe.execute_command(*command)
+                await pipe.execute()
+            except WatchError:
+                continue  # decided or healed meanwhile: read it again
+            return HealedOrg(
+                keys.org_id, before, len(missing), inconsistencies=tuple(state.inconsistencies)
+            )

@@ -18,18 +18,24 @@ KEYS
   8… windows      string window end (ms); each also expires at that time. The items
                          below point at these keys by their index in KEYS.
 ARGV
-  1 now_ms  2 window_ms  3 idempotency_ttl_ms  4 threshold percents, comma-separated
-  5 mode ("charge" | "quote": quote decides the same way and writes nothing)
-  6 the request, a JSON array: request_id, user_id, action, fingerprint, partial
+  1 now_ms  2 known sequence: the organisation's last ledger sequence the worker has
+    seen published (-1: none seen; "": no check, for tools and tests; see RETURNS)
+  3 window_ms  4 idempotency_ttl_ms  5 threshold percents, comma-separated
+  6 mode ("charge" | "quote": quote decides the same way and writes nothing)
+  7 the request, a JSON array: request_id, user_id, action, fingerprint, partial
     (true | false), max_credits (null = none), verified_email_found (true | false |
     null), preset reason ("" or a reason decided before, e.g. invalid_request), preset
     detail, and two numbers per item: its window key index, and the index of the
     company window a contact opens (0 = none)
-  7 the request as reports show it (JSON: user_id, action, items, reference), stored
+  8 the request as reports show it (JSON: user_id, action, items, reference), stored
     beside the decision
 RETURNS
   {status, record_json}; status is "decided", "replay" (the stored decision) or
-  "conflict" (the stored decision of another body with this request_id).
+  "conflict" (the stored decision of another body with this request_id); or, writing
+  nothing, {"behind", sequence} when Redis's sequence is below the known one, and
+  {"unknown", ""} when the worker knows no sequence and Redis has none either: Redis may
+  have forgotten ledger entries, and the worker heals the organisation from the ledger
+  before it sends the call again (stream/healing.py).
   The record holds outcomes per item, credits, balance, sequence, notifications and
   the windows it opened (as 0-based window slots with their end);
   times are integer milliseconds since the epoch.
@@ -39,12 +45,13 @@ local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
 local sequence_key, request_key, usage_key, history_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 
 local now = tonumber(ARGV[1])
-local window_ms = tonumber(ARGV[2])
-local idempotency_ttl_ms = tonumber(ARGV[3])
-local thresholds_csv = ARGV[4]
-local quote = ARGV[5] == "quote"
-local request = cjson.decode(ARGV[6])
-local request_summary = ARGV[7]
+local known_sequence = tonumber(ARGV[2])
+local window_ms = tonumber(ARGV[3])
+local idempotency_ttl_ms = tonumber(ARGV[4])
+local thresholds_csv = ARGV[5]
+local quote = ARGV[6] == "quote"
+local request = cjson.decode(ARGV[7])
+local request_summary = ARGV[8]
 local request_id, user_id, action, fingerprint = request[1], request[2], request[3], request[4]
 local partial = request[5] == true
 local max_credits = request[6] ~= cjson.null and request[6] or nil
@@ -57,6 +64,16 @@ local FIRST_WINDOW = 8
 local function ms(value)
   -- Lua numbers are doubles: format them as integers, never as 1.7e+12.
   return string.format("%d", value)
+end
+
+-- 0. a Redis that forgot: never decide on state older than what the ledger has published
+if known_sequence and not quote then
+  local stored_sequence = redis.call("GET", sequence_key)
+  if known_sequence < 0 then
+    if not stored_sequence then return {"unknown", ""} end
+  elseif (tonumber(stored_sequence) or 0) < known_sequence then
+    return {"behind", stored_sequence or "0"}
+  end
 end
 
 -- 1. idempotency: the same request decides once; another body under its id is refused.

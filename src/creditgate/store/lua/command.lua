@@ -9,15 +9,17 @@ KEYS
   5 command     hash    fp, rec: the stored outcome of this command_id
   6 grants      hash    grant_id -> command_id, so a top-up is never added twice
 ARGV
-  1 now_ms  2 command_id  3 fingerprint  4 type  5 idempotency_ttl_ms, then by type:
-  license.start_period        6 period_id  7 starts_ms  8 ends_ms  9 credits
-  credits.grant               6 grant_id  7 credits
-  member.upsert               6 user_id  7 role
-  member.remove               6 user_id
-  member.set_credits_allowed  6 user_id  7 allowed ("1" | "0")  8 set_by
-  invalid                     6 detail (the command was readable but not valid)
+  1 now_ms  2 known sequence (as in charge.lua)  3 command_id  4 fingerprint  5 type
+  6 idempotency_ttl_ms, then by type:
+  license.start_period        7 period_id  8 starts_ms  9 ends_ms  10 credits
+  credits.grant               7 grant_id  8 credits
+  member.upsert               7 user_id  8 role
+  member.remove               7 user_id
+  member.set_credits_allowed  7 user_id  8 allowed ("1" | "0")  9 set_by
+  invalid                     7 detail (the command was readable but not valid)
 RETURNS
-  {status, record_json}, status "decided", "replay" or "conflict" as in charge.lua.
+  {status, record_json}, status "decided", "replay", "conflict", "behind" or "unknown"
+  as in charge.lua.
   The record: status applied|rejected, reason, detail, seq (applied only), the
   resulting state, and for balance changes delta, balance and expired credits.
 ]]
@@ -26,10 +28,23 @@ local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
 local sequence_key, command_key, grants_key = KEYS[4], KEYS[5], KEYS[6]
 
 local now = tonumber(ARGV[1])
-local command_id = ARGV[2]
-local fingerprint = ARGV[3]
-local kind = ARGV[4]
-local ttl_ms = tonumber(ARGV[5])
+local known_sequence = tonumber(ARGV[2])
+local command_id = ARGV[3]
+local fingerprint = ARGV[4]
+local kind = ARGV[5]
+local ttl_ms = tonumber(ARGV[6])
+-- the arguments of each type, from 1
+local args = {unpack(ARGV, 7)}
+
+-- a Redis that forgot: never decide on state older than what the ledger has published
+if known_sequence then
+  local stored_sequence = redis.call("GET", sequence_key)
+  if known_sequence < 0 then
+    if not stored_sequence then return {"unknown", ""} end
+  elseif (tonumber(stored_sequence) or 0) < known_sequence then
+    return {"behind", stored_sequence or "0"}
+  end
+end
 
 local stored = redis.call("HMGET", command_key, "fp", "rec")
 if stored[1] then
@@ -66,15 +81,15 @@ local function finish(applied, state, reason, detail)
 end
 
 if kind == "invalid" then
-  return finish(false, nil, "invalid_command", ARGV[6])
+  return finish(false, nil, "invalid_command", args[1])
 
 elseif kind == "license.start_period" then
   -- no rollover: whatever was left of the old period is gone
   local before = license_state()
-  local credits = tonumber(ARGV[9])
+  local credits = tonumber(args[4])
   redis.call("DEL", license_key)
-  redis.call("HSET", license_key, "period_id", ARGV[6], "starts_ms", ARGV[7],
-    "ends_ms", ARGV[8], "credits", credits, "granted", 0, "balance", credits)
+  redis.call("HSET", license_key, "period_id", args[1], "starts_ms", args[2],
+    "ends_ms", args[3], "credits", credits, "granted", 0, "balance", credits)
   record.expired = before.balance or 0
   record.delta = credits - record.expired
   record.balance = credits
@@ -87,7 +102,7 @@ elseif kind == "credits.grant" then
     -- grants expire with their period: one added to an ended period could never be used
     return finish(false, state, "no_active_license", "period " .. state.period_id .. " has ended")
   end
-  local grant_id, credits = ARGV[6], tonumber(ARGV[7])
+  local grant_id, credits = args[1], tonumber(args[2])
   if redis.call("HEXISTS", grants_key, grant_id) == 1 then
     return finish(false, state, "duplicate_grant",
       "grant " .. grant_id .. " was applied by command " .. redis.call("HGET", grants_key, grant_id))
@@ -99,11 +114,11 @@ elseif kind == "credits.grant" then
   return finish(true, license_state())
 
 elseif kind == "member.upsert" then
-  redis.call("HSET", members_key, ARGV[6], ARGV[7])
-  return finish(true, member_state(ARGV[6]))
+  redis.call("HSET", members_key, args[1], args[2])
+  return finish(true, member_state(args[1]))
 
 elseif kind == "member.remove" then
-  local user_id = ARGV[6]
+  local user_id = args[1]
   if redis.call("HEXISTS", members_key, user_id) == 0 then
     return finish(false, member_state(user_id), "not_a_member")
   end
@@ -112,7 +127,7 @@ elseif kind == "member.remove" then
   return finish(true, member_state(user_id))
 
 elseif kind == "member.set_credits_allowed" then
-  local user_id, allowed, set_by = ARGV[6], ARGV[7] == "1", ARGV[8]
+  local user_id, allowed, set_by = args[1], args[2] == "1", args[3]
   if redis.call("HGET", members_key, set_by) ~= "admin" then
     return finish(false, member_state(user_id), "not_an_admin", set_by .. " is not an admin")
   end
