@@ -182,8 +182,8 @@ Read = Callable[["CreditStore", Settings, int], Awaitable[Any]]
 
 def _read(read: Read) -> Any:
     """Run one read against Redis with the environment's settings and decision clock."""
+    from creditgate.domain.clock import Clock
     from creditgate.store.gateway import CreditStore
-    from creditgate.stream.processor import Clock
 
     settings = _settings()
 

@@ -89,6 +89,20 @@ class Metrics:
         self.batch_retries = Counter(
             "creditgate_batch_retries", "Batch steps retried after a failure", ["stage"], registry=r
         )
+        # healing a Redis that forgot from the ledger (stream/healing.py)
+        self.heal_checks = Counter(
+            "creditgate_heal_checks", "Checks of Redis against the ledger", registry=r
+        )
+        self.healed_entries = Counter(
+            "creditgate_healed_entries",
+            "Ledger entries Redis had forgotten, restored from the ledger",
+            registry=r,
+        )
+        self.healed_organisations = Counter(
+            "creditgate_healed_organisations",
+            "Organisations restored from the ledger (once per check that found them behind)",
+            registry=r,
+        )
 
     def watch_lag(self, source: LagSource) -> None:
         self.registry.register(_LagCollector(source))

@@ -37,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.connections import aiokafka_options
+from creditgate.domain.clock import Clock
 from creditgate.errors import ConfigurationError, CreditgateError, InfrastructureError
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
@@ -48,7 +49,6 @@ from creditgate.store.restore import (
     write_org,
 )
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Clock
 from creditgate.stream.topics import TopicRegistry
 
 # No new ledger message for this long while reading below the end offsets: the

@@ -9,7 +9,8 @@ violation is recorded with a few examples; ``Verdict.ok`` is true when there is 
 - the decision is about a body that was sent under that id, and every other body
   sent under it got a ``request_id_conflict`` answer;
 - nothing is charged twice: one ledger entry per decision, one decision per entry,
-  and they agree; a decision charges one credit per item marked ``charged``;
+  and they agree; a decision charges one credit per item marked ``charged``; no item is
+  charged again while the window its last charge opened is open;
 - no balance below zero, in any decision, ledger entry or in Redis;
 - per organisation: period credits + grants - balance = the credits charged by the
   period's distinct decisions;
@@ -95,7 +96,7 @@ class Verdict:
 
     @property
     def double_charges(self) -> int:
-        return self.counts["charged_twice"]
+        return self.counts["charged_twice"] + self.counts["window_paid_twice"]
 
     @property
     def lost_decisions(self) -> int:
@@ -127,6 +128,10 @@ def check(sent: Sent, seen: Seen, store: StoreState, *, first_body_wins: bool = 
     )
     _check_decisions(verdict, sent, seen, store, first_body_wins)
     _check_commands(verdict, sent, seen)
+    if seen.windows_paid_twice:
+        for example in seen.paid_twice_examples:
+            verdict.flag("window_paid_twice", example)
+        verdict.counts["window_paid_twice"] = seen.windows_paid_twice
     decisions_by_org: dict[str, list[tuple[str, Decision]]] = defaultdict(list)
     for rid, found in seen.decisions.items():
         decisions_by_org[found[0].org].append((rid, found[0]))

@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.topics import TopicRegistry
 
@@ -172,6 +173,30 @@ class Seen:
     )
     ledger_copies: int = 0
     events: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    # per (org, window): when the window opened by the last charge of it ends, and the
+    # charges inside an open window (a window paid twice), with a few examples
+    window_ends: dict[tuple[str, str], int] = field(default_factory=dict)
+    windows_paid_twice: int = 0
+    paid_twice_examples: list[str] = field(default_factory=list)
+
+    def watch_windows(self, body: dict[str, Any], window_ms: int) -> None:
+        """The 30-day rule seen from outside: an item charged while the window its last
+        charge opened is still open was paid twice (a Redis that forgot, unhealed)."""
+        org, at = body["org_id"], _ms(body["decided_at"])
+        verify = body["action"] == "email_verification"
+        ends = self.window_ends
+        for item in body["items"]:
+            if item["outcome"] != "charged":
+                continue
+            key = (org, f"{'verify' if verify else item['type']}:{item['id']}")
+            if ends.get(key, 0) > at:
+                self.windows_paid_twice += 1
+                if len(self.paid_twice_examples) < 5:
+                    self.paid_twice_examples.append(f"{key[1]} of {org} by {body['request_id']}")
+            ends[key] = at + window_ms
+            company = item.get("company_id")
+            if company and not verify and ends.get((org, f"company:{company}"), 0) <= at:
+                ends[(org, f"company:{company}")] = at + window_ms
 
 
 def _digest(key: bytes | None, value: bytes, headers: Any) -> bytes:
@@ -218,6 +243,7 @@ class Observer:
         self._next_offset: dict[TopicPartition, int] = {}
         self._changed = asyncio.Condition()
         self.seen = Seen()
+        self._window_ms = Settings().repeat_window_ms  # what the workers run with
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -332,6 +358,7 @@ class Observer:
                     items_charged=sum(1 for i in body["items"] if i["outcome"] == "charged"),
                 )
             )
+            seen.watch_windows(body, self._window_ms)
         else:
             seen.ledger_copies += 1
             copies = seen.ledger[sys.intern(body["org_id"])].setdefault(body["sequence"], [])

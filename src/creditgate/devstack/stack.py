@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -325,6 +326,21 @@ class DevStack:
     def kill_redis(self) -> None:
         """SIGKILL: a Redis crash; writes not yet fsynced are lost."""
         self._redis.kill()
+
+    def copy_redis_data(self, destination: Path) -> None:
+        """Copy Redis's data folder (its AOF) as it is on disk now, Redis running: what a
+        backup, a lagging replica or a disk that lost its last second would hold later."""
+        shutil.copytree(self._redis.data_dir, destination)
+
+    def restore_redis_data(self, source: Path | None) -> None:
+        """SIGKILL Redis and start it again from ``source`` (a ``copy_redis_data`` copy),
+        or empty (None: a Redis without persistence, or a flushed one). Every write after
+        the copy is gone, as after a host crash or a failover to a lagging replica."""
+        self.kill_redis()
+        self._redis.remove_data()
+        if source is not None:
+            shutil.copytree(source, self._redis.data_dir)
+        self.start_redis()
 
     def _start_kafka_node(self, libs: Path, ports: _Ports) -> None:
         security = None

@@ -20,11 +20,14 @@ from mode import ServiceT
 
 from creditgate.api.operations import readiness, register_operations
 from creditgate.api.views import register_views
+from creditgate.domain.clock import Clock
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
+from creditgate.stream import topics as t
 from creditgate.stream.consumer import DecisionLoop
-from creditgate.stream.processor import Clock, Processor
+from creditgate.stream.healing import Healer, PublishedSequences
+from creditgate.stream.processor import Processor
 from creditgate.stream.topics import TopicRegistry
 
 
@@ -117,8 +120,12 @@ def create_app(
     )
     store = CreditStore.from_settings(settings)
     metrics = Metrics()
-    processor = Processor(store, registry, settings, clock, metrics)
-    app.decision_loop = DecisionLoop(processor, registry, settings, metrics)
+    # Redis is checked against the ledger, and healed from it, whenever it may have
+    # forgotten decisions already published (stream/healing.py)
+    published = PublishedSequences()
+    processor = Processor(store, registry, settings, clock, metrics, known=published)
+    healer = Healer(store, settings, registry.name(t.LEDGER), published, processor.clock, metrics)
+    app.decision_loop = DecisionLoop(processor, registry, settings, metrics, healer, published)
 
     metrics.watch_lag(app.decision_loop.lag)
     register_operations(app, metrics, readiness(store, registry, settings))

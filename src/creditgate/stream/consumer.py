@@ -18,6 +18,12 @@ a quarter of the decide stage's time. A batch holds what arrived during the prev
 one: small under light load (a request is decided as soon as it arrives), large under
 heavy load (each batch's round trips are shared by more requests).
 
+Before it decides anything after its start, a partition assignment or a (re)connection to
+Redis, and whenever a script finds an organisation stale, the decide stage checks Redis
+against the ledger and heals what it forgot (``stream.healing``). After each batch is on
+the broker it notes where the batch's ledger entries landed, and raises the ledger
+checkpoint to there, at most once a second.
+
 A background task commits the done marks at most once a second. A rebalance first lets
 the batches in hand finish and commits them, so a partition's next owner starts right after
 the last decision published here; parts prepared but not yet decided are dropped, as
@@ -51,10 +57,12 @@ from aiokafka.errors import KafkaError
 from mode import Service
 
 from creditgate.connections import aiokafka_options
+from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing
+from creditgate.stream.healing import Healer, PublishedSequences
 from creditgate.stream.processor import Incoming, PreparedCharges, Processor
 from creditgate.stream.publish import RECORD_BATCH_BYTES, Publisher
 from creditgate.stream.retry import until_done
@@ -70,11 +78,22 @@ _COMMIT_INTERVAL_SECONDS = 1.0
 _COMMIT_TIMEOUT_SECONDS = 10.0
 # a stop's later steps talk to the broker, which may be away: each gets this long
 _STOP_STEP_SECONDS = 5.0
+# the ledger checkpoint is raised at most this often (a lower one only means a longer read
+# of the ledger when Redis is checked against it)
+_CHECKPOINT_INTERVAL_SECONDS = 1.0
 # how long a stopping worker lets the batches in hand finish (during an outage they
 # would retry for ever); an unfinished batch is not committed, so nothing is lost
 _STOP_GRACE_SECONDS = 10.0
 
 Fetched = Mapping[TopicPartition, Sequence[Any]]  # aiokafka ConsumerRecords
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """A batch's outgoing messages, and per organisation the last ledger sequence in them."""
+
+    outgoing: list[Outgoing]
+    sequences: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -141,10 +160,27 @@ class DecisionLoop(Service):
         registry: TopicRegistry,
         settings: Settings,
         metrics: Metrics,
+        healer: Healer | None = None,
+        published: PublishedSequences | None = None,
         **kwargs: Any,
     ) -> None:
+        """``healer`` and ``published``: checks of Redis against the ledger (both or
+        neither; without them, Redis is trusted as it is)."""
         super().__init__(**kwargs)
         self._processor = processor
+        self._healer = healer
+        self._published_sequences = published
+        self._ledger = registry.name(t.LEDGER)
+        # Redis is checked against the ledger before the next batch: at the start, after
+        # an assignment and after a reconnection, or when a script found organisations
+        # stale (afterwards the worker learns their sequences: 0 for a new one)
+        self._heal_due = healer is not None
+        self._stale: set[str] = set()
+        # per ledger partition: the next offset after this worker's entries on the broker
+        # (the checkpoint to raise), and the first one since the last heal check
+        self._checkpoint_due: dict[int, int] = {}
+        self._checkpoint_raised_at = 0.0
+        self._published_since_heal: dict[int, int] = {}
         self._settings = settings
         self._metrics = metrics
         self._commands = registry.name(t.LICENSE_COMMANDS)
@@ -182,7 +218,12 @@ class DecisionLoop(Service):
             **security,
         )
         await self._producer.start()
-        self._publisher = Publisher(self._producer, self._settings, self._metrics)
+        self._publisher = Publisher(
+            self._producer, self._settings, self._metrics, ledger_topic=self._ledger
+        )
+        if self._healer is not None:
+            await self._healer.start()
+            self._processor.store.watch_reconnections()
         session = self._settings.session_timeout_seconds
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.kafka_bootstrap,
@@ -216,6 +257,8 @@ class DecisionLoop(Service):
         await _at_most(_STOP_STEP_SECONDS, "leaving the consumer group", self._consumer.stop())
         if self._producer is not None:
             await _at_most(_STOP_STEP_SECONDS, "closing the producer", self._producer.stop())
+        if self._healer is not None:
+            await _at_most(_STOP_STEP_SECONDS, "closing the ledger reader", self._healer.stop())
         self._cancel_publishing()  # one started meanwhile would only retry, unheard
 
     @Service.task
@@ -257,7 +300,7 @@ class DecisionLoop(Service):
                 current = [p for p in parts if p.generation == self._generation]
                 if current:
                     batch = _Batch.joined(current)
-                    outcomes = await until_done(
+                    decided = await until_done(
                         partial(self._decide, batch),
                         "decide",
                         f"deciding a batch of {len(batch)}",
@@ -267,7 +310,7 @@ class DecisionLoop(Service):
                     await self._published()  # the batch before goes out first
                     if self.should_stop:
                         return  # decided but not published: decided again, identically
-                    self._publishing = asyncio.ensure_future(self._publish(batch, outcomes))
+                    self._publishing = asyncio.ensure_future(self._publish(batch, decided))
 
     def _take_parts(self) -> list[_Batch]:
         """Everything prepared since the second stage last took: one batch."""
@@ -307,17 +350,66 @@ class DecisionLoop(Service):
             sent_at,
         )
 
-    async def _decide(self, batch: _Batch) -> list[Outgoing]:
-        # license commands first: a period started in the same batch as its first
-        # requests is there when they are decided
-        out = await self._processor.apply(batch.commands) if batch.commands else []
-        if batch.charges:
-            out += await self._processor.decide_prepared(batch.charges)
-        return out
+    async def _decide(self, batch: _Batch) -> _Decided:
+        """Decide the batch, checking Redis against the ledger first when that is due."""
+        while True:
+            if self._heal_due:
+                await self._heal()
+            elif self._checkpoint_due:
+                await self._raise_checkpoint()
+            processor = self._processor
+            processor.take_rendered_sequences()  # of an attempt that failed: unpublished
+            try:
+                # license commands first: a period started in the same batch as its first
+                # requests is there when they are decided
+                out = await processor.apply(batch.commands) if batch.commands else []
+                if batch.charges:
+                    out += await processor.decide_prepared(batch.charges)
+            except RedisMayHaveForgotten as exc:
+                # nothing was decided for those organisations: heal, then the whole batch
+                # again (what it did decide comes back as replays, identical)
+                log.warning("%s: checking Redis against the ledger", exc)
+                self._heal_due = True
+                self._stale |= exc.orgs or set()
+                continue
+            return _Decided(out, processor.take_rendered_sequences())
 
-    async def _publish(self, batch: _Batch, outcomes: list[Outgoing]) -> None:
+    async def _heal(self) -> None:
+        """Check Redis against the ledger and heal it; the batch before must be on the
+        broker first, so its ledger entries are read too."""
+        assert self._healer is not None  # a heal is only due with a healer
+        await self._published()
+        report = await self._healer.heal(self._published_since_heal, frozenset(self._stale))
+        if report.entries_applied:
+            log.warning(
+                "Redis had forgotten %d ledger entries of %d organisation(s): restored",
+                report.entries_applied,
+                report.organisations_healed,
+            )
+        # the heal raised the checkpoint past everything published before it
+        self._checkpoint_due.clear()
+        self._published_since_heal.clear()
+        self._heal_due = False
+        self._stale.clear()
+
+    async def _raise_checkpoint(self) -> None:
+        now = time.monotonic()
+        if now - self._checkpoint_raised_at < _CHECKPOINT_INTERVAL_SECONDS:
+            return
+        await self._processor.store.raise_ledger_checkpoint(self._ledger, self._checkpoint_due)
+        self._checkpoint_due.clear()
+        self._checkpoint_raised_at = now
+
+    async def _publish(self, batch: _Batch, decided: _Decided) -> None:
         assert self._publisher is not None  # created before the stages start
-        await self._publisher.until_published(outcomes, len(batch))
+        await self._publisher.until_published(decided.outgoing, len(batch))
+        if self._published_sequences is not None:
+            self._published_sequences.update(decided.sequences)
+            for partition, (first, after) in self._publisher.take_ledger_written().items():
+                due = self._checkpoint_due
+                due[partition] = max(due.get(partition, 0), after)
+                since = self._published_since_heal
+                since[partition] = min(since.get(partition, first), first)
         self._done.update(batch.next_offsets)
         self._commit_due.set()
         self._observe(batch)
@@ -404,6 +496,10 @@ class DecisionLoop(Service):
         for tp, committed in zip(partitions, found, strict=True):
             if isinstance(committed, int):  # None: never committed; an error: unknown
                 self._committed[tp] = committed
+        if self._healer is not None and partitions:
+            # their organisations' last decisions came from another worker, which may
+            # have published entries that Redis then forgot
+            self._heal_due = True
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per assigned partition: the high-water mark minus the committed offset."""

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from creditgate.domain.charges import Action, ChargeRequest
+from creditgate.domain.clock import Clock
 from creditgate.domain.commands import LicenseCommand
 from creditgate.domain.decisions import (
     ChargeRecord,
@@ -47,6 +48,7 @@ from creditgate.store.gateway import (
     ChargeCall,
     CreditStore,
     InvalidCommand,
+    KnownSequences,
     PackedCharge,
 )
 from creditgate.stream import topics as t
@@ -80,16 +82,6 @@ class PreparedCharges:
         return len(self.dead_letters) + len(self.calls)
 
 
-class Clock:
-    """The decision clock: the worker's clock shifted by the configured offset."""
-
-    def __init__(self, offset_seconds: float = 0.0) -> None:
-        self.offset_seconds = offset_seconds
-
-    def now_ms(self) -> int:
-        return int((time.time() + self.offset_seconds) * 1000)
-
-
 class Processor:
     def __init__(
         self,
@@ -98,8 +90,14 @@ class Processor:
         settings: Settings,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        known: KnownSequences = None,
     ) -> None:
+        """``known``: each organisation's last published ledger sequence, for the scripts'
+        check that Redis has not forgotten it (the worker's; None: no check)."""
         self.store = store
+        self._known = known
+        # per organisation, the highest ledger sequence rendered since the last take
+        self._rendered: dict[str, int] = {}
         self.metrics = metrics or Metrics()
         self.settings = settings
         self.clock = clock or Clock(settings.clock_offset_seconds)
@@ -152,7 +150,7 @@ class Processor:
             out.extend(self._publish_charge(views[i], windows, answer.status, answer.record, now))
 
         started = time.perf_counter()
-        answers = await self.store.charge_packed(calls, now, render)
+        answers = await self.store.charge_packed(calls, now, render, self._known)
         self.metrics.script_seconds.labels("charge").observe(time.perf_counter() - started)
         self._count_decisions(views, answers, len(prepared.dead_letters))
         return out
@@ -274,7 +272,7 @@ class Processor:
                 commands.append(read)
         now = self.clock.now_ms()
         started = time.perf_counter()
-        answers = await self.store.apply_commands(commands, now)
+        answers = await self.store.apply_commands(commands, now, self._known)
         self.metrics.script_seconds.labels("command").observe(time.perf_counter() - started)
         if len(batch) > len(commands):
             self.metrics.dead_letters.labels("commands").inc(len(batch) - len(commands))
@@ -318,8 +316,17 @@ class Processor:
 
     # ---- the ledger and notifications, shared by charges and commands ------------
 
+    def take_rendered_sequences(self) -> dict[str, int]:
+        """Per organisation, the highest ledger sequence rendered since the last call:
+        once its batch is on the broker, Redis must never be found behind it."""
+        rendered, self._rendered = self._rendered, {}
+        return rendered
+
     def _ledger_message(self, entry: dict[str, Any]) -> Outgoing:
         org = entry["org_id"]
+        sequence = entry["sequence"]
+        if sequence > self._rendered.get(org, 0):
+            self._rendered[org] = sequence
         return outgoing(
             self._ledger,
             org,

@@ -34,9 +34,17 @@ _PARTITION_CACHE_SIZE = 100_000
 
 class Publisher:
     def __init__(
-        self, producer: AIOKafkaProducer, settings: Settings, metrics: Metrics | None = None
+        self,
+        producer: AIOKafkaProducer,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        ledger_topic: str | None = None,
     ) -> None:
         self._producer = producer
+        # where the ledger's entries landed, per partition: (first offset, next offset),
+        # since the last take_ledger_written (for the ledger checkpoint, stream/healing.py)
+        self._ledger_topic = ledger_topic
+        self._ledger_written: dict[int, tuple[int, int]] = {}
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._partitioner = DefaultPartitioner()
@@ -66,7 +74,9 @@ class Publisher:
             return
         kafka = self._producer
         open_batches: dict[tuple[str, int], Any] = {}
+        counts: dict[tuple[str, int], int] = {}
         pending = []
+        sent: list[tuple[str, int, int]] = []  # (topic, partition, records) of each batch
         known = self._partitions
         for m in messages:
             partition = known.get((m.topic, m.key))  # no coroutine for a known key
@@ -79,11 +89,29 @@ class Publisher:
             if batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
                 # full: send it and start the next one (a first record always fits)
                 pending.append(await kafka.send_batch(batch, m.topic, partition=partition))
+                sent.append((m.topic, partition, counts.pop(where)))
                 batch = open_batches[where] = kafka.create_batch()
                 batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
+            counts[where] = counts.get(where, 0) + 1
         for (topic, partition), batch in open_batches.items():
             pending.append(await kafka.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*pending)
+            sent.append((topic, partition, counts[(topic, partition)]))
+        delivered = await asyncio.gather(*pending)
+        self._note_ledger_offsets(sent, [d.offset for d in delivered])
+
+    def _note_ledger_offsets(self, sent: list[tuple[str, int, int]], offsets: list[int]) -> None:
+        written = self._ledger_written
+        for (topic, partition, records), base in zip(sent, offsets, strict=True):
+            if topic != self._ledger_topic:
+                continue
+            first, after = written.get(partition, (base, base + records))
+            written[partition] = (min(first, base), max(after, base + records))
+
+    def take_ledger_written(self) -> dict[int, tuple[int, int]]:
+        """Per ledger partition, (first offset, next offset) of the entries published
+        since the last call."""
+        written, self._ledger_written = self._ledger_written, {}
+        return written
 
     async def _learn_partition(self, topic: str, key: bytes) -> int:
         """The partition of a key not yet in ``_partitions``, remembered there."""
