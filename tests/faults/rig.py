@@ -54,6 +54,7 @@ class Rig:
     retired: list[Worker] = field(default_factory=list)
     # workers that ignored SIGTERM until we killed them (a stop takes 1-3 s normally)
     hung_on_stop: list[str] = field(default_factory=list)
+    _copies: int = 0  # copies of Redis's AOF made by copy_redis
 
     def __post_init__(self) -> None:
         self.stack = self.shared_stack or DevStack(
@@ -204,6 +205,22 @@ class Rig:
         started = time.time()
         await asyncio.to_thread(self.stack.start_redis)
         return started
+
+    async def copy_redis(self) -> Path:
+        """A copy of Redis's AOF as it is now, for ``redis_forgets``."""
+        self._own_stack()
+        self._copies += 1
+        copy = self.root / "redis-copies" / str(self._copies)
+        await asyncio.to_thread(self.stack.copy_redis_data, copy)
+        return copy
+
+    async def redis_forgets(self, since: Path | None) -> float:
+        """Redis killed and started again from an older copy of its AOF (None: empty),
+        so it lacks every write after the copy; returns the moment it was started."""
+        self._own_stack()
+        await asyncio.to_thread(self.stack.restore_redis_data, since)
+        self.faults["redis_forgets"] += 1
+        return time.time()
 
     async def restart_broker(self, *, down_for: float, crash: bool = False) -> None:
         """Stop the broker (SIGTERM, or SIGKILL for ``crash``), keep it down, start it."""
