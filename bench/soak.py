@@ -8,8 +8,9 @@ It starts its own Kafka broker and Redis (a DevStack in a temporary folder, stop
 and its data removed afterwards; the worker logs stay), two ``creditgate worker``
 processes in one consumer group, and streams the requests of many organisations
 through them while it kills a worker with SIGKILL (and restarts it), freezes one with
-SIGSTOP for longer than its session, kills Redis (AOF ``appendfsync always``) and
-stops or crashes the broker — each at a random point of the stream, in random order.
+SIGSTOP for longer than its session, kills Redis (AOF ``appendfsync always``), starts
+Redis again from an older copy of its AOF (a Redis that forgets) and stops or crashes
+the broker — each at a random point of the stream, in random order.
 Then it checks the invariants of ``tests/faults/invariants.py`` and prints a summary.
 Exit status 0 when they hold.
 
@@ -24,6 +25,7 @@ import json
 import logging
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -51,13 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-kills", type=int, default=100, help="SIGKILL + restart")
     parser.add_argument("--pauses", type=int, default=20, help="SIGSTOP beyond the session")
     parser.add_argument("--redis-kills", type=int, default=20, help="SIGKILL + restart")
+    parser.add_argument(
+        "--redis-forgets",
+        type=int,
+        default=20,
+        help="Redis started again from a copy of its AOF taken 0.3-2 s earlier",
+    )
     parser.add_argument("--broker-restarts", type=int, default=10, help="stop or crash")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--duplicates", type=float, default=0.05, help="ids sent twice")
     parser.add_argument(
         "--appendfsync",
-        choices=("always", "everysec"),
+        choices=("always", "everysec", "no"),
         default="always",
         help="Redis AOF fsync; everysec survives process kills but not a machine crash",
     )
@@ -81,6 +89,7 @@ class Soak:
             ["worker_kill"] * args.worker_kills
             + ["worker_pause"] * args.pauses
             + ["redis_kill"] * args.redis_kills
+            + ["redis_forgets"] * args.redis_forgets
             + ["broker_restart"] * args.broker_restarts
         )
         self.rng.shuffle(kinds)
@@ -105,6 +114,13 @@ class Soak:
             await rig.kill_redis()
             await asyncio.sleep(rng.uniform(0.5, 4))  # the outage
             await rig.start_redis()
+        elif kind == "redis_forgets":
+            # what a host crash (appendfsync everysec) or a lagging replica leaves: the
+            # workers must heal Redis from the ledger by themselves
+            copy = await rig.copy_redis()
+            await asyncio.sleep(rng.uniform(0.3, 2.0))  # decisions that will be forgotten
+            await rig.redis_forgets(copy)
+            shutil.rmtree(copy)
         else:
             await rig.restart_broker(down_for=rng.uniform(0.5, 3), crash=rng.random() < 0.5)
 
@@ -150,10 +166,13 @@ def summary(soak: Soak, verdict: Verdict, elapsed: float) -> dict[str, object]:
             "worker_kills": rig.faults["worker_kill"],
             "worker_pauses": rig.faults["worker_pause"],
             "redis_kills": rig.faults["redis_kill"],
+            "redis_forgets": rig.faults["redis_forgets"],
             "broker_restarts": rig.faults["broker_restart"] + rig.faults["broker_crash"],
             "of_which_broker_crashes": rig.faults["broker_crash"],
             "skipped_after_the_stream": soak.skipped,
         },
+        "sequence_numbers_reused": verdict.counts["ledger_copies_differ"],
+        "windows_paid_twice": verdict.counts["window_paid_twice"],
         "sends_resent": soak.run.feeder.sent.resent,
         "result_copies": verdict.result_copies,
         "elapsed_seconds": round(elapsed),

@@ -69,7 +69,23 @@ class Publisher:
         about twice what filling a batch costs. The partition is the one aiokafka's
         ``send`` would pick for the key (``org_id``), and a partition's messages keep
         their order within and across its batches.
+
+        The ledger's entries go first, and the rest only once the broker has them: a
+        decision is never out (a result, a notification) without its ledger entry, from
+        which a Redis that forgot it is healed (stream/healing.py). Were a worker and its
+        Redis lost together between the two, the request is decided again, and nobody
+        has seen the first decision.
         """
+        if not messages:
+            return
+        if self._ledger_topic is None:
+            await self._send(messages)
+            return
+        ledger = self._ledger_topic
+        await self._send([m for m in messages if m.topic == ledger])
+        await self._send([m for m in messages if m.topic != ledger])
+
+    async def _send(self, messages: Sequence[Outgoing]) -> None:
         if not messages:
             return
         kafka = self._producer
