@@ -1,0 +1,152 @@
+"""Healing a Redis that forgot from ``credits.ledger``, on a real broker and Redis.
+
+The traffic and its ledger are real (``test_rebuild.Deployment``: the real ``Processor``,
+its messages published on topics of this test's own); "Redis forgot" means this test's
+keys put back as an earlier copy had them (DUMP/RESTORE), never FLUSHALL, since the
+Redis is shared with other tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from creditgate.domain.charges import ChargeRequest
+from creditgate.errors import RedisMayHaveForgotten
+from creditgate.observability import Metrics
+from creditgate.store.gateway import ChargeCall
+from creditgate.stream import topics as t
+from creditgate.stream.healing import Healer, PublishedSequences
+
+from .test_rebuild import (
+    Deployment,
+    command,
+    contact,
+    day,
+    delete_prefix,
+    grant,
+    parsed,
+    period,
+    request,
+    shadow_copy,
+    snapshot,
+    upsert,
+)
+
+pytestmark = pytest.mark.integration
+
+# the rebuild tests' fixture (the parameters below that name it shadow the import)
+from .test_rebuild import deployment  # noqa: E402, F401
+
+
+def call(body: dict[str, Any]) -> ChargeCall:
+    return ChargeCall.of(ChargeRequest.model_validate(body))
+
+
+async def contents(d: Deployment) -> dict[str, tuple[str, Any]]:
+    """Every key of the test's prefix: its type and value (times to live left out)."""
+    found = await snapshot(d.store.redis, d.settings.key_prefix)
+    return {name: (key.type, key.value) for name, key in found.items()}
+
+
+def healer(d: Deployment, published: PublishedSequences) -> Healer:
+    ledger = d.registry.name(t.LEDGER)
+    return Healer(d.store, d.settings, ledger, published, d.clock, Metrics())
+
+
+async def test_a_stale_redis_is_healed_to_what_the_ledger_says(
+    deployment: Deployment,  # noqa: F811
+) -> None:
+    d = deployment
+    prefix, stale = d.settings.key_prefix, f"{d.settings.key_prefix}-shadow"
+    await d.commands(
+        day(0),
+        upsert("acme", "a-1", "ana", "admin"),
+        period("acme", "a-2", "p1", 10, day(0), day(100)),
+        upsert("globex", "g-1", "boss", "admin"),
+        period("globex", "g-2", "p1", 10, day(0), day(100)),
+    )
+    first = await d.requests(day(1), request("acme", "r-1", "ana", [contact("c1")]))
+    await shadow_copy(d.settings, prefix, stale)
+    # published, then forgotten by Redis: a window opened, a grant, a member removed
+    await d.requests(day(2), request("acme", "r-2", "ana", [contact("c2", "co2")]))
+    await d.commands(
+        day(2),
+        grant("globex", "g-3", "g1", 5),
+        upsert("acme", "a-3", "bob"),
+        command("acme", "a-4", "member.remove", user_id="bob"),
+    )
+    latest = await snapshot(d.store.redis, prefix)
+    await delete_prefix(d.store.redis, prefix)
+    await shadow_copy(d.settings, stale, prefix)
+    assert await snapshot(d.store.redis, prefix) != latest
+
+    published = PublishedSequences()
+    h = healer(d, published)
+    await h.start()
+    try:
+        report = await h.heal({})
+        again = await h.heal({})  # nothing more is missing
+    finally:
+        await h.stop()
+
+    healed = await snapshot(d.store.redis, prefix)
+    # the checkpoint now vouches for the ledger up to where the heal read it
+    assert healed.pop("ledger-checkpoint").type == "zset"
+    assert sorted(healed) == sorted(latest)
+    for name, key in latest.items():
+        assert (healed[name].type, healed[name].value) == (key.type, key.value), name
+        assert (healed[name].ttl_ms < 0) == (key.ttl_ms < 0), name
+    assert (report.organisations_healed, report.entries_applied) == (2, 4)
+    assert (again.organisations_healed, again.entries_applied) == (0, 0)
+    # the worker now knows each organisation's last published sequence
+    assert published("acme") == int(latest["{acme}:seq"].value)
+    assert published("globex") == int(latest["{globex}:seq"].value)
+
+    # the forgotten request, replayed, gets its published decision; the window it paid
+    # for is still open, and the sequence goes on from the ledger
+    follow = Deployment(d.settings, d.registry, d.clock, d.store)
+    out = await follow.requests(
+        day(3),
+        request("acme", "r-2", "ana", [contact("c2", "co2")]),
+        request("acme", "r-3", "ana", [contact("c2")]),
+    )
+    results = d.results(out)
+    assert results["r-3"]["credits_charged"] == 0
+    assert results["r-3"]["sequence"] == published("acme") + 1
+    assert d.results(first)["r-1"]["sequence"] < results["r-3"]["sequence"]
+    replayed = [m for m in parsed(out) if m[2].get("request_id") == "r-2"]
+    assert replayed
+    assert replayed[0][2]["credits_charged"] == 1
+
+
+async def test_scripts_decide_nothing_on_a_redis_behind_what_was_published(
+    deployment: Deployment,  # noqa: F811
+) -> None:
+    d = deployment
+    await d.commands(
+        day(0),
+        upsert("acme", "a-1", "ana", "admin"),
+        period("acme", "a-2", "p1", 10, day(0), day(100)),
+    )
+    before = await contents(d)
+    sequence = int(before["{acme}:seq"][1])
+    charge = call(request("acme", "r-1", "ana", [contact("c1")]))
+
+    with pytest.raises(RedisMayHaveForgotten) as behind:
+        await d.store.charge_many([charge], day(1), known={"acme": sequence + 1}.__getitem__)
+    assert behind.value.orgs == frozenset({"acme"})
+    # an organisation the worker knows nothing of, and Redis neither
+    newcomer = call(request("initech", "i-1", "ana", [contact("c1")]))
+    with pytest.raises(RedisMayHaveForgotten) as unknown:
+        await d.store.charge_many([newcomer], day(1), known=lambda org: -1)
+    assert unknown.value.orgs == frozenset({"initech"})
+    assert await contents(d) == before  # nothing written
+
+    # the worker's view of what was published: current, and for a new organisation 0
+    published = PublishedSequences()
+    published.update({"acme": sequence, "initech": 0})
+    (answer,) = await d.store.charge_many([charge], day(1), known=published)
+    assert answer.record.credits == 1
+    assert answer.record.sequence == sequence + 1
