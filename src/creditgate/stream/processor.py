@@ -311,7 +311,9 @@ class Processor:
                     ce_time=at,
                 )
             )
-            if record.applied:
+            # every decided command has an entry, rejected ones too (a record stored
+            # before rejected commands took a sequence has none, and gets none)
+            if record.sequence is not None:
                 out.append(self._ledger_message(command_ledger_entry(view, record)))
             out.extend(self._notification_messages(command_notifications(view, record)))
         return out

@@ -18,8 +18,8 @@ ARGV
   invalid                     6 detail (the command was readable but not valid)
 RETURNS
   {status, record_json}, status "decided", "replay" or "conflict" as in charge.lua.
-  The record: status applied|rejected, reason, detail, seq (applied only), the
-  resulting state, and for balance changes delta, balance and expired credits.
+  The record: status applied|rejected, reason, detail, seq, the resulting state, and
+  for balance changes delta, balance and expired credits.
 ]]
 
 local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
@@ -55,10 +55,10 @@ end
 
 local function finish(applied, state, reason, detail)
   record.state, record.reason, record.detail = state, reason, detail
-  if applied then
-    record.status = "applied"
-    record.seq = redis.call("INCR", sequence_key)
-  end
+  if applied then record.status = "applied" end
+  -- a rejected command takes a sequence too: it gets a ledger entry, so that a rebuild
+  -- restores this record and a replay after it gets this same answer
+  record.seq = redis.call("INCR", sequence_key)
   local encoded = cjson.encode(record)
   redis.call("HSET", command_key, "fp", fingerprint, "rec", encoded)
   redis.call("PEXPIRE", command_key, ttl_ms)
