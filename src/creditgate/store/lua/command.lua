@@ -11,7 +11,8 @@ KEYS
 ARGV
   1 now_ms  2 command_id  3 fingerprint  4 type  5 idempotency_ttl_ms, then by type:
   license.start_period        6 period_id  7 starts_ms  8 ends_ms  9 credits
-  credits.grant               6 grant_id  7 credits
+  credits.grant               6 grant_id  7 credits  8 max_period_credits (credits and
+                              grants of a period together, at most)
   member.upsert               6 user_id  7 role
   member.remove               6 user_id
   member.set_credits_allowed  6 user_id  7 allowed ("1" | "0")  8 set_by
@@ -87,10 +88,18 @@ elseif kind == "credits.grant" then
     -- grants expire with their period: one added to an ended period could never be used
     return finish(false, state, "no_active_license", "period " .. state.period_id .. " has ended")
   end
-  local grant_id, credits = ARGV[6], tonumber(ARGV[7])
+  local grant_id, credits, max_period = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
   if redis.call("HEXISTS", grants_key, grant_id) == 1 then
     return finish(false, state, "duplicate_grant",
       "grant " .. grant_id .. " was applied by command " .. redis.call("HGET", grants_key, grant_id))
+  end
+  -- the one bound validation cannot check, as it depends on the period: balances stay
+  -- far below where Redis integers, Lua numbers or cjson would lose or fail a write
+  if state.credits + state.granted + credits > max_period then
+    return finish(false, state, "invalid_command", string.format(
+      "invalid command: credits: %d more would give period %s %d credits, more than the " ..
+      "%d a period may hold", credits, state.period_id, state.credits + state.granted + credits,
+      max_period))
   end
   redis.call("HSET", grants_key, grant_id, command_id)
   redis.call("HINCRBY", license_key, "granted", credits)
