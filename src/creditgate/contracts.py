@@ -274,7 +274,13 @@ def _message(message: Message) -> dict[str, Any]:
     return body
 
 
-_INTEGER_CONFIGS = {"retention.ms", "retention.bytes", "delete.retention.ms", "max.message.bytes"}
+_INTEGER_CONFIGS = {
+    "retention.ms",
+    "retention.bytes",
+    "delete.retention.ms",
+    "max.message.bytes",
+    "segment.ms",
+}
 
 
 def _kafka_channel(topic: dict[str, Any]) -> dict[str, Any]:
