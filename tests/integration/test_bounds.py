@@ -179,7 +179,8 @@ async def test_a_period_time_out_of_range_is_invalid(org: Org, times: dict[str, 
 
     event = await org.start_period(20, **times)
 
-    assert rejected_as_invalid(event, "timestamp out of range", "1970-01-01T00:00:00Z"), event
+    (field,) = times
+    assert rejected_as_invalid(event, field, "timestamp out of range"), event
     assert (await org.credits() or {})["period_credits"] == 10
 
 
@@ -188,9 +189,8 @@ async def test_a_period_time_out_of_range_is_invalid(org: Org, times: dict[str, 
     [
         ({"max_credits": MAX_CREDITS + 1}, ("max_credits", "less than or equal to")),
         ({"max_credits": 2**64 - 1}, ("max_credits", "less than or equal to")),
-        ({"requested_at": "1969-12-31T23:59:59Z"}, ("requested_at", "timestamp out of range")),
     ],
-    ids=["max-credits", "max-credits-64-bit", "requested-before-1970"],
+    ids=["max-credits", "max-credits-64-bit"],
 )
 async def test_a_request_with_a_number_out_of_range_is_invalid(
     org: Org, fields: dict[str, Any], words: tuple[str, ...]

@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from creditgate.domain.charges import MAX_CREDITS, body_fingerprint
-from creditgate.domain.ids import Identifier, Timestamp
+from creditgate.domain.ids import Identifier, StoredTimestamp
 
 
 class CommandReason(StrEnum):
@@ -45,8 +45,8 @@ class StartPeriod(_Command):
 
     type: Literal["license.start_period"]
     period_id: Identifier
-    starts_at: Timestamp
-    ends_at: Timestamp
+    starts_at: StoredTimestamp
+    ends_at: StoredTimestamp
     credits: StrictInt = Field(ge=0, le=MAX_CREDITS)
 
     @model_validator(mode="after")

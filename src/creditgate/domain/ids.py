@@ -27,30 +27,35 @@ def _must_be_text(value: Any) -> Any:
     return value
 
 
-# Times are stored as milliseconds since the epoch, which must not be negative (the
-# contracts say so); the last moment datetime can hold is far below 2^53 ms (exact
-# in Lua's doubles).
-EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
-
-
 def _must_be_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp needs a time zone (RFC 3339)")
     try:
-        utc: datetime | None = value.astimezone(UTC)
+        return value.astimezone(UTC)
     except OverflowError:
         # 0001-01-01T00:00+01:00 has no UTC year 1; pydantic reports only ValueError
-        utc = None
-    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise ValueError("timestamp out of range") from None
+
+
+# The scripts store a license period's times as milliseconds since the epoch, which the
+# contracts say are never negative; the last moment datetime holds is far below 2^53 ms
+# (exact in Lua's doubles).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+
+
+def _storable(value: datetime) -> datetime:
+    if not EARLIEST <= value <= LATEST:
         raise ValueError(
             "timestamp out of range: it must be between 1970-01-01T00:00:00Z and "
             "9999-12-31T23:59:59.999Z"
         )
-    return utc
+    return value
 
 
 Timestamp = Annotated[datetime, BeforeValidator(_must_be_text), AfterValidator(_must_be_utc)]
+# a time the scripts store (as milliseconds since the epoch)
+StoredTimestamp = Annotated[Timestamp, AfterValidator(_storable)]
 
 
 def to_ms(value: datetime) -> int:
