@@ -4,10 +4,9 @@
 write they make is told by a ledger entry: a decision carries the stored record (its
 outcomes, notes, sequence and time), the request summary and the windows it opened;
 an applied command carries its body and the resulting state, a rejected one its
-stored record. ``OrgState.apply`` folds
-one organisation's entries, in sequence order, into the keys the scripts would have
-left behind — each step below names the script write it mirrors — and ``write_org``
-writes that state to Redis.
+stored record. ``OrgState.apply`` folds one organisation's entries, in sequence order,
+into the keys the scripts would have left behind — each step below names the script
+write it mirrors — and ``write_org`` writes that state to Redis.
 
 Why fold in Python and write once, rather than replay the entries through a restore
 script: the rebuild runs on an idle Redis (workers stopped), so it needs no atomic
