@@ -50,6 +50,7 @@ class Org:
         self.registry = registry
         self.org_id = f"org-{uuid4().hex[:10]}"
         self._ids = itertools.count()
+        self.ledger: dict[int, dict[str, Any]] = {}  # the commands' entries, by sequence
 
     def _incoming(self, logical: str, body: dict[str, Any]) -> Incoming:
         value = orjson.dumps(body)
@@ -60,6 +61,8 @@ class Org:
         body = {"command_id": f"cmd-{next(self._ids)}", "org_id": self.org_id, "type": type_}
         out = await self.processor.apply([self._incoming(t.LICENSE_COMMANDS, body | fields)])
         (event,) = [orjson.loads(m.value) for m in out if m.topic.endswith(t.LICENSE_EVENTS)]
+        for entry in (orjson.loads(m.value) for m in out if m.topic.endswith(t.LEDGER)):
+            self.ledger[entry["sequence"]] = entry
         assert isinstance(event, dict)
         return event
 
@@ -154,7 +157,10 @@ async def test_grants_cannot_take_a_period_past_what_it_may_hold(org: Org) -> No
     past = await org.grant(5, "g-2")  # 10^12 - 4 + 5
 
     assert rejected_as_invalid(past, "5 more would give period p1", "more than the"), past
-    assert past["sequence"] is not None  # decided, with its ledger entry
+    # decided, with its ledger entry: the command as it was sent, the period as it is
+    entry = org.ledger[past["sequence"]]
+    assert (entry["kind"], entry["command"]["credits"]) == ("command_rejected", 5)
+    assert entry["state"]["granted"] == 6
     assert (await org.grant(4, "g-2"))["type"] == "command.applied"  # exactly the bound
     credits_now = await org.credits()
     assert credits_now is not None

@@ -385,7 +385,7 @@ async def test_an_invalid_command_is_refused_once_with_its_detail(org: Org) -> N
     (first,) = await org.store.apply_commands([invalid], DAY0)
     (again,) = await org.store.apply_commands([invalid], day(1))
 
-    view = CommandView(read.org_id, read.command_id, read.command_type, read.body)
+    view = CommandView(read.org_id, read.command_id, read.command_type, read.body, valid=False)
     event = license_event(view, first.record)
     assert first.status == "decided"
     assert (event["type"], event["reason"]) == ("command.rejected", "invalid_command")

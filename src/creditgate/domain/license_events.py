@@ -73,6 +73,7 @@ class CommandView:
     command_id: str
     command_type: str
     body: dict[str, Any]
+    valid: bool = True  # False: ``body`` is what an invalid command's producer sent
 
 
 _MESSAGES = {
@@ -142,7 +143,6 @@ def command_ledger_entry(view: CommandView, record: CommandRecord) -> dict[str, 
     invalid command's body is left out (``command: null``): it is whatever the
     producer sent, its fingerprint is in the decision and its fault in ``detail``.
     """
-    invalid = record.reason == "invalid_command"
     return {
         "org_id": view.org_id,
         "sequence": record.sequence,
@@ -153,7 +153,7 @@ def command_ledger_entry(view: CommandView, record: CommandRecord) -> dict[str, 
         "balance_after": record.balance,
         "expired_credits": record.expired,
         "recorded_at": rfc3339(record.decided_ms),
-        "command": None if invalid else view.body,
+        "command": view.body if view.valid else None,
         "state": record.state,
         "decision": record.raw,
     }

@@ -260,7 +260,9 @@ class Processor:
                 continue
             if isinstance(read, InvalidLicenseCommand):
                 views.append(
-                    CommandView(read.org_id, read.command_id, read.command_type, read.body)
+                    CommandView(
+                        read.org_id, read.command_id, read.command_type, read.body, valid=False
+                    )
                 )
                 commands.append(
                     InvalidCommand(read.org_id, read.command_id, read.fingerprint, read.detail)
