@@ -132,18 +132,13 @@ def topics_check() -> None:
 # ---- the worker ------------------------------------------------------------------
 
 
-def fatal_topic_problems(problems: list[str]) -> list[str]:
-    """Missing topics and wrong partition counts stop the worker; config drift does not."""
-    return [p for p in problems if "missing" in p or "partitions" in p]
-
-
 @main.command()
 @click.option("--loglevel", default="info", show_default=True)
 def worker(loglevel: str) -> None:
     """Consume requests and commands, decide them, publish the outcomes."""
     from creditgate.api.access import parse_tokens, require_safe_bind
-    from creditgate.connections import check_connections
     from creditgate.observability import logging_config
+    from creditgate.preflight import preflight
     from creditgate.stream.app import Worker, create_app, use_fast_event_loop
 
     settings = _settings()
@@ -152,14 +147,12 @@ def worker(loglevel: str) -> None:
     except CreditgateError as exc:
         _fail(str(exc))
     registry = _registry(settings)
-    try:  # a wrong password or a missing ACL stops the worker now, with its cause
-        asyncio.run(check_connections(settings, [spec.name for spec in registry.specs.values()]))
+    try:  # a wrong password, a missing topic, a lifetime too short or an evicting Redis
+        # stops the worker now, with its cause and the fix
+        problems = asyncio.run(preflight(settings, registry))
     except CreditgateError as exc:
         _fail(str(exc))
-    problems = asyncio.run(check_topics(settings.kafka_bootstrap, registry))
-    fatal = fatal_topic_problems(problems)
-    if fatal:
-        _fail("the worker needs its topics as defined in topics/:\n  " + "\n  ".join(fatal))
+        return
     for problem in problems:
         logging.getLogger("creditgate").warning("topic drift: %s", problem)
     use_fast_event_loop()  # before faust creates the worker's loops

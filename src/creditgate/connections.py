@@ -91,6 +91,9 @@ REDIS_COMMANDS = (
     "discard",
     # the client's health checks
     "ping",
+    # the start-up check reads maxmemory-policy (creditgate.preflight): CONFIG GET would
+    # also show every other setting, INFO only server figures, never keys or values
+    "info",
     # the rebuild from the ledger (and test clean-up) find an organisation's keys with
     # SCAN. Redis cannot limit SCAN to a key pattern: it lists other key names (never
     # their values) to anyone allowed to run it.

@@ -116,7 +116,7 @@ LEDGER = ValueSchema(
     "ledger-entry",
     m.LedgerEntry,
     "LedgerEntry",
-    "One entry per decision and per applied command, in per-org sequence; "
+    "One entry per decision and per command, applied or rejected, in per-org sequence; "
     "Redis state can be rebuilt from the ledger alone.",
 )
 DEAD_LETTER = ValueSchema(
@@ -184,6 +184,7 @@ TOPIC_MESSAGES: dict[str, list[Message]] = {
         m.PeriodStartedEntry,
         m.GrantedEntry,
         m.MemberChangedEntry,
+        m.CommandRejectedEntry,
     ),
     t.DEADLETTER: [Message(m.DeadLetter, DEAD_LETTER, ce_type=DEAD_LETTER_TYPE, whole_file=True)],
 }
@@ -273,7 +274,13 @@ def _message(message: Message) -> dict[str, Any]:
     return body
 
 
-_INTEGER_CONFIGS = {"retention.ms", "retention.bytes", "delete.retention.ms", "max.message.bytes"}
+_INTEGER_CONFIGS = {
+    "retention.ms",
+    "retention.bytes",
+    "delete.retention.ms",
+    "max.message.bytes",
+    "segment.ms",
+}
 
 
 def _kafka_channel(topic: dict[str, Any]) -> dict[str, Any]:

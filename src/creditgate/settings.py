@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DAY_SECONDS = 86_400
+MAX_DAYS = 36_500  # a hundred years: longer windows and lifetimes are a mistake
 
 
 class Settings(BaseSettings):
@@ -51,12 +52,16 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     redis_ca_file: Path | None = None
 
-    repeat_window_days: float = 30.0
-    # Idempotency records must outlive the longest replay Kafka allows (the retention of
-    # the request topics), or a replay would be decided a second time.
-    idempotency_ttl_days: float = 35.0
+    # Bounded so the scripts' window ends and expiries stay whole milliseconds Redis
+    # takes (a PEXPIRE or SET PXAT it refuses would fail a script after its writes).
+    repeat_window_days: float = Field(default=30.0, gt=0, le=MAX_DAYS)
+    # Idempotency records must outlive the longest replay Kafka allows, or a replay
+    # would be decided a second time: the worker refuses to start when a request
+    # topic's retention plus one segment, or the group's offsets retention, is longer
+    # (creditgate.preflight).
+    idempotency_ttl_days: float = Field(default=35.0, gt=0, le=MAX_DAYS)
     max_items: int = Field(default=10_000, ge=1)
-    threshold_percents: tuple[int, ...] = (80, 90, 100)
+    threshold_percents: tuple[Annotated[int, Field(ge=1, le=100)], ...] = (80, 90, 100)
 
     batch_size: int = Field(default=1000, ge=1)
     # consumer-group session: how soon a dead worker's partitions move to another one

@@ -173,7 +173,7 @@ async def test_only_an_admin_can_disallow_credit_use(org: Org) -> None:
     assert by_member.status == "decided"
     assert not by_member.record.applied
     assert by_member.record.reason == "not_an_admin"
-    assert by_member.record.sequence is None
+    assert by_member.record.sequence == 5  # the upserts, the period and u2 took 1-4
     assert by_member.event["type"] == "command.rejected"
     assert by_member.event["reason"] == "not_an_admin"
     assert "u2" in by_member.event["message"]
@@ -227,7 +227,10 @@ async def test_removing_a_non_member_is_refused(org: Org) -> None:
     assert not removed.record.applied
     assert removed.record.reason == "not_a_member"
     assert removed.event["type"] == "command.rejected"
-    assert removed.record.sequence is None
+    assert removed.event["sequence"] == removed.record.sequence == 3
+    entry = command_ledger_entry(removed.view, removed.record)
+    assert (entry["kind"], entry["sequence"], entry["credits_delta"]) == ("command_rejected", 3, 0)
+    assert entry["decision"] == removed.record.raw
 
 
 async def test_a_removed_member_can_no_longer_use_the_credits(org: Org) -> None:
@@ -382,26 +385,34 @@ async def test_an_invalid_command_is_refused_once_with_its_detail(org: Org) -> N
     (first,) = await org.store.apply_commands([invalid], DAY0)
     (again,) = await org.store.apply_commands([invalid], day(1))
 
-    view = CommandView(read.org_id, read.command_id, read.command_type, read.body)
+    view = CommandView(read.org_id, read.command_id, read.command_type, read.body, valid=False)
     event = license_event(view, first.record)
     assert first.status == "decided"
     assert (event["type"], event["reason"]) == ("command.rejected", "invalid_command")
     assert "credits" in event["message"]
-    assert first.record.sequence is None
+    assert first.record.sequence == 3  # after the fixture's two upserts
+    entry = command_ledger_entry(view, first.record)
+    assert (entry["kind"], entry["command"]) == ("command_rejected", None)
     assert again.status == "replay"
     assert again.record == first.record
 
 
-async def test_applied_commands_take_consecutive_ledger_sequences(org: Org) -> None:
+async def test_every_decided_command_takes_the_next_ledger_sequence(org: Org) -> None:
     # the fixture's two upserts took 1 and 2
     started = await org.start_period(10)
     refused = await org.set_allowed("admin", False, set_by="u1")
     granted = await org.grant(1)
+    duplicate = await org.grant(1)  # the same grant_id under another command_id
     charged = await org.charge(1)
     removed = await org.command("member.remove", user_id="u1")
+    replayed = await org.grant(1, command_id=duplicate.body["command_id"])
 
     assert started.record.sequence == 3
-    assert refused.record.sequence is None
-    assert granted.record.sequence == 4
-    assert charged.sequence == 5
-    assert removed.record.sequence == 6
+    assert (refused.record.reason, refused.record.sequence) == ("not_an_admin", 4)
+    assert granted.record.sequence == 5
+    assert (duplicate.record.reason, duplicate.record.sequence) == ("duplicate_grant", 6)
+    assert charged.sequence == 7
+    assert removed.record.sequence == 8
+    assert (replayed.status, replayed.record.sequence) == ("replay", 6)
+    sequence = await org.store.redis.get(org.store.keys.org(org.org_id).sequence)
+    assert sequence == "8"  # a replay takes none

@@ -282,8 +282,6 @@ def expected_after_rebuild(before: dict[str, KeyState], now: int) -> dict[str, K
         kind = name.split("}:", 1)[1].split(":", 1)[0]  # "{org}:<kind>:…"
         if kind == "win" and int(key.value) <= now:
             continue  # the window has ended: Redis would have expired it at its end
-        if kind == "cmd" and key.value["rec"]["status"] == "rejected":
-            continue  # a rejected command has no ledger entry (DESIGN §3)
         if kind in ("req", "cmd", "hist"):
             last_write = int(key.value["rec"]["at"]) if kind != "hist" else int(key.value[-1][1])
             # relative expiry: the decision clock moved on since, Redis's clock did not
@@ -371,7 +369,7 @@ async def history(d: Deployment) -> dict[str, dict[str, Any]]:
         upsert("globex", "g-1", "boss", "admin"),
         upsert("globex", "g-2", "u9"),
         period("globex", "g-3", "2100", 3, day(0), day(365)),
-        allow("initech", "i-1", "x", False, by="nobody"),  # rejected: no ledger entry
+        allow("initech", "i-1", "x", False, by="nobody"),  # rejected: only its record
     )
     day0 = [
         request("acme", "r-1", "u1", [contact("c1", "co1"), company("co2")]),
@@ -507,8 +505,10 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
         if topic == d.registry.name(t.LICENSE_EVENTS)
     }
     assert events["a-13"]["reason"] == "duplicate_grant"
-    # the ledger sequence goes on from the restored one: r-14, r-15, then a-14
-    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 3
+    # the ledger sequence goes on from the restored one: r-14, r-15, the rejected a-13,
+    # then a-14
+    assert events["a-13"]["sequence"] == int(before["{acme}:seq"].value) + 3
+    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 4
 
 
 async def test_replace_restores_what_a_stale_redis_lost(deployment: Deployment) -> None:
@@ -550,28 +550,57 @@ async def test_replace_restores_what_a_stale_redis_lost(deployment: Deployment) 
     assert_same_keys(everything, expected)
 
 
-async def test_a_rejected_command_is_decided_again_after_a_rebuild(
+async def test_a_rejected_command_gets_its_first_answer_after_a_rebuild(
     deployment: Deployment,
 ) -> None:
-    """DESIGN §3 gives ledger entries to applied commands only: a rejected command's
-    record is not rebuilt, so its replay is decided anew, on the state of that time."""
+    """Every decided command has a ledger entry, rejected ones too (DESIGN §3): the
+    rebuild restores a rejection's record, so a replay gets the first answer, byte for
+    byte, even where the state has changed so that it would now be applied."""
     d = deployment
-    remove_ghost = command("acme", "a-2", "member.remove", user_id="ghost")
-    first = await d.commands(day(0), upsert("acme", "a-1", "ana", "admin"), remove_ghost)
-    await d.commands(day(0), upsert("acme", "a-3", "ghost"))
+    rejected = [
+        command("acme", "a-2", "member.remove", user_id="ghost"),  # not_a_member
+        allow("acme", "a-3", "ghost", False, by="ghost"),  # not_an_admin
+        grant("acme", "a-4", "g1", 5),  # no_active_license
+    ]
+    invalid = grant("acme", "a-5", "g2", -5)  # invalid_command
+    first = await d.commands(day(0), upsert("acme", "a-1", "ana", "admin"), *rejected)
+    first += await d.commands(day(0), invalid)
+    # now each of them would be applied: ghost is an admin, and there is a period
+    await d.commands(
+        day(0),
+        upsert("acme", "a-6", "ghost", "admin"),
+        period("acme", "a-7", "p1", 10, day(0), day(30)),
+    )
+    sequence = await d.store.redis.get(d.store.keys.org("acme").sequence)
     await delete_prefix(d.store.redis, d.settings.key_prefix)
-    await rebuild(d.settings, d.registry, now_ms=day(0))
+    report = await rebuild(d.settings, d.registry, now_ms=day(0))
 
-    replay = await d.commands(day(1), remove_ghost)
+    replays = await d.commands(day(1), *rejected, invalid)
 
-    def event(messages: list[Outgoing]) -> dict[str, Any]:
-        name = d.registry.name(t.LICENSE_EVENTS)
-        (body,) = [b for tp, _, b, _ in parsed(messages) if tp == name and b["command_id"] == "a-2"]
-        assert isinstance(body, dict)
-        return body
+    def by_id(messages: list[Outgoing], logical: str) -> dict[str, bytes]:
+        name = d.registry.name(logical)
+        return {
+            orjson.loads(m.value)["command_id"]: m.value
+            for m in messages
+            if m.topic == name and orjson.loads(m.value)["command_id"] != "a-1"
+        }
 
-    assert event(first)["reason"] == "not_a_member"
-    assert event(replay)["type"] == "command.applied"  # not the first answer
+    events, ledger = by_id(first, t.LICENSE_EVENTS), by_id(first, t.LEDGER)
+    assert {k: orjson.loads(v)["reason"] for k, v in events.items()} == {
+        "a-2": "not_a_member",
+        "a-3": "not_an_admin",
+        "a-4": "no_active_license",
+        "a-5": "invalid_command",
+    }
+    assert {orjson.loads(v)["kind"] for v in ledger.values()} == {"command_rejected"}
+    # gap-free: the upsert took 1, the four rejections 2-5, the upsert and the period 6-7
+    assert sorted(orjson.loads(v)["sequence"] for v in ledger.values()) == [2, 3, 4, 5]
+    assert sequence == "7"
+    assert report.complete, report
+    assert await d.store.redis.get(d.store.keys.org("acme").sequence) == "7"
+    # the replays: the same command.rejected and the same ledger entry, byte for byte
+    assert by_id(replays, t.LICENSE_EVENTS) == events
+    assert by_id(replays, t.LEDGER) == ledger
 
 
 def test_entries_fold_in_sequence_order_once_and_gaps_are_reported() -> None:

@@ -299,9 +299,24 @@ class Model:
             stored_body, outcome = stored
             return replace(outcome, answer="replay" if stored_body == body else "conflict")
         outcome = self._apply(org, body, now)
-        if outcome.applied:
-            org.sequence += 1
-            outcome = replace(outcome, sequence=org.sequence)
+        return self._decided(org, body, outcome)
+
+    def invalid_command(self, org_id: str, command_id: str, fingerprint: str) -> CommandOutcome:
+        """A command with readable ids and an invalid body: refused, once."""
+        org = self.org(org_id)
+        body = {"command_id": command_id, "invalid": fingerprint}
+        stored = org.commands.get(command_id)
+        if stored is not None:
+            stored_body, outcome = stored
+            return replace(outcome, answer="replay" if stored_body == body else "conflict")
+        return self._decided(org, body, self._rejected("invalid_command", None))
+
+    @staticmethod
+    def _decided(org: Org, body: dict[str, Any], outcome: CommandOutcome) -> CommandOutcome:
+        # every decided command, rejected ones too, has a ledger entry of its own (DESIGN
+        # §3: a replay after a rebuild gets the same answer), so each takes a sequence
+        org.sequence += 1
+        outcome = replace(outcome, sequence=org.sequence)
         org.commands[body["command_id"]] = (copy.deepcopy(body), outcome)
         return outcome
 
@@ -363,7 +378,7 @@ class Model:
         return CommandOutcome("decided", True, None, None, state, **figures)
 
     @staticmethod
-    def _rejected(reason: str, state: dict[str, Any]) -> CommandOutcome:
+    def _rejected(reason: str, state: dict[str, Any] | None) -> CommandOutcome:
         return CommandOutcome("decided", False, reason, None, state)
 
 

@@ -529,13 +529,14 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
 
     @rule(org=st.sampled_from(ORGS))
     def invalid_command(self, org: str) -> None:
-        """Readable ids, an invalid body: refused, with no sequence."""
+        """Readable ids, an invalid body: refused, with a sequence like any decision."""
         self._step()
         command = InvalidCommand(org, f"k{next(self.ids)}", uuid.uuid4().hex, "invalid command")
         (answer,) = self.loop.run_until_complete(self.store.apply_commands([command], self.now))
+        expected = self.model.invalid_command(org, command.command_id, command.fingerprint)
         actual = command_outcome_of(answer)
-        assert (actual.applied, actual.reason, actual.sequence) == (False, "invalid_command", None)
-        assert actual.state is None
+        assert actual == expected, f"{command}\nLua   {actual}\nmodel {expected}"
+        assert (actual.applied, actual.reason, actual.state) == (False, "invalid_command", None)
         covered("invalid command")
 
     @staticmethod

@@ -26,6 +26,7 @@ def test_redis_keeps_an_append_only_file(services: dict[str, Any]) -> None:
     command = services["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     assert "healthcheck" in services["redis"]
 
 

@@ -225,7 +225,7 @@ class ScriptedStore:
     """Answers as the scripts would, from the records above: everything but Redis is real.
 
     Like the scripts it keeps each decision: the same id with another body gets the
-    stored decision back as a conflict, and only applied commands take a sequence.
+    stored decision back as a conflict, and every decision takes a sequence.
     """
 
     def __init__(self) -> None:
@@ -233,14 +233,13 @@ class ScriptedStore:
         self.sequence = 0
 
     def _answer(
-        self, key: str, fingerprint: str, record: dict[str, Any], *, sequenced: bool
+        self, key: str, fingerprint: str, record: dict[str, Any]
     ) -> tuple[Literal["decided", "replay", "conflict"], dict[str, Any]]:
         if key in self.decided:
             stored_fp, stored = self.decided[key]
             return ("replay" if stored_fp == fingerprint else "conflict"), stored
-        if sequenced:
-            self.sequence += 1
-            record["seq"] = self.sequence
+        self.sequence += 1
+        record["seq"] = self.sequence
         self.decided[key] = (fingerprint, record)
         return "decided", record
 
@@ -265,7 +264,7 @@ class ScriptedStore:
         for call in calls:
             record = charge_script_record(call, **CHARGE_RECORDS.get(call.request_id, {}))
             # every decision has a ledger entry, rejections included
-            status, data = self._answer(call.request_id, call.fingerprint, record, sequenced=True)
+            status, data = self._answer(call.request_id, call.fingerprint, record)
             answers.append(ChargeAnswer(status, ChargeRecord.from_script(data)))
         return answers
 
@@ -284,8 +283,8 @@ class ScriptedStore:
             )
             base = {"command_id": command.command_id, "fp": fingerprint, "at": DECIDED_MS}
             record = base | COMMAND_RECORDS[command.command_id]
-            applied = record["status"] == "applied"
-            status, data = self._answer(command.command_id, fingerprint, record, sequenced=applied)
+            # every decided command has a ledger entry, rejections included
+            status, data = self._answer(command.command_id, fingerprint, record)
             answers.append(CommandAnswer(status, CommandRecord.from_script(data)))
         return answers
 

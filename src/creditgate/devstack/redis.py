@@ -150,6 +150,10 @@ class RedisNode:
                 self._appendfsync,
                 "--save",
                 "",
+                # the worker refuses to start on a Redis that may evict (preflight);
+                # noeviction is Redis's default, said here so nobody changes it unseen
+                "--maxmemory-policy",
+                "noeviction",
                 "--daemonize",
                 "no",
                 "--protected-mode",

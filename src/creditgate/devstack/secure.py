@@ -43,19 +43,21 @@ APP_USER = "creditgate"
 OUTSIDER_USER = "outsider"
 
 # Kafka's numeric codes for ACL bindings (org.apache.kafka.common.acl / resource).
-_TOPIC, _GROUP = 2, 3
+_TOPIC, _GROUP, _CLUSTER = 2, 3, 4
 _LITERAL = 3
 _ALLOW = 3
 _READ, _WRITE, _CREATE, _DESCRIBE, _DESCRIBE_CONFIGS = 3, 4, 5, 8, 10
 
 # What creditgate does with Kafka: create and check its topics (`topics apply|check`),
-# consume and produce them, commit offsets in its consumer groups. Wildcards because
+# consume and produce them, commit offsets in its consumer groups, read the brokers'
+# retention defaults at start-up (creditgate.preflight). Wildcards because
 # tests prefix every topic and group name with their own run id; a production cluster
 # grants the same operations on the PREFIXED resource `credits.` and the group
 # CREDITGATE_APP_ID (README, "Operating creditgate").
 APP_ACLS = (
     (_TOPIC, "*", (_DESCRIBE, _DESCRIBE_CONFIGS, _CREATE, _READ, _WRITE)),
     (_GROUP, "*", (_DESCRIBE, _READ)),
+    (_CLUSTER, "kafka-cluster", (_DESCRIBE_CONFIGS,)),
 )
 
 _ACL_TIMEOUT_SECONDS = 30.0

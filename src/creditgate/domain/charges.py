@@ -12,6 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 from creditgate.domain.ids import Identifier, Timestamp
 
 MAX_REFERENCE_BYTES = 2048
+# The most credits any number may say: a grant, a period's credits, a request's
+# max_credits, and a period's credits and grants together (command.lua refuses a grant
+# past it). Balance arithmetic then stays exact and no script write can fail half-way:
+# Redis integers are signed 64-bit (an HINCRBY past them fails mid-script), Lua numbers
+# are doubles (exact to 2^53), and the scripts' cjson writes 14 significant digits (a
+# stored record of 10^14 or more would lose digits).
+MAX_CREDITS = 10**12
 
 
 class Action(StrEnum):
@@ -67,7 +74,7 @@ class ChargeRequest(_Strict):
     user_id: Identifier
     action: Action
     items: list[Item] = Field(min_length=1)
-    max_credits: StrictInt | None = Field(default=None, ge=0)
+    max_credits: StrictInt | None = Field(default=None, ge=0, le=MAX_CREDITS)
     on_insufficient: Literal["reject", "partial"] = "reject"
     verified_email_found: StrictBool | None = None
     requested_at: Timestamp

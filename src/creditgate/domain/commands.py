@@ -15,8 +15,8 @@ from pydantic import (
     model_validator,
 )
 
-from creditgate.domain.charges import body_fingerprint
-from creditgate.domain.ids import Identifier, Timestamp
+from creditgate.domain.charges import MAX_CREDITS, body_fingerprint
+from creditgate.domain.ids import Identifier, StoredTimestamp
 
 
 class CommandReason(StrEnum):
@@ -45,9 +45,9 @@ class StartPeriod(_Command):
 
     type: Literal["license.start_period"]
     period_id: Identifier
-    starts_at: Timestamp
-    ends_at: Timestamp
-    credits: StrictInt = Field(ge=0)
+    starts_at: StoredTimestamp
+    ends_at: StoredTimestamp
+    credits: StrictInt = Field(ge=0, le=MAX_CREDITS)
 
     @model_validator(mode="after")
     def _ends_after_start(self) -> StartPeriod:
@@ -61,7 +61,8 @@ class Grant(_Command):
 
     type: Literal["credits.grant"]
     grant_id: Identifier
-    credits: StrictInt = Field(gt=0)
+    # and with the period's credits and grants at most MAX_CREDITS (command.lua)
+    credits: StrictInt = Field(gt=0, le=MAX_CREDITS)
     reason: str = Field(min_length=1, max_length=500)
     granted_by: Identifier
 

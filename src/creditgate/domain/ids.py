@@ -37,7 +37,25 @@ def _must_be_utc(value: datetime) -> datetime:
         raise ValueError("timestamp out of range") from None
 
 
+# The scripts store a license period's times as milliseconds since the epoch, which the
+# contracts say are never negative; the last moment datetime holds is far below 2^53 ms
+# (exact in Lua's doubles).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+
+
+def _storable(value: datetime) -> datetime:
+    if not EARLIEST <= value <= LATEST:
+        raise ValueError(
+            "timestamp out of range: it must be between 1970-01-01T00:00:00Z and "
+            "9999-12-31T23:59:59.999Z"
+        )
+    return value
+
+
 Timestamp = Annotated[datetime, BeforeValidator(_must_be_text), AfterValidator(_must_be_utc)]
+# a time the scripts store (as milliseconds since the epoch)
+StoredTimestamp = Annotated[Timestamp, AfterValidator(_storable)]
 
 
 def to_ms(value: datetime) -> int:

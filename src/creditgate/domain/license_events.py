@@ -17,6 +17,8 @@ LEDGER_KINDS = {
     "member.remove": "member_changed",
     "member.set_credits_allowed": "member_changed",
 }
+# every rejected command, whatever its type (an invalid one may have none)
+REJECTED_KIND = "command_rejected"
 
 
 def _state(raw: Any) -> dict[str, Any] | None:
@@ -71,6 +73,7 @@ class CommandView:
     command_id: str
     command_type: str
     body: dict[str, Any]
+    valid: bool = True  # False: ``body`` is what an invalid command's producer sent
 
 
 _MESSAGES = {
@@ -133,17 +136,24 @@ def conflict_event(view: CommandView, now_ms: int) -> dict[str, Any]:
 
 
 def command_ledger_entry(view: CommandView, record: CommandRecord) -> dict[str, Any]:
+    """The ledger entry of a decided command, applied or rejected.
+
+    A rejected one changes nothing; its entry carries the stored decision so that a
+    rebuild restores it, and a replay after the rebuild gets the same answer. An
+    invalid command's body is left out (``command: null``): it is whatever the
+    producer sent, its fingerprint is in the decision and its fault in ``detail``.
+    """
     return {
         "org_id": view.org_id,
         "sequence": record.sequence,
-        "kind": LEDGER_KINDS[view.command_type],
+        "kind": LEDGER_KINDS[view.command_type] if record.applied else REJECTED_KIND,
         "command_id": view.command_id,
         "command_type": view.command_type,
         "credits_delta": record.delta,
         "balance_after": record.balance,
         "expired_credits": record.expired,
         "recorded_at": rfc3339(record.decided_ms),
-        "command": view.body,
+        "command": view.body if view.valid else None,
         "state": record.state,
         "decision": record.raw,
     }

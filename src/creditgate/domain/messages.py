@@ -18,6 +18,7 @@ from creditgate.domain.charges import Action, Outcome, Reason
 from creditgate.domain.commands import (
     CommandReason,
     Grant,
+    LicenseCommand,
     MemberRemove,
     MemberUpsert,
     SetCreditsAllowed,
@@ -220,7 +221,9 @@ class CommandRejected(_Message):
     reason: CommandReason
     message: str
     state: LicenseState | NoLicenseState | MemberState | None
-    sequence: None
+    # the rejection's ledger entry; null for a command_id_conflict (no decision) and for
+    # a rejection stored before rejected commands had ledger entries
+    sequence: LedgerSequence | None
     decided_at: Time
 
 
@@ -386,6 +389,24 @@ class CommandScriptRecord(_Message):
     expired: Count | SkipJsonSchema[None] = None
 
 
+class RawNoLicenseState(_Message):
+    period_id: Literal[False]
+
+
+class RejectedCommandScriptRecord(_Message):
+    """The command script's stored outcome of a rejected command (``state`` is absent
+    when the command could not be read)."""
+
+    command_id: Identifier
+    fp: Fingerprint
+    at: EpochMs
+    status: Literal["rejected"]
+    reason: CommandReason
+    detail: str | SkipJsonSchema[None] = None
+    seq: LedgerSequence
+    state: RawLicenseState | RawNoLicenseState | RawMemberState | SkipJsonSchema[None] = None
+
+
 class WindowOpened(_Message):
     window: WindowName
     ends_at_ms: EpochMs
@@ -479,8 +500,29 @@ class MemberChangedEntry(_Entry):
     decision: CommandScriptRecord
 
 
+class CommandRejectedEntry(_Entry):
+    """A rejected license command: nothing changes, but a replay after a rebuild gets
+    this answer. ``command`` is null for an invalid command (its fault is in the
+    decision's ``detail``); ``command_type`` echoes what the command said."""
+
+    kind: Literal["command_rejected"]
+    command_id: Identifier
+    command_type: str
+    credits_delta: Literal[0]
+    balance_after: None
+    expired_credits: Literal[0]
+    command: LicenseCommand | None
+    state: LicenseState | NoLicenseState | MemberState | None
+    decision: RejectedCommandScriptRecord
+
+
 LedgerEntry = Annotated[
-    ChargedEntry | RejectedEntry | PeriodStartedEntry | GrantedEntry | MemberChangedEntry,
+    ChargedEntry
+    | RejectedEntry
+    | PeriodStartedEntry
+    | GrantedEntry
+    | MemberChangedEntry
+    | CommandRejectedEntry,
     Field(discriminator="kind"),
 ]
 

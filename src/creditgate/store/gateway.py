@@ -23,7 +23,7 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.connections import redis_options
-from creditgate.domain.charges import Action, ChargeRequest
+from creditgate.domain.charges import MAX_CREDITS, Action, ChargeRequest
 from creditgate.domain.commands import (
     Grant,
     LicenseCommand,
@@ -438,7 +438,7 @@ class CreditStore:
                     command.credits,
                 ]
             case Grant():
-                tail = [command.grant_id, command.credits]
+                tail = [command.grant_id, command.credits, MAX_CREDITS]
             case MemberUpsert():
                 tail = [command.user_id, command.role]
             case MemberRemove():

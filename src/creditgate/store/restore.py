@@ -3,10 +3,10 @@
 ``charge.lua`` and ``command.lua`` are the only writers of credit state, and every
 write they make is told by a ledger entry: a decision carries the stored record (its
 outcomes, notes, sequence and time), the request summary and the windows it opened;
-an applied command carries its body and the resulting state. ``OrgState.apply`` folds
-one organisation's entries, in sequence order, into the keys the scripts would have
-left behind — each step below names the script write it mirrors — and ``write_org``
-writes that state to Redis.
+an applied command carries its body and the resulting state, a rejected one its
+stored record. ``OrgState.apply`` folds one organisation's entries, in sequence order,
+into the keys the scripts would have left behind — each step below names the script
+write it mirrors — and ``write_org`` writes that state to Redis.
 
 Why fold in Python and write once, rather than replay the entries through a restore
 script: the rebuild runs on an idle Redis (workers stopped), so it needs no atomic
@@ -167,14 +167,16 @@ class OrgState:
     # ---- command.lua ---------------------------------------------------------------
 
     def _command(self, entry: Mapping[str, Any]) -> None:
-        decision, body = entry["decision"], entry["command"]
+        decision, body = entry["decision"], entry["command"]  # body: null when invalid
         command_id, kind = entry["command_id"], entry["command_type"]
-        # finish(): only applied commands are in the ledger, so only their records return
+        # finish(): the stored record, of an applied or a rejected command
         self._remember(
             self.commands,
             command_id,
             StoredRecord(decision["fp"], _json(decision), None, int(decision["at"])),
         )
+        if decision["status"] != "applied":
+            return  # a rejected command changed nothing else
         match kind:
             case "license.start_period":
                 # DEL license; HSET the new period: flags of the old period go with it

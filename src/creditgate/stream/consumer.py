@@ -230,6 +230,12 @@ class DecisionLoop(Service):
             group_id=self._settings.app_id,
             client_id=f"{self._settings.app_id}-worker",
             enable_auto_commit=False,
+            # Where the group has no committed offset (it expired after
+            # offsets.retention.minutes, or CREDITGATE_APP_ID is new): from the earliest
+            # message still kept, so nothing undecided is skipped. Everything retained is
+            # read again, which is safe only because every idempotency record outlives
+            # the messages it answers (retention.ms + segment.ms of each request topic):
+            # the worker refuses to start otherwise (creditgate.preflight).
             auto_offset_reset="earliest",
             session_timeout_ms=int(session * 1000),
             heartbeat_interval_ms=int(heartbeat_seconds(session) * 1000),

@@ -258,7 +258,9 @@ class Processor:
                 continue
             if isinstance(read, InvalidLicenseCommand):
                 views.append(
-                    CommandView(read.org_id, read.command_id, read.command_type, read.body)
+                    CommandView(
+                        read.org_id, read.command_id, read.command_type, read.body, valid=False
+                    )
                 )
                 commands.append(
                     InvalidCommand(read.org_id, read.command_id, read.fingerprint, read.detail)
@@ -309,7 +311,9 @@ class Processor:
                     ce_time=at,
                 )
             )
-            if record.applied:
+            # every decided command has an entry, rejected ones too (a record stored
+            # before rejected commands took a sequence has none, and gets none)
+            if record.sequence is not None:
                 out.append(self._ledger_message(command_ledger_entry(view, record)))
             out.extend(self._notification_messages(command_notifications(view, record)))
         return out

@@ -12,7 +12,8 @@ ARGV
   1 now_ms  2 known sequence (as in charge.lua)  3 command_id  4 fingerprint  5 type
   6 idempotency_ttl_ms, then by type:
   license.start_period        7 period_id  8 starts_ms  9 ends_ms  10 credits
-  credits.grant               7 grant_id  8 credits
+  credits.grant               7 grant_id  8 credits  9 max_period_credits (credits and
+                              grants of a period together, at most)
   member.upsert               7 user_id  8 role
   member.remove               7 user_id
   member.set_credits_allowed  7 user_id  8 allowed ("1" | "0")  9 set_by
@@ -20,8 +21,8 @@ ARGV
 RETURNS
   {status, record_json}, status "decided", "replay", "conflict", "behind" or "unknown"
   as in charge.lua.
-  The record: status applied|rejected, reason, detail, seq (applied only), the
-  resulting state, and for balance changes delta, balance and expired credits.
+  The record: status applied|rejected, reason, detail, seq, the resulting state, and
+  for balance changes delta, balance and expired credits.
 ]]
 
 local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
@@ -70,10 +71,10 @@ end
 
 local function finish(applied, state, reason, detail)
   record.state, record.reason, record.detail = state, reason, detail
-  if applied then
-    record.status = "applied"
-    record.seq = redis.call("INCR", sequence_key)
-  end
+  if applied then record.status = "applied" end
+  -- a rejected command takes a sequence too: it gets a ledger entry, so that a rebuild
+  -- restores this record and a replay after it gets this same answer
+  record.seq = redis.call("INCR", sequence_key)
   local encoded = cjson.encode(record)
   redis.call("HSET", command_key, "fp", fingerprint, "rec", encoded)
   redis.call("PEXPIRE", command_key, ttl_ms)
@@ -102,10 +103,18 @@ elseif kind == "credits.grant" then
     -- grants expire with their period: one added to an ended period could never be used
     return finish(false, state, "no_active_license", "period " .. state.period_id .. " has ended")
   end
-  local grant_id, credits = args[1], tonumber(args[2])
+  local grant_id, credits, max_period = args[1], tonumber(args[2]), tonumber(args[3])
   if redis.call("HEXISTS", grants_key, grant_id) == 1 then
     return finish(false, state, "duplicate_grant",
       "grant " .. grant_id .. " was applied by command " .. redis.call("HGET", grants_key, grant_id))
+  end
+  -- the one bound validation cannot check, as it depends on the period: balances stay
+  -- far below where Redis integers, Lua numbers or cjson would lose or fail a write
+  if state.credits + state.granted + credits > max_period then
+    return finish(false, state, "invalid_command", string.format(
+      "invalid command: credits: %d more would give period %s %d credits, more than the " ..
+      "%d a period may hold", credits, state.period_id, state.credits + state.granted + credits,
+      max_period))
   end
   redis.call("HSET", grants_key, grant_id, command_id)
   redis.call("HINCRBY", license_key, "granted", credits)
