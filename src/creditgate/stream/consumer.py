@@ -358,14 +358,14 @@ class DecisionLoop(Service):
 
     async def _decide(self, batch: _Batch) -> _Decided:
         """Decide the batch, checking Redis against the ledger first when that is due."""
+        processor = self._processor
         while True:
-            if self._heal_due:
-                await self._heal()
-            elif self._checkpoint_due:
-                await self._raise_checkpoint()
-            processor = self._processor
             processor.take_rendered_sequences()  # of an attempt that failed: unpublished
             try:
+                if self._heal_due:
+                    await self._heal()
+                elif self._checkpoint_due:
+                    await self._raise_checkpoint()
                 # license commands first: a period started in the same batch as its first
                 # requests is there when they are decided
                 out = await processor.apply(batch.commands) if batch.commands else []
