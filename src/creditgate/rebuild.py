@@ -8,7 +8,8 @@ DESIGN §6 promises that Redis state can be rebuilt from the ledger alone. The s
    are deleted before its state is written.
 2. Read ``credits.ledger`` from the beginning of every partition up to the end
    offsets taken when the rebuild starts, keyed by ``org_id``.
-3. Put each organisation's entries back in sequence order. Entries are at least once
+3. Join the parts of entries too large for one message (``domain/ledger.py``), then
+   put each organisation's entries back in sequence order. Entries are at least once
    (a replayed decision re-emits its entry with the same sequence), so
    ``(org_id, sequence)`` identifies an entry and a second copy is dropped.
 4. Fold each organisation's entries into its state (``store.restore``) and write it.
@@ -37,6 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.connections import aiokafka_options
+from creditgate.domain.ledger import LedgerParts
 from creditgate.errors import ConfigurationError, CreditgateError, InfrastructureError
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
@@ -48,6 +50,7 @@ from creditgate.store.restore import (
     write_org,
 )
 from creditgate.stream import topics as t
+from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES, fetch_sizes
 from creditgate.stream.processor import Clock
 from creditgate.stream.topics import TopicRegistry
 
@@ -86,6 +89,8 @@ class RebuildReport:
     entries_read: int = 0  # ledger messages of the organisations rebuilt, copies included
     duplicates: int = 0  # re-emitted copies dropped by (org_id, sequence)
     unreadable: int = 0  # messages that are not ledger entries (reported, skipped)
+    # entries split into parts of which some never came: org → sequences (not restored)
+    incomplete: dict[str, list[int]] = field(default_factory=dict)
     organisations: int = 0
     keys_written: int = 0
     # sequences missing from an organisation's ledger, and balances that disagree
@@ -96,7 +101,13 @@ class RebuildReport:
 
     @property
     def complete(self) -> bool:
-        return not (self.gaps or self.conflicts or self.inconsistencies or self.unreadable)
+        return not (
+            self.gaps
+            or self.conflicts
+            or self.inconsistencies
+            or self.unreadable
+            or self.incomplete
+        )
 
 
 class LedgerSequencer:
@@ -188,6 +199,7 @@ async def read_ledger(
     topic: str,
     handle: Callable[[bytes | None, bytes | None], None],
     progress: Progress,
+    max_message_bytes: int = BROKER_DEFAULT_MAX_MESSAGE_BYTES,
 ) -> int:
     """Hand every message of ``topic`` below the end offsets taken now to ``handle``.
 
@@ -199,6 +211,8 @@ async def read_ledger(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # a ledger message may be as large as the topic allows (its parts are well under)
+        **fetch_sizes(max_message_bytes),
         **aiokafka_options(settings),
     )
     await consumer.start()
@@ -263,26 +277,13 @@ async def rebuild(
                 f"Redis already has keys of {scope}: the rebuild is for an empty Redis; "
                 "use --replace to delete each rebuilt organisation's keys first"
             )
-        wanted = org.encode() if org else None
         sequencers: dict[str, LedgerSequencer] = {}
-
-        def handle(key: bytes | None, value: bytes | None) -> None:
-            if wanted is not None and key != wanted:
-                return
-            report.entries_read += 1
-            entry = _ledger_entry(value)
-            if entry is None:
-                report.unreadable += 1
-                return
-            org_id = entry["org_id"]
-            sequencer = sequencers.get(org_id)
-            if sequencer is None:
-                state = OrgState(org_id, settings.idempotency_ttl_ms, now)
-                sequencer = sequencers[org_id] = LedgerSequencer(state)
-            if not sequencer.add(entry):
-                report.duplicates += 1
-
-        await read_ledger(settings, registry.name(t.LEDGER), handle, progress)
+        parts = LedgerParts()
+        handle = _handler(report, sequencers, parts, org, settings, now)
+        limit = registry.specs[t.LEDGER].max_message_bytes or BROKER_DEFAULT_MAX_MESSAGE_BYTES
+        await read_ledger(settings, registry.name(t.LEDGER), handle, progress, limit)
+        for (org_id, sequence), _ in sorted(parts.incomplete.items()):
+            report.incomplete.setdefault(org_id, []).append(sequence)
 
         skew = await redis_skew_ms(store.redis, now)
         progress.start("restoring organisations", len(sequencers))
@@ -306,6 +307,39 @@ async def rebuild(
         raise InfrastructureError(f"the rebuild stopped: {exc}") from exc
     finally:
         await store.close()
+
+
+def _handler(
+    report: RebuildReport,
+    sequencers: dict[str, LedgerSequencer],
+    parts: LedgerParts,
+    org: str | None,
+    settings: Settings,
+    now: int,
+) -> Callable[[bytes | None, bytes | None], None]:
+    """What ``read_ledger`` hands each message to: parts joined, entries sequenced."""
+    wanted = org.encode() if org else None
+
+    def handle(key: bytes | None, value: bytes | None) -> None:
+        if wanted is not None and key != wanted:
+            return
+        report.entries_read += 1
+        read = _ledger_entry(value)
+        if read is None:
+            report.unreadable += 1
+            return
+        entry = parts.add(read)  # a whole entry, or None while parts are missing
+        if entry is None:
+            return
+        org_id = entry["org_id"]
+        sequencer = sequencers.get(org_id)
+        if sequencer is None:
+            state = OrgState(org_id, settings.idempotency_ttl_ms, now)
+            sequencer = sequencers[org_id] = LedgerSequencer(state)
+        if not sequencer.add(entry):
+            report.duplicates += 1
+
+    return handle
 
 
 def _ledger_entry(value: bytes | None) -> dict[str, Any] | None:
@@ -358,6 +392,12 @@ def _summary(report: RebuildReport) -> list[str]:
     for org_id, gaps in report.gaps.items():
         shown = ", ".join(str(s) for s in gaps[:10]) + (" …" if len(gaps) > 10 else "")
         lines.append(f"warning: {org_id}: {len(gaps)} sequences missing from the ledger: {shown}")
+    for org_id, incomplete in report.incomplete.items():
+        shown = ", ".join(str(s) for s in incomplete[:10]) + (" …" if len(incomplete) > 10 else "")
+        lines.append(
+            f"warning: {org_id}: sequences {shown} were split into parts of which some "
+            "are missing: not restored"
+        )
     for org_id, conflicts in report.conflicts.items():
         shown = ", ".join(str(s) for s in conflicts[:10]) + (" …" if len(conflicts) > 10 else "")
         lines.append(

@@ -53,6 +53,12 @@ class TopicSpec:
     replication_factor: int
     configs: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The largest record batch the topic takes, as its definition states it."""
+        found = self.configs.get("max.message.bytes")
+        return int(found) if found is not None else None
+
 
 @dataclass(frozen=True)
 class TopicRegistry:
