@@ -120,11 +120,22 @@ def topics_apply() -> None:
 
 @topics.command("check")
 def topics_check() -> None:
+    """Drift from topics/*.json, and each output topic's worst case against its limit."""
+    from creditgate.stream.limits import check_output_limits, limits_report
+
     settings = _settings()
-    problems = asyncio.run(check_topics(settings.kafka_bootstrap, _registry(settings)))
-    for problem in problems:
+    registry = _registry(settings)
+    problems = asyncio.run(check_topics(settings.kafka_bootstrap, registry))
+    found: list[Any] = []
+    too_small: list[str] = []
+    if not any("missing" in p for p in problems):
+        found, too_small = asyncio.run(check_output_limits(settings, registry))
+    click.echo("worst-case output size per topic against its limit (max.message.bytes):")
+    for line in limits_report(found):
+        click.echo("  " + line)
+    for problem in problems + too_small:
         click.echo(problem)
-    if problems:
+    if problems or too_small:
         sys.exit(1)
     click.echo("topics match their definitions")
 
@@ -162,6 +173,13 @@ def worker(loglevel: str) -> None:
         _fail("the worker needs its topics as defined in topics/:\n  " + "\n  ".join(fatal))
     for problem in problems:
         logging.getLogger("creditgate").warning("topic drift: %s", problem)
+    from creditgate.stream.limits import check_output_limits
+
+    # a topic that cannot take the largest message creditgate may write to it would
+    # stop the stream the day such a request comes: refuse now, naming it and the size
+    _, too_small = asyncio.run(check_output_limits(settings, registry))
+    if too_small:
+        _fail("the worker's outputs may not fit their topics:\n  " + "\n  ".join(too_small))
     use_fast_event_loop()  # before faust creates the worker's loops
     try:
         app = create_app(settings, registry)

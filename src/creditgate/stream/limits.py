@@ -21,7 +21,6 @@ from typing import Any
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from creditgate.domain.charges import MAX_REFERENCE_BYTES, Action, Outcome, Reason
 from creditgate.domain.decisions import (
@@ -45,6 +44,7 @@ from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing, outgoing
 from creditgate.stream.processor import Incoming, dead_letter, ledger_messages
+from creditgate.stream.publish import record_bytes
 from creditgate.stream.topics import TopicRegistry
 
 MAX_ID = 128  # Identifier: 1-128 characters
@@ -55,16 +55,6 @@ _BIG = 10**15  # credits, balances and sequences far beyond any real one
 BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 # what a consumer may need beyond a record batch's own bytes in one fetch of a partition
 _FETCH_MARGIN_BYTES = 64 * 1024
-
-
-def record_bytes(message: Outgoing) -> int:
-    """An upper bound of the message as a record batch of its own: what the broker
-    compares with the topic's ``max.message.bytes``."""
-    return int(
-        DefaultRecordBatchBuilder.estimate_size_in_bytes(
-            message.key, message.value, message.headers
-        )
-    )
 
 
 def fetch_sizes(max_message_bytes: int, fetch_bytes: int | None = None) -> dict[str, int]:
@@ -422,3 +412,21 @@ def output_topics(registry: TopicRegistry) -> list[str]:
         registry.name(n)
         for n in (t.CHARGE_RESULTS, t.LEDGER, t.LICENSE_EVENTS, t.NOTIFICATIONS, t.DEADLETTER)
     ]
+
+
+async def read_limits(settings: Settings, registry: TopicRegistry) -> dict[str, int]:
+    """Every topic's ``max.message.bytes`` as the broker applies it, by broker name."""
+    admin = await t.admin_client(settings.kafka_bootstrap, settings)
+    try:
+        return await broker_limits(admin, [s.name for s in registry.specs.values()])
+    finally:
+        await admin.close()
+
+
+async def check_output_limits(
+    settings: Settings, registry: TopicRegistry
+) -> tuple[list[OutputLimit], list[str]]:
+    """The worst case of each output topic against the broker's limit, and a sentence
+    for each topic too small (the worker refuses to start on any)."""
+    found = compare(settings, registry, await read_limits(settings, registry))
+    return found, too_small(found)
