@@ -55,6 +55,9 @@ _BIG = 10**15  # credits, balances and sequences far beyond any real one
 BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 # what a consumer may need beyond a record batch's own bytes in one fetch of a partition
 _FETCH_MARGIN_BYTES = 64 * 1024
+# aiokafka's max_request_size for a producer of requests: the largest a request topic
+# takes (intake reads up to MAX_MESSAGE_BYTES), with the record's own bytes
+REQUEST_PRODUCER_MAX_BYTES = MAX_MESSAGE_BYTES + _FETCH_MARGIN_BYTES
 
 
 def fetch_sizes(max_message_bytes: int, fetch_bytes: int | None = None) -> dict[str, int]:
