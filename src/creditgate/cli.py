@@ -143,6 +143,17 @@ def topics_check() -> None:
 # ---- the worker ------------------------------------------------------------------
 
 
+async def _check_query_buffer(settings: Settings) -> str | None:
+    from creditgate.store.gateway import CreditStore
+    from creditgate.stream.limits import check_redis_query_buffer
+
+    store = CreditStore.from_settings(settings)
+    try:
+        return await check_redis_query_buffer(settings, store)
+    finally:
+        await store.close()
+
+
 def fatal_topic_problems(problems: list[str]) -> list[str]:
     """Missing topics and wrong partition counts stop the worker; config drift does not."""
     return [p for p in problems if "missing" in p or "partitions" in p]
@@ -180,6 +191,9 @@ def worker(loglevel: str) -> None:
     _, too_small = asyncio.run(check_output_limits(settings, registry))
     if too_small:
         _fail("the worker's outputs may not fit their topics:\n  " + "\n  ".join(too_small))
+    query_buffer = asyncio.run(_check_query_buffer(settings))
+    if query_buffer:
+        _fail(query_buffer)
     use_fast_event_loop()  # before faust creates the worker's loops
     try:
         app = create_app(settings, registry)

@@ -22,7 +22,13 @@ import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from creditgate.domain.charges import MAX_REFERENCE_BYTES, Action, Outcome, Reason
+from creditgate.domain.charges import (
+    MAX_REFERENCE_BYTES,
+    Action,
+    ChargeRequest,
+    Outcome,
+    Reason,
+)
 from creditgate.domain.decisions import (
     ChargeRecord,
     RequestView,
@@ -41,6 +47,7 @@ from creditgate.domain.license_events import (
     license_event,
 )
 from creditgate.settings import Settings
+from creditgate.store.gateway import ChargeCall, CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing, outgoing
 from creditgate.stream.processor import Incoming, dead_letter, ledger_messages
@@ -433,3 +440,39 @@ async def check_output_limits(
     for each topic too small (the worker refuses to start on any)."""
     found = compare(settings, registry, await read_limits(settings, registry))
     return found, too_small(found)
+
+
+# ---- Redis's query buffer ------------------------------------------------------------
+
+REDIS_DEFAULT_QUERY_BUFFER_LIMIT = 1024 * 1024 * 1024  # client-query-buffer-limit
+
+
+def redis_payload_bound(settings: Settings, store: CreditStore) -> int:
+    """The largest Redis payload of one batch: ``batch_max_bytes`` of input plus one
+    request over it (a batch takes its first record whatever its size), times what
+    packing the largest request costs per byte of its input (its keys and summary)."""
+    body = worst_case_request(settings)
+    raw = len(orjson.dumps(body))
+    (packed,) = store.pack_charges([ChargeCall.of(ChargeRequest.model_validate(body))])
+    per_byte = len(packed.command(_LATE_MS)) / raw
+    return int(per_byte * (settings.batch_max_bytes + raw)) + 1
+
+
+async def check_redis_query_buffer(settings: Settings, store: CreditStore) -> str | None:
+    """A sentence when one batch's payload could exceed Redis's client-query-buffer-limit
+    (Redis would close the connection, and the batch would be retried for ever)."""
+    try:
+        found = (await store.redis.config_get("client-query-buffer-limit")).get(
+            "client-query-buffer-limit"
+        )
+        limit = int(found) if found is not None else REDIS_DEFAULT_QUERY_BUFFER_LIMIT
+    except Exception:  # an ACL may forbid CONFIG: Redis's default, which the settings cap keeps
+        limit = REDIS_DEFAULT_QUERY_BUFFER_LIMIT
+    needed = redis_payload_bound(settings, store)
+    if needed <= limit:
+        return None
+    return (
+        f"one batch may send Redis {needed} bytes (batch_max_bytes "
+        f"{settings.batch_max_bytes}), more than its client-query-buffer-limit of {limit}: "
+        "lower CREDITGATE_BATCH_MAX_BYTES or raise the limit"
+    )
