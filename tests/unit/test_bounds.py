@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
 
 from creditgate.domain.charges import Action
 from creditgate.domain.dead_letters import KEY_PREFIX_BYTES, VALUE_PREFIX_BYTES
@@ -18,6 +20,7 @@ from creditgate.domain.ledger import ITEMS_PER_PART, LedgerParts, split_entry
 from creditgate.domain.messages import ChargeApproved, DeadLetter
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
+from creditgate.stream.consumer import within_bytes
 from creditgate.stream.limits import (
     compare,
     limits_report,
@@ -269,3 +272,34 @@ def test_the_worst_case_follows_the_settings() -> None:
     (problem,) = too_small(found)
     assert "credits.charge.results" in problem
     assert "1048576" in problem
+
+
+# ---- batches bounded by bytes ------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    offset: int
+    value: bytes
+
+
+def test_a_batch_takes_records_up_to_its_bytes_and_keeps_the_rest_in_order() -> None:
+    a, b = TopicPartition("in", 0), TopicPartition("in", 1)
+    fetched = {
+        a: [Record(0, b"x" * 40), Record(1, b"x" * 40), Record(2, b"x" * 40)],
+        b: [Record(0, b"x" * 10)],
+    }
+    taken, rest = within_bytes(fetched, 100)
+    assert {tp: [r.offset for r in rs] for tp, rs in taken.items()} == {a: [0, 1]}
+    assert {tp: [r.offset for r in rs] for tp, rs in rest.items()} == {a: [2], b: [0]}
+
+    # a single record larger than the bound is a batch of its own...
+    taken, rest = within_bytes({a: [Record(0, b"x" * 500), Record(1, b"y")]}, 100)
+    assert [r.offset for r in taken[a]] == [0]
+    assert [r.offset for r in rest[a]] == [1]
+    # ...unless other records wait already: then it starts the next batch
+    taken, rest = within_bytes({a: [Record(0, b"x" * 500)]}, 100, first=False)
+    assert taken == {}
+    assert [r.offset for r in rest[a]] == [0]
+    # everything fits: nothing is left
+    assert within_bytes(fetched, 10_000) == (fetched, {})
