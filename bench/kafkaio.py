@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.workload import Request
+from creditgate.stream.limits import REQUEST_PRODUCER_MAX_BYTES
 
 
 async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
@@ -42,7 +43,11 @@ async def produce(
 ) -> float:
     """Produce as fast as the broker takes them; returns the messages per second."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=20,
+        max_batch_size=512 * 1024,
+        max_request_size=REQUEST_PRODUCER_MAX_BYTES,  # a request may be ~3 MB
     )
     await producer.start()
     started = time.perf_counter()

@@ -50,6 +50,7 @@ from creditgate.domain.commands import license_command_adapter
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
+from creditgate.stream.limits import REQUEST_PRODUCER_MAX_BYTES
 from creditgate.stream.publish import RECORD_BATCH_BYTES
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
@@ -562,7 +563,12 @@ class Run:
             self.bootstrap, self.registry.name(t.CHARGE_RESULTS), self.partitions
         )
         await observer.start()
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=0)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            linger_ms=0,
+            max_request_size=REQUEST_PRODUCER_MAX_BYTES,  # a request may be ~3 MB
+        )
         await producer.start()
         try:
             started = time.perf_counter()

@@ -120,11 +120,22 @@ def topics_apply() -> None:
 
 @topics.command("check")
 def topics_check() -> None:
+    """Drift from topics/*.json, and each output topic's worst case against its limit."""
+    from creditgate.stream.limits import check_output_limits, limits_report
+
     settings = _settings()
-    problems = asyncio.run(check_topics(settings.kafka_bootstrap, _registry(settings)))
-    for problem in problems:
+    registry = _registry(settings)
+    problems = asyncio.run(check_topics(settings.kafka_bootstrap, registry))
+    found: list[Any] = []
+    too_small: list[str] = []
+    if not any("missing" in p for p in problems):
+        found, too_small = asyncio.run(check_output_limits(settings, registry))
+    click.echo("worst-case output size per topic against its limit (max.message.bytes):")
+    for line in limits_report(found):
+        click.echo("  " + line)
+    for problem in problems + too_small:
         click.echo(problem)
-    if problems:
+    if problems or too_small:
         sys.exit(1)
     click.echo("topics match their definitions")
 
@@ -147,8 +158,8 @@ def worker(loglevel: str) -> None:
     except CreditgateError as exc:
         _fail(str(exc))
     registry = _registry(settings)
-    try:  # a wrong password, a missing topic, a lifetime too short or an evicting Redis
-        # stops the worker now, with its cause and the fix
+    try:  # a wrong password, a missing topic, a lifetime too short, an evicting Redis or
+        # a topic too small for what the worker may write stops it now, with the fix
         problems = asyncio.run(preflight(settings, registry))
     except CreditgateError as exc:
         _fail(str(exc))

@@ -181,6 +181,7 @@ TOPIC_MESSAGES: dict[str, list[Message]] = {
     t.LEDGER: _ledger(
         m.ChargedEntry,
         m.RejectedEntry,
+        m.ContinuedEntry,
         m.PeriodStartedEntry,
         m.GrantedEntry,
         m.MemberChangedEntry,

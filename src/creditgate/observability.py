@@ -65,6 +65,13 @@ class Metrics:
         self.dead_letters = Counter(
             "creditgate_dead_letters", "Unreadable messages", ["topic"], registry=r
         )
+        self.oversized = Counter(
+            "creditgate_oversized_messages",
+            "Outputs larger than their topic's max.message.bytes, by topic and what was "
+            "sent instead (a truncated result, a dead letter, or nothing)",
+            ["topic", "sent"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "creditgate_batch_size",
             "Messages per processed batch",

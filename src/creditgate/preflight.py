@@ -60,7 +60,9 @@ from redis.exceptions import RedisError, ResponseError
 from creditgate.connections import aiokafka_options, check_connections, redis_options
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import DAY_SECONDS, Settings
+from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
+from creditgate.stream.limits import check_output_limits, check_redis_query_buffer
 from creditgate.stream.topics import TopicRegistry, check_topics
 
 FOREVER = -1  # retention.ms of a topic that keeps its messages for ever
@@ -96,7 +98,26 @@ async def preflight(settings: Settings, registry: TopicRegistry) -> list[str]:
         )
     await check_lifetimes(settings, registry)
     await check_no_eviction(settings)
+    await check_message_sizes(settings, registry)
     return problems
+
+
+async def check_message_sizes(settings: Settings, registry: TopicRegistry) -> None:
+    """Refuse output topics too small for the largest message the worker may write to
+    them (it would stop the stream the day such a request comes), and a batch whose
+    Redis payload could exceed Redis's query buffer (``stream.limits``)."""
+    _, too_small = await check_output_limits(settings, registry)
+    if too_small:
+        raise ConfigurationError(
+            "the worker's outputs may not fit their topics:\n  " + "\n  ".join(too_small)
+        )
+    store = CreditStore.from_settings(settings)
+    try:
+        problem = await check_redis_query_buffer(settings, store)
+    finally:
+        await store.close()
+    if problem:
+        raise ConfigurationError(problem)
 
 
 def fatal_topic_problems(problems: list[str]) -> list[str]:

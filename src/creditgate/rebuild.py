@@ -8,7 +8,8 @@ DESIGN §6 promises that Redis state can be rebuilt from the ledger alone. The s
    are deleted before its state is written.
 2. Read ``credits.ledger`` from the beginning of every partition up to the end
    offsets taken when the rebuild starts, keyed by ``org_id``.
-3. Put each organisation's entries back in sequence order. Entries are at least once
+3. Join the parts of entries too large for one message (``domain/ledger.py``), then
+   put each organisation's entries back in sequence order. Entries are at least once
    (a replayed decision re-emits its entry with the same sequence), so
    ``(org_id, sequence)`` identifies an entry and a second copy is dropped.
 4. Fold each organisation's entries into its state (``store.restore``) and write it.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import time
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,15 +30,13 @@ from typing import Any, Protocol
 
 import click
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from creditgate.connections import aiokafka_options
 from creditgate.domain.clock import Clock
-from creditgate.errors import ConfigurationError, CreditgateError, InfrastructureError
+from creditgate.domain.ledger import LedgerParts
+from creditgate.errors import CreditgateError, InfrastructureError
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.store.restore import (
@@ -49,11 +47,9 @@ from creditgate.store.restore import (
     write_org,
 )
 from creditgate.stream import topics as t
+from creditgate.stream.ledger_reader import LedgerReader
+from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 from creditgate.stream.topics import TopicRegistry
-
-# No new ledger message for this long while reading below the end offsets: the
-# broker is gone, and waiting longer would only hide it.
-READ_IDLE_TIMEOUT_SECONDS = 60.0
 
 
 class RebuildRefused(CreditgateError):
@@ -86,6 +82,8 @@ class RebuildReport:
     entries_read: int = 0  # ledger messages of the organisations rebuilt, copies included
     duplicates: int = 0  # re-emitted copies dropped by (org_id, sequence)
     unreadable: int = 0  # messages that are not ledger entries (reported, skipped)
+    # entries split into parts of which some never came: org → sequences (not restored)
+    incomplete: dict[str, list[int]] = field(default_factory=dict)
     organisations: int = 0
     keys_written: int = 0
     # sequences missing from an organisation's ledger, and balances that disagree
@@ -96,7 +94,13 @@ class RebuildReport:
 
     @property
     def complete(self) -> bool:
-        return not (self.gaps or self.conflicts or self.inconsistencies or self.unreadable)
+        return not (
+            self.gaps
+            or self.conflicts
+            or self.inconsistencies
+            or self.unreadable
+            or self.incomplete
+        )
 
 
 class LedgerSequencer:
@@ -165,75 +169,33 @@ def _digest(entry: Mapping[str, Any]) -> int:
     return hash(repr(identity)) & 0xFFFF_FFFF_FFFF_FFFF
 
 
-async def _partitions(settings: Settings, topic: str) -> list[int]:
-    """The partitions the broker has for ``topic`` (not the count its definition says)."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap,
-        request_timeout_ms=15000,
-        **aiokafka_options(settings),
-    )
-    await admin.start()
-    try:
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    for found in described:
-        if found["topic"] == topic and found["error_code"] == 0 and found["partitions"]:
-            return sorted(p["partition"] for p in found["partitions"])
-    raise ConfigurationError(f"topic {topic} does not exist (run `creditgate topics apply`)")
-
-
 async def read_ledger(
     settings: Settings,
     topic: str,
     handle: Callable[[bytes | None, bytes | None], None],
     progress: Progress,
+    max_message_bytes: int = BROKER_DEFAULT_MAX_MESSAGE_BYTES,
 ) -> int:
     """Hand every message of ``topic`` below the end offsets taken now to ``handle``.
 
     Returns the number of messages read. No consumer group: nothing is committed, and
     the rebuild never disturbs the workers' groups.
     """
-    partitions = [TopicPartition(topic, n) for n in await _partitions(settings, topic)]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **aiokafka_options(settings),
-    )
-    await consumer.start()
+    reader = LedgerReader(settings, topic, max_message_bytes)
+    await reader.start()
     try:
-        consumer.assign(partitions)
-        begin = await consumer.beginning_offsets(partitions)
-        end = await consumer.end_offsets(partitions)
-        progress.start(f"reading {topic}", sum(end[tp] - begin[tp] for tp in partitions))
-        left = set()
-        for tp in partitions:
-            consumer.seek(tp, begin[tp])
-            if end[tp] > begin[tp]:
-                left.add(tp)
-        read = 0
-        last_message = time.monotonic()
-        while left:
-            batches = await consumer.getmany(*left, timeout_ms=500)
-            if not batches and time.monotonic() - last_message > READ_IDLE_TIMEOUT_SECONDS:
-                raise InfrastructureError(
-                    f"no message of {topic} for {READ_IDLE_TIMEOUT_SECONDS:.0f}s while "
-                    f"{len(left)} partitions were not read to their end"
-                )
-            for tp, records in batches.items():
-                last_message = time.monotonic()
-                below_end = [r for r in records if r.offset < end[tp]]
-                for record in below_end:
-                    handle(record.key, record.value)
-                read += len(below_end)
-                progress.advance(len(below_end))
-                if await consumer.position(tp) >= end[tp]:
-                    left.discard(tp)
+        begin, end = await reader.bounds()
+        progress.start(f"reading {topic}", sum(end[p] - begin[p] for p in end))
+
+        def each(key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
+            handle(key, value)
+            progress.advance(1)
+
+        read = await reader.read({p: (begin[p], end[p]) for p in end}, each)
         progress.finish()
         return read
     finally:
-        await consumer.stop()
+        await reader.stop()
 
 
 async def rebuild(
@@ -263,26 +225,13 @@ async def rebuild(
                 f"Redis already has keys of {scope}: the rebuild is for an empty Redis; "
                 "use --replace to delete each rebuilt organisation's keys first"
             )
-        wanted = org.encode() if org else None
         sequencers: dict[str, LedgerSequencer] = {}
-
-        def handle(key: bytes | None, value: bytes | None) -> None:
-            if wanted is not None and key != wanted:
-                return
-            report.entries_read += 1
-            entry = _ledger_entry(value)
-            if entry is None:
-                report.unreadable += 1
-                return
-            org_id = entry["org_id"]
-            sequencer = sequencers.get(org_id)
-            if sequencer is None:
-                state = OrgState(org_id, settings.idempotency_ttl_ms, now)
-                sequencer = sequencers[org_id] = LedgerSequencer(state)
-            if not sequencer.add(entry):
-                report.duplicates += 1
-
-        await read_ledger(settings, registry.name(t.LEDGER), handle, progress)
+        parts = LedgerParts()
+        handle = _handler(report, sequencers, parts, org, settings, now)
+        limit = registry.specs[t.LEDGER].max_message_bytes or BROKER_DEFAULT_MAX_MESSAGE_BYTES
+        await read_ledger(settings, registry.name(t.LEDGER), handle, progress, limit)
+        for (org_id, sequence), _ in sorted(parts.incomplete.items()):
+            report.incomplete.setdefault(org_id, []).append(sequence)
 
         skew = await redis_skew_ms(store.redis, now)
         progress.start("restoring organisations", len(sequencers))
@@ -306,6 +255,39 @@ async def rebuild(
         raise InfrastructureError(f"the rebuild stopped: {exc}") from exc
     finally:
         await store.close()
+
+
+def _handler(
+    report: RebuildReport,
+    sequencers: dict[str, LedgerSequencer],
+    parts: LedgerParts,
+    org: str | None,
+    settings: Settings,
+    now: int,
+) -> Callable[[bytes | None, bytes | None], None]:
+    """What ``read_ledger`` hands each message to: parts joined, entries sequenced."""
+    wanted = org.encode() if org else None
+
+    def handle(key: bytes | None, value: bytes | None) -> None:
+        if wanted is not None and key != wanted:
+            return
+        report.entries_read += 1
+        read = _ledger_entry(value)
+        if read is None:
+            report.unreadable += 1
+            return
+        entry = parts.add(read)  # a whole entry, or None while parts are missing
+        if entry is None:
+            return
+        org_id = entry["org_id"]
+        sequencer = sequencers.get(org_id)
+        if sequencer is None:
+            state = OrgState(org_id, settings.idempotency_ttl_ms, now)
+            sequencer = sequencers[org_id] = LedgerSequencer(state)
+        if not sequencer.add(entry):
+            report.duplicates += 1
+
+    return handle
 
 
 def _ledger_entry(value: bytes | None) -> dict[str, Any] | None:
@@ -358,6 +340,12 @@ def _summary(report: RebuildReport) -> list[str]:
     for org_id, gaps in report.gaps.items():
         shown = ", ".join(str(s) for s in gaps[:10]) + (" …" if len(gaps) > 10 else "")
         lines.append(f"warning: {org_id}: {len(gaps)} sequences missing from the ledger: {shown}")
+    for org_id, incomplete in report.incomplete.items():
+        shown = ", ".join(str(s) for s in incomplete[:10]) + (" …" if len(incomplete) > 10 else "")
+        lines.append(
+            f"warning: {org_id}: sequences {shown} were split into parts of which some "
+            "are missing: not restored"
+        )
     for org_id, conflicts in report.conflicts.items():
         shown = ", ".join(str(s) for s in conflicts[:10]) + (" …" if len(conflicts) > 10 else "")
         lines.append(

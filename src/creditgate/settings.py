@@ -63,7 +63,16 @@ class Settings(BaseSettings):
     max_items: int = Field(default=10_000, ge=1)
     threshold_percents: tuple[Annotated[int, Field(ge=1, le=100)], ...] = (80, 90, 100)
 
+    # a charge result lists at most this many items (beyond it: only those not charged,
+    # when they fit, and ``items_truncated``); GET /v1/orgs/{org}/requests/{id} pages all
+    result_items_max: int = Field(default=1000, ge=1)
+
     batch_size: int = Field(default=1000, ge=1)
+    # A batch also holds at most this many bytes of input values (a single larger request
+    # is a batch of one), so a batch's Python objects, its Redis payload (about twice its
+    # input) and the up-to-three batches in flight stay bounded. Capped far below Redis's
+    # client-query-buffer-limit (1 GiB by default), which one payload must never reach.
+    batch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1, le=256 * 1024 * 1024)
     # consumer-group session: how soon a dead worker's partitions move to another one
     # (at least the broker's group.min.session.timeout.ms, 6 s by default)
     session_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -48,8 +48,15 @@ async def test_credits_quote_and_decision_are_served_by_the_worker(pipeline: Pip
         path = f"{base}/v1/orgs/{org}/requests/{decided['request_id']}"
         async with http.get(path) as response:
             assert response.status == 200
-            # exactly the message the worker published on credits.charge.results
-            assert await response.json() == decided
+            # exactly the message the worker published on credits.charge.results,
+            # with where its page of items is
+            assert await response.json() == {
+                **decided,
+                "items_total": 1,
+                "offset": 0,
+                "limit": 1000,
+                "next_offset": None,
+            }
 
 
 async def test_reports_over_http_are_the_sums_of_the_published_results(
@@ -100,7 +107,9 @@ async def test_reports_over_http_are_the_sums_of_the_published_results(
     assert page2["next_before"] is None
     assert [h["request_id"] for h in history] == [r["request_id"] for r in bob_exports]
     for entry, result in zip(history, bob_exports, strict=True):
+        # a history entry has items_by_outcome instead of the result's items and counts
         assert {k: v for k, v in entry.items() if k in result} == {
-            k: v for k, v in result.items() if k != "items"
+            k: v for k, v in result.items() if k not in ("items", "counts", "items_truncated")
         }
         assert entry["item_count"] == len(result["items"])
+        assert {o: n for o, n in entry["items_by_outcome"].items() if n} == result["counts"]

@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaError
 
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
+from creditgate.stream.limits import REQUEST_PRODUCER_MAX_BYTES
 from creditgate.stream.topics import TopicRegistry
 
 from .workload import Send, items_signature
@@ -74,6 +75,7 @@ class Feeder:
             acks="all",
             linger_ms=20,
             max_batch_size=256 * 1024,
+            max_request_size=REQUEST_PRODUCER_MAX_BYTES,  # a request may be ~3 MB
             # give up on a send after 15 s so a broker outage turns into our own resend
             request_timeout_ms=15_000,
         )

@@ -456,7 +456,10 @@ async def test_one_decision_is_the_published_result(store: CreditStore) -> None:
     expected = charge_result(RequestView.of(request), answer.record, 30)
 
     found = await reports.one_decision(store, org, "r-42", 30)
-    assert found == expected
+    # the published result, and where its items' page is
+    assert found == {**expected, "items_total": 2, "offset": 0, "limit": 1000, "next_offset": None}
+    assert found["counts"] == {"charged": 1, "free_repeat": 1}
+    assert found["items_truncated"] is False
     assert found["credits_charged"] == 1
     assert found["reference"] == {"export_id": "e-55"}
     assert found["items"] == [
@@ -466,3 +469,51 @@ async def test_one_decision_is_the_published_result(store: CreditStore) -> None:
     assert await reports.one_decision(store, org, "r-unknown", 30) is None
     assert await reports.one_decision(store, "other-org", "r-42", 30) is None
     assert await reports.one_decision(store, org, "not an id", 30) is None
+
+
+def long_id(tag: str, n: int) -> str:
+    head = f"{tag}{n}:"
+    return head + "x" * (128 - len(head))
+
+
+async def test_one_decision_pages_every_item_of_a_10000_item_decision(store: CreditStore) -> None:
+    org = await make_org(store, 20_000)
+    # 1,000 contacts exported before come back free: the other 9,000 are charged
+    before = [contact(long_id("c", i), long_id("co", i)) for i in range(1000)]
+    await charge(store, org, before, day(1))
+    items = [contact(long_id("c", i), long_id("co", i)) for i in range(10_000)]
+    request = charge_request(org, items, day(2), request_id="r-big")
+    (answer,) = await store.charge_many([ChargeCall.of(request)], day(2))
+    published = charge_result(RequestView.of(request), answer.record, 30)
+    # the published result lists the 1,000 free items only
+    assert published["counts"] == {"charged": 9000, "free_repeat": 1000}
+    assert published["items_truncated"] is True
+    assert [i["id"] for i in published["items"]] == [i["id"] for i in before]
+
+    pages, offset = [], 0
+    while offset is not None:
+        page = await reports.one_decision(store, org, "r-big", 30, reports.ItemsPage(offset, 1000))
+        assert page is not None
+        assert page["counts"] == {"charged": 9000, "free_repeat": 1000}
+        assert page["items_total"] == 10_000
+        assert len(page["items"]) == 1000
+        assert page["items_truncated"] is True
+        pages.append(page)
+        offset = page["next_offset"]
+    assert len(pages) == 10
+    listed = [i for page in pages for i in page["items"]]
+    assert [i["id"] for i in listed] == [i["id"] for i in items]
+    assert [i["outcome"] for i in listed] == ["free_repeat"] * 1000 + ["charged"] * 9000
+    assert all(i["company_id"] == long_id("co", n) for n, i in enumerate(listed))
+    last = await reports.one_decision(store, org, "r-big", 30, reports.ItemsPage(9990, 1000))
+    assert last is not None
+    assert len(last["items"]) == 10
+    assert last["next_offset"] is None
+
+
+def test_an_items_page_is_bounded() -> None:
+    assert reports.parse_items_page({}) == reports.ItemsPage(0, 1000)
+    assert reports.parse_items_page({"offset": "5", "limit": "7"}) == reports.ItemsPage(5, 7)
+    for bad in ({"limit": "1001"}, {"limit": "0"}, {"offset": "-1"}, {"offset": "x"}):
+        with pytest.raises(InvalidInput):
+            reports.parse_items_page(bad)

@@ -10,15 +10,18 @@ replies from Redis.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.exceptions import ResponseError
 
 from creditgate.domain.charges import ChargeRequest
+from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import ChargeCall, CreditStore, _resp
 from creditgate.stream.events import Outgoing
@@ -96,6 +99,82 @@ async def test_publish_keeps_partitions_order_values_and_headers(
         mine = [r.value for r in sorted(records, key=lambda r: r.offset) if r.partition == p]
         wanted = [m.value for m, q in zip(messages, expected, strict=True) if q == p]
         assert mine == wanted
+
+
+async def _small_topic(bootstrap: str, limit: int) -> str:
+    name = f"t{uuid.uuid4().hex[:10]}.small"
+    spec = TopicSpec(name, PARTITIONS, 1, {"max.message.bytes": str(limit)})
+    await apply_topics(bootstrap, TopicRegistry({name: spec}))
+    return name
+
+
+async def test_what_the_broker_refuses_as_too_large_is_replaced_not_retried(
+    endpoints: tuple[str, str], producer: AIOKafkaProducer
+) -> None:
+    """The publisher believes the limits are 1 MiB; the broker takes 50 KB on one topic.
+    A result too large loses its items, anything else becomes a dead letter; the rest
+    of the batch is published, once, and publish returns."""
+    bootstrap = endpoints[0]
+    results, ledger = await _small_topic(bootstrap, 50_000), await _small_topic(bootstrap, 50_000)
+    deadletter = await _topic(bootstrap)
+    read = [0]
+
+    async def read_limits() -> dict[str, int]:
+        read[0] += 1
+        return {results: 50_000, ledger: 50_000, deadletter: 1_048_576}
+
+    metrics = Metrics()
+    publisher = Publisher(
+        producer,
+        Settings(),
+        metrics,
+        limits={results: 1_048_576, ledger: 1_048_576, deadletter: 1_048_576},
+        read_limits=read_limits,
+        results_topic=results,
+        deadletter_topic=deadletter,
+    )
+    items = [{"type": "contact", "id": f"c-{i:06}", "outcome": "charged"} for i in range(3000)]
+    result = {"request_id": "r-1", "counts": {"charged": 3000}, "items": items}
+    headers = [("ce_id", b"acme/r-1/result")]
+    big_entry = orjson.dumps({"org_id": "acme", "sequence": 1, "blob": "x" * 80_000})
+    messages = [
+        Outgoing(results, b"acme", b'{"request_id": "r-0", "items": []}', headers),
+        Outgoing(results, b"acme", orjson.dumps({**result, "items_truncated": False}), headers),
+        Outgoing(ledger, b"acme", big_entry, [("ce_id", b"acme/ledger/1")]),
+        Outgoing(results, b"acme", b'{"request_id": "r-2", "items": []}', headers),
+    ]
+
+    await asyncio.wait_for(publisher.publish(messages), 60)
+
+    assert read[0] == 1
+    # the record batches the broker took (r-0's and r-2's) went out, then the batch again
+    # message by message: copies, as after any retried publish, in the batch's order
+    records = sorted(await _read(bootstrap, results, 5), key=lambda r: r.offset)
+    published = [orjson.loads(r.value) for r in records]
+    assert [r["request_id"] for r in published] == ["r-0", "r-2", "r-0", "r-1", "r-2"]
+    (truncated,) = [r for r in published if r["request_id"] == "r-1"]
+    assert truncated["items"] == []
+    assert truncated["items_truncated"] is True
+    assert truncated["counts"] == {"charged": 3000}
+    (letter,) = [orjson.loads(r.value) for r in await _read(bootstrap, deadletter, 1)]
+    assert letter["source"] == {
+        "topic": ledger,
+        "partition": letter["source"]["partition"],
+        "offset": None,
+    }
+    assert ledger in letter["error"]
+    assert letter["value_bytes"] == len(big_entry)
+    assert letter["value_sha256"] == hashlib.sha256(big_entry).hexdigest()
+    sent = {
+        s.labels["sent"]: s.value
+        for s in metrics.oversized.collect()[0].samples
+        if s.name.endswith("_total")
+    }
+    assert sent == {"truncated_result": 1.0, "dead_letter": 1.0}
+
+    # now the limits are known: the next such batch is replaced before it is sent
+    await asyncio.wait_for(publisher.publish(messages[1:2]), 60)
+    assert read[0] == 1
 
 
 async def test_publish_of_nothing_sends_nothing() -> None:

@@ -669,3 +669,46 @@ def test_entries_fold_in_sequence_order_once_and_gaps_are_reported() -> None:
     assert state.license["balance"] == "15"
     assert state.inconsistencies == ["sequence 6: balance 15 after folding, the ledger says 16"]
     assert sorted(state.commands) == ["k-1", "k-2", "k-3", "k-6"]
+
+
+def long_id(tag: str, n: int) -> str:
+    head = f"{tag}{n}:"
+    return head + "x" * (128 - len(head))
+
+
+async def test_a_ledger_with_entries_in_parts_rebuilds_the_same_keys(
+    deployment: Deployment,
+) -> None:
+    """A request of 10,000 contacts with companies (128-character ids) has its ledger
+    entry in parts; a replay re-emits copies of them. The rebuild joins them."""
+    d = deployment
+    await d.commands(
+        day(0),
+        upsert("acme", "a-1", "ana", "admin"),
+        period("acme", "a-2", "p1", 50_000, day(0), day(100)),
+    )
+    items = [contact(long_id("c", i), long_id("co", i)) for i in range(10_000)]
+    big = request("acme", "r-big", "ana", items)
+    first = await d.requests(day(1), big, request("acme", "r-small", "ana", [contact("c-x")]))
+    replay = await d.requests(day(2), big)  # the same parts again
+    ledger = d.registry.name(t.LEDGER)
+    parts = [b for tp, _, b, _ in parsed(first + replay) if tp == ledger and "part" in b]
+    assert len(parts) == 2 * parts[0]["parts"]
+    assert parts[0]["parts"] >= 10
+    assert d.results(replay)["r-big"] == d.results(first)["r-big"]
+
+    now = day(3)
+    before = await snapshot(d.store.redis, d.settings.key_prefix)
+    await delete_prefix(d.store.redis, d.settings.key_prefix)
+    report = await rebuild(d.settings, d.registry, now_ms=now)
+
+    assert report.complete, report
+    assert report.incomplete == {}
+    assert report.organisations == 1
+    assert_same_keys(
+        await snapshot(d.store.redis, d.settings.key_prefix), expected_after_rebuild(before, now)
+    )
+    # the restored decision answers a replay as the first one did
+    again = await d.requests(day(3), big)
+    assert d.results(again)["r-big"] == d.results(first)["r-big"]
+    assert d.results(again)["r-big"]["counts"] == {"charged": 10_000}

@@ -185,6 +185,15 @@ CHARGE_RECORDS: dict[str, dict[str, Any]] = {
         "credits_disallowed", 1, notes=[{"type": "credits.disallowed", "to": "user"}]
     ),
     "exp-3": rejection("no_active_license", 1, period="", balance=0, needed=0),
+    # more items than a result lists and a ledger part holds: a truncated result and a
+    # ledger entry in parts
+    "exp-big": {
+        "outcomes": ["charged"] * 1001,
+        "until": [WINDOW_END] * 1001,
+        "opened": [[i, WINDOW_END] for i in range(1001)],
+        "credits": 1001,
+        "needed": 1001,
+    },
     "push-bad": rejection(
         "invalid_request", 0, detail="invalid request: colour: Extra inputs are not permitted"
     ),
@@ -345,6 +354,10 @@ REQUESTS = [
     ),
     incoming(t.EXPORT_REQUESTS, request("exp-2", "export", [contact("c-4")])),
     incoming(t.EXPORT_REQUESTS, request("exp-3", "export", [contact("c-5")])),
+    incoming(
+        t.EXPORT_REQUESTS,
+        request("exp-big", "export", [contact(f"c-big-{i}") for i in range(1001)]),
+    ),
     incoming(t.PUSH_REQUESTS, request("push-bad", "crm_push", [contact("c-6")], colour="red")),
     # exp-1 again with another body: a request_id_conflict
     incoming(t.EXPORT_REQUESTS, request("exp-1", "export", [contact("c-7")])),

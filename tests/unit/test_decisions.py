@@ -201,6 +201,7 @@ def test_an_approved_result_has_the_design_shape() -> None:
         "user_id": "u-17",
         "action": "export",
         "credits_charged": 1,
+        "counts": {"charged": 1, "free_repeat": 1},
         "items": [
             {"type": "contact", "id": "c-1", "company_id": "co-9", "outcome": "charged"},
             {
@@ -210,6 +211,7 @@ def test_an_approved_result_has_the_design_shape() -> None:
                 "free_until": "2026-12-20T08:00:00.000Z",
             },
         ],
+        "items_truncated": False,
         "balance_after": 4999,
         "period_id": "2026",
         "reason": None,
@@ -248,6 +250,8 @@ def test_an_invalid_request_renders_without_items_or_user() -> None:
     result = charge_result(view, record, 30)
 
     assert result["items"] == []
+    assert result["counts"] == {}
+    assert result["items_truncated"] is False
     assert result["user_id"] is None
     assert result["action"] == "crm_push"
     assert result["message"] == "invalid request: colour: Extra inputs are not permitted"

@@ -33,6 +33,8 @@ from creditgate.store.gateway import CreditStore
 USAGE_METRICS = ("credits", "requests", "saved", "rejected")
 DEFAULT_HISTORY_LIMIT = 50
 MAX_HISTORY_LIMIT = 500
+# GET /v1/orgs/{org}/requests/{id} pages a decision's items: this many at most a page
+MAX_ITEMS_PAGE = 1000
 
 
 async def org_exists(store: CreditStore, org_id: str) -> bool:
@@ -196,7 +198,11 @@ def history_entry(result: dict[str, Any], record: ChargeRecord) -> dict[str, Any
     for outcome in record.outcomes:
         counts[outcome.value] += 1
     return {
-        **{name: value for name, value in result.items() if name != "items"},
+        **{
+            name: value
+            for name, value in result.items()
+            if name not in ("items", "counts", "items_truncated")
+        },
         "item_count": len(record.outcomes),
         "items_by_outcome": counts,
         "credits_saved": record.saved,
@@ -276,10 +282,47 @@ def _view(
 # ---- one decision --------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ItemsPage:
+    offset: int = 0
+    limit: int = MAX_ITEMS_PAGE
+
+
+def parse_items_page(query: Mapping[str, str]) -> ItemsPage:
+    """``offset`` (from 0, default 0) and ``limit`` (1..1000, default 1000)."""
+    errors = []
+    offset, limit = 0, MAX_ITEMS_PAGE
+    if "offset" in query:
+        if query["offset"].isdigit() and len(query["offset"]) <= 9:
+            offset = int(query["offset"])
+        else:
+            errors.append({"field": "offset", "message": "an integer from 0"})
+    if "limit" in query:
+        text = query["limit"]
+        if text.isdigit() and len(text) <= 9 and 1 <= int(text) <= MAX_ITEMS_PAGE:
+            limit = int(text)
+        else:
+            errors.append({"field": "limit", "message": f"an integer from 1 to {MAX_ITEMS_PAGE}"})
+    if errors:
+        raise InvalidInput(errors)
+    return ItemsPage(offset, limit)
+
+
 async def one_decision(
-    store: CreditStore, org_id: str, request_id: str, window_days: float
+    store: CreditStore,
+    org_id: str,
+    request_id: str,
+    window_days: float,
+    page: ItemsPage | None = None,
 ) -> dict[str, Any] | None:
-    """The request's decision exactly as published on ``credits.charge.results``.
+    """The request's decision as published on ``credits.charge.results``, with every
+    item, a page at a time.
+
+    ``counts`` has all of them; ``items`` those of the page (``offset``, ``limit``,
+    default the first 1,000), ``items_total`` how many there are and ``next_offset``
+    where the next page starts (null on the last). ``items_truncated`` is true when
+    the page is not all of them; for a decision of up to a page of items the answer is
+    the published result, plus the paging fields.
 
     None when there is none (or it was stored without its request, before summaries
     were kept, and so cannot be rendered as its result).
@@ -291,5 +334,15 @@ async def one_decision(
     )
     if not isinstance(raw, str) or not isinstance(summary, str):
         return None
+    page = page or ItemsPage()
     view = RequestView.from_summary(org_id, request_id, summary)
-    return charge_result(view, ChargeRecord.from_script(orjson.loads(raw)), window_days)
+    found = charge_result(view, ChargeRecord.from_script(orjson.loads(raw)), window_days, None)
+    items = found["items"]
+    end = page.offset + page.limit
+    found["items"] = items[page.offset : end]
+    found["items_truncated"] = len(found["items"]) < len(items)
+    found["items_total"] = len(items)
+    found["offset"] = page.offset
+    found["limit"] = page.limit
+    found["next_offset"] = end if end < len(items) else None
+    return found

@@ -144,9 +144,14 @@ class ChargesView(ApiView):
 
 
 class DecisionView(ApiView):
+    query_params = frozenset({"offset", "limit"})
+
     async def get(self, request: Request, org: str, request_id: str) -> Response:
         self.reader(request, org, request_id=request_id)
-        found = await reports.one_decision(self.api.store, org, request_id, self.api.window_days)
+        page = reports.parse_items_page(request.query)
+        found = await reports.one_decision(
+            self.api.store, org, request_id, self.api.window_days, page
+        )
         if found is None:
             raise NotFound(f"{org} has no decision for {request_id}")
         return self.json(found)

@@ -24,6 +24,10 @@ _REASON_OF = {r.value: r for r in Reason}
 RESULT_APPROVED = "charge.approved"
 RESULT_REJECTED = "charge.rejected"
 
+# How many items a result lists at most, unless a caller says otherwise (the worker
+# passes ``Settings.result_items_max``; see ``bounded_items``).
+RESULT_ITEMS_MAX = 1000
+
 
 def _as_list(value: Any) -> list[Any]:
     # Redis's cjson encodes an empty Lua table as {}: read that back as an empty list.
@@ -192,8 +196,43 @@ def _items(view: RequestView, record: ChargeRecord) -> list[dict[str, Any]]:
     return items
 
 
-def charge_result(view: RequestView, record: ChargeRecord, window_days: float) -> dict[str, Any]:
-    """The ``charge.approved`` / ``charge.rejected`` message of a decision."""
+def item_counts(outcomes: list[str]) -> dict[str, int]:
+    """Items per outcome, in the order ``Outcome`` lists them; outcomes with no item are
+    left out: ``{"charged": 9000, "free_repeat": 1000}``."""
+    found = dict.fromkeys(outcomes, 0)
+    for outcome in outcomes:
+        found[outcome] += 1
+    return {o.value: found[o.value] for o in _OUTCOMES if o.value in found}
+
+
+def bounded_items(items: list[dict[str, Any]], items_max: int) -> tuple[list[dict[str, Any]], bool]:
+    """The items a result lists, and whether it left any out (``items_truncated``).
+
+    Every item while there are at most ``items_max``; beyond that only the items whose
+    outcome is not ``charged`` (what a caller must look at) when those are at most
+    ``items_max``, otherwise none. The full list is paged by
+    ``GET /v1/orgs/{org}/requests/{id}``.
+    """
+    if len(items) <= items_max:
+        return items, False
+    uncharged = [i for i in items if i["outcome"] != Outcome.CHARGED.value]
+    return (uncharged if len(uncharged) <= items_max else []), True
+
+
+def charge_result(
+    view: RequestView,
+    record: ChargeRecord,
+    window_days: float,
+    items_max: int | None = RESULT_ITEMS_MAX,
+) -> dict[str, Any]:
+    """The ``charge.approved`` / ``charge.rejected`` message of a decision.
+
+    ``counts`` has the items per outcome; ``items`` lists them up to ``items_max``
+    (``bounded_items``; None: all of them) and ``items_truncated`` says whether some
+    were left out. It is always there: false for a result that lists every item.
+    """
+    items = _items(view, record)
+    listed, truncated = (items, False) if items_max is None else bounded_items(items, items_max)
     return {
         "type": RESULT_APPROVED if record.approved else RESULT_REJECTED,
         "request_id": view.request_id,
@@ -201,7 +240,9 @@ def charge_result(view: RequestView, record: ChargeRecord, window_days: float) -
         "user_id": view.user_id,
         "action": view.action.value,
         "credits_charged": record.credits,
-        "items": _items(view, record),
+        "counts": item_counts([i["outcome"] for i in items]),
+        "items": listed,
+        "items_truncated": truncated,
         "balance_after": record.balance,
         "period_id": record.period_id,
         "reason": record.reason.value if record.reason else None,
@@ -212,12 +253,19 @@ def charge_result(view: RequestView, record: ChargeRecord, window_days: float) -
     }
 
 
-def conflict_result(view: RequestView, stored: ChargeRecord, now_ms: int) -> dict[str, Any]:
+def conflict_result(
+    view: RequestView,
+    stored: ChargeRecord,
+    now_ms: int,
+    items_max: int | None = RESULT_ITEMS_MAX,
+) -> dict[str, Any]:
     """The answer to a second, different body under a used ``request_id``.
 
     It charges nothing and is not the request's decision: the stored one stands, so
-    this answer carries no ledger sequence.
+    this answer carries no ledger sequence. Its items are bounded like a result's.
     """
+    items = [{**item, "outcome": Outcome.NOT_CHARGED.value} for item in view.items]
+    listed, truncated = (items, False) if items_max is None else bounded_items(items, items_max)
     return {
         "type": RESULT_REJECTED,
         "request_id": view.request_id,
@@ -225,7 +273,9 @@ def conflict_result(view: RequestView, stored: ChargeRecord, now_ms: int) -> dic
         "user_id": view.user_id,
         "action": view.action.value,
         "credits_charged": 0,
-        "items": [{**item, "outcome": Outcome.NOT_CHARGED.value} for item in view.items],
+        "counts": {Outcome.NOT_CHARGED.value: len(items)} if items else {},
+        "items": listed,
+        "items_truncated": truncated,
         "balance_after": None,
         "period_id": stored.period_id,
         "reason": Reason.REQUEST_ID_CONFLICT.value,

@@ -19,6 +19,15 @@ from creditgate.domain.commands import LicenseCommand, license_command_adapter
 from creditgate.domain.ids import is_identifier
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# What a rejection quotes of the input is bounded, so its result (and the Redis record
+# and ledger entry that keep the detail) stays bounded whatever the input: a field error
+# names the field, and an unknown field's name may be as long as the message.
+MAX_DETAIL_CHARS = 1000
+MAX_ECHOED_TYPE_CHARS = 128
+
+
+def bounded_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ def read_charge_request(
             request_id,
             user if is_identifier(user) else None,
             body_fingerprint(body),
-            f"invalid request: {detail}",
+            bounded_text(f"invalid request: {detail}", MAX_DETAIL_CHARS),
         )
 
     items = body.get("items")
@@ -133,8 +142,8 @@ def read_license_command(raw: bytes | None) -> LicenseCommand | InvalidLicenseCo
         return InvalidLicenseCommand(
             org_id,
             command_id,
-            kind if isinstance(kind, str) else "",
+            bounded_text(kind, MAX_ECHOED_TYPE_CHARS) if isinstance(kind, str) else "",
             body_fingerprint(body),
             body,
-            f"invalid command: {describe(exc)}",
+            bounded_text(f"invalid command: {describe(exc)}", MAX_DETAIL_CHARS),
         )

@@ -118,7 +118,36 @@ DecidedItem = Annotated[DecidedContact | DecidedCompany, Field(discriminator="ty
 NotChargedItem = Annotated[NotChargedContact | NotChargedCompany, Field(discriminator="type")]
 
 
-class ChargeApproved(_Message):
+class ItemCounts(_Message):
+    """Items per outcome; an outcome no item had is left out."""
+
+    charged: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
+    free_repeat: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
+    duplicate_in_request: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
+    no_verified_email: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
+    not_charged: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
+
+
+_ITEMS_TRUNCATED = Field(
+    description="true when items lists only some of the request's items: beyond "
+    "result_items_max (1,000 by default) a result lists only the items not charged, when "
+    "they are at most that many, otherwise none; counts has them all, and "
+    "GET /v1/orgs/{org}/requests/{request_id} pages the full list"
+)
+
+
+class _Listed(_Message):
+    @model_validator(mode="after")
+    def _items_listed_unless_truncated(self) -> _Listed:
+        items: list[Any] = getattr(self, "items")  # noqa: B009 - each subclass has them
+        counts: ItemCounts = getattr(self, "counts")  # noqa: B009
+        total = sum(n for n in counts.model_dump().values() if n is not None)
+        if not getattr(self, "items_truncated") and len(items) != total:  # noqa: B009
+            raise ValueError("a result not truncated lists every item it counts")
+        return self
+
+
+class ChargeApproved(_Listed):
     """The decision to charge a request (``credits_charged`` may be 0 when all is free)."""
 
     type: Literal["charge.approved"]
@@ -127,7 +156,9 @@ class ChargeApproved(_Message):
     user_id: Identifier
     action: Action
     credits_charged: Count
-    items: list[DecidedItem] = Field(min_length=1)
+    counts: ItemCounts
+    items: list[DecidedItem]
+    items_truncated: bool = _ITEMS_TRUNCATED
     balance_after: Count
     period_id: Identifier
     reason: None
@@ -137,7 +168,7 @@ class ChargeApproved(_Message):
     reference: dict[str, Any] | None
 
 
-class ChargeRejected(_Message):
+class ChargeRejected(_Listed):
     """A rejection: nothing is charged, and ``reason`` says why.
 
     A ``request_id_conflict`` answers a second body under a used ``request_id``; it is
@@ -152,7 +183,9 @@ class ChargeRejected(_Message):
     user_id: Identifier | None
     action: Action
     credits_charged: Literal[0]
+    counts: ItemCounts
     items: list[NotChargedItem]
+    items_truncated: bool = _ITEMS_TRUNCATED
     balance_after: Count | None
     period_id: Identifier | None
     reason: Reason
@@ -428,6 +461,14 @@ class _Entry(_Message):
     recorded_at: Time
 
 
+_PART = Field(
+    default=None,
+    description="set when the entry is split into parts (domain/ledger.py): this is part 1, "
+    "with every header field and the first slice of each list",
+)
+_PARTS = Field(default=None, description="how many parts the entry is split into")
+
+
 class ChargedEntry(_Entry):
     """An approved request: the credits it took and the repeat windows it opened."""
 
@@ -441,6 +482,8 @@ class ChargedEntry(_Entry):
     windows: list[WindowOpened]
     decision: ChargeScriptRecord
     request: RequestSummary
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
 
 
 class RejectedEntry(_Entry):
@@ -456,6 +499,8 @@ class RejectedEntry(_Entry):
     windows: list[WindowOpened] = Field(max_length=0)
     decision: ChargeScriptRecord
     request: RequestSummary
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
 
 
 class PeriodStartedEntry(_Entry):
@@ -516,9 +561,32 @@ class CommandRejectedEntry(_Entry):
     decision: RejectedCommandScriptRecord
 
 
+class DecisionSlices(_Message):
+    outcomes: list[Outcome] | SkipJsonSchema[None] = None
+    until: list[EpochMs] | SkipJsonSchema[None] = None
+    opened: list[tuple[Count, EpochMs]] | SkipJsonSchema[None] = None
+
+
+class RequestSlices(_Message):
+    items: list[RequestedItem]
+
+
+class ContinuedEntry(_Entry):
+    """Part 2 or later of an entry split into parts (``domain/ledger.py``): the next
+    slice of each of its lists, under the same names. ``LedgerParts`` joins them."""
+
+    kind: Literal["continued"]
+    part: Annotated[int, Field(ge=2)]
+    parts: Annotated[int, Field(ge=2)]
+    windows: list[WindowOpened] | SkipJsonSchema[None] = None
+    decision: DecisionSlices | SkipJsonSchema[None] = None
+    request: RequestSlices | SkipJsonSchema[None] = None
+
+
 LedgerEntry = Annotated[
     ChargedEntry
     | RejectedEntry
+    | ContinuedEntry
     | PeriodStartedEntry
     | GrantedEntry
     | MemberChangedEntry
@@ -531,9 +599,15 @@ LedgerEntry = Annotated[
 
 
 class DeadLetterSource(_Message):
+    """Where the message came from; for an output the broker refused (too large even
+    after its limits were read again), the topic it was for, and no offset."""
+
     topic: str
     partition: Count
-    offset: Count
+    offset: Count | None
+
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class DeadLetter(
@@ -546,17 +620,28 @@ class DeadLetter(
         ]
     },
 ):
-    """Input that carries no decision: not JSON, not an object, or no readable ids.
+    """Input that carries no decision: not JSON, not an object, or no readable ids; or an
+    output too large for its topic.
 
-    ``key`` is the message's key as received (not necessarily an ``org_id``); ``value``
-    is the message as text, or ``value_hex`` its bytes when they are not UTF-8.
+    Bounded whatever the message's size: ``value`` is the first 64 KiB of the message as
+    text, or ``value_hex`` the first 32 KiB of its bytes in hex when they are not UTF-8;
+    ``value_bytes`` and ``value_sha256`` are the whole value's size and digest, and
+    ``value_truncated`` says whether the prefix is all of it. ``key`` is the first KiB of
+    the message's key as received (not necessarily an ``org_id``), with its size and
+    digest likewise (null without a key).
     """
 
     source: DeadLetterSource
     error: str
     key: str | None
+    key_bytes: Count | None
+    key_sha256: Sha256 | None
+    key_truncated: bool
     value: str | None
     value_hex: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{2})*$")] | None
+    value_bytes: Count
+    value_sha256: Sha256
+    value_truncated: bool
     received_at: Time
 
     @model_validator(mode="after")

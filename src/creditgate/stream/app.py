@@ -27,6 +27,7 @@ from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.consumer import DecisionLoop
 from creditgate.stream.healing import Healer, PublishedSequences
+from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 from creditgate.stream.processor import Processor
 from creditgate.stream.topics import TopicRegistry
 
@@ -124,7 +125,10 @@ def create_app(
     # forgotten decisions already published (stream/healing.py)
     published = PublishedSequences()
     processor = Processor(store, registry, settings, clock, metrics, known=published)
-    healer = Healer(store, settings, registry.name(t.LEDGER), published, processor.clock, metrics)
+    ledger = registry.specs[t.LEDGER].max_message_bytes or BROKER_DEFAULT_MAX_MESSAGE_BYTES
+    healer = Healer(
+        store, settings, registry.name(t.LEDGER), published, processor.clock, metrics, ledger
+    )
     app.decision_loop = DecisionLoop(processor, registry, settings, metrics, healer, published)
 
     metrics.watch_lag(app.decision_loop.lag)

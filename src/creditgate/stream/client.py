@@ -16,6 +16,7 @@ from creditgate.domain.charges import Action
 from creditgate.errors import CreditgateError
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
+from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES, fetch_sizes
 from creditgate.stream.topics import TopicRegistry
 
 _REQUEST_TOPICS = {action: logical for logical, action in t.REQUEST_ACTIONS.items()}
@@ -41,8 +42,15 @@ class CreditgateClient:
         self._follow = follow
         # Login and TLS from `settings`, else from the CREDITGATE_* environment.
         self._security = aiokafka_options(settings)
+        # requests as large as their topics take (a 10,000-item request is ~3 MB)
+        limits = [s.max_message_bytes or 0 for s in registry.specs.values()]
+        self._largest = max([BROKER_DEFAULT_MAX_MESSAGE_BYTES, *limits])
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=2, **self._security
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=2,
+            max_request_size=self._largest + 64 * 1024,
+            **self._security,
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -64,6 +72,7 @@ class CreditgateClient:
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="latest",
+            **fetch_sizes(self._largest),
             **self._security,
         )
         await consumer.start()

@@ -4,7 +4,9 @@ Three stages, each working on another batch at the same time:
 
 1. *prepare* takes what the broker has fetched, across every input partition, reads and
    validates it and packs its Redis calls, again and again while the next stage is busy
-   (up to ``batch_size`` records);
+   (up to ``batch_size`` records and ``batch_max_bytes`` bytes of input values: records
+   fetched beyond that wait for the next batch, and a single larger request is a batch
+   of its own);
 2. *decide* takes everything prepared so far as one batch, decides it in one Redis
    round trip (two when it holds license commands too) and renders its outcomes;
 3. *publish* sends the outcomes, waits until the broker has every one of them, and only
@@ -63,6 +65,7 @@ from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing
 from creditgate.stream.healing import Healer, PublishedSequences
+from creditgate.stream.limits import fetch_sizes, read_limits
 from creditgate.stream.processor import Incoming, PreparedCharges, Processor
 from creditgate.stream.publish import RECORD_BATCH_BYTES, Publisher
 from creditgate.stream.retry import until_done
@@ -105,6 +108,7 @@ class _Batch:
     charges: PreparedCharges
     commands: list[Incoming]
     sent_at: list[int]  # the charge requests' Kafka timestamps (ms), for the metrics
+    size: int = 0  # bytes of the input values
 
     def __len__(self) -> int:
         return len(self.charges) + len(self.commands)
@@ -127,6 +131,7 @@ class _Batch:
             ),
             [c for p in parts for c in p.commands],
             [t for p in parts for t in p.sent_at],
+            sum(p.size for p in parts),
         )
 
 
@@ -145,6 +150,37 @@ async def _at_most(seconds: float, doing: str, step: Awaitable[Any]) -> None:
         log.warning("stopping: gave up %s after %.0fs", doing, seconds)
     except KafkaError as exc:
         log.warning("stopping: %s failed: %r", doing, exc)
+
+
+def _value_bytes(record: Any) -> int:
+    return len(record.value) if record.value is not None else 0
+
+
+def within_bytes(fetched: Fetched, room: int, first: bool = True) -> tuple[Fetched, Fetched]:
+    """What fits ``room`` bytes of values, and the rest: records are taken partition by
+    partition, in order. With ``first`` (nothing else waits) the first record always
+    fits: a larger one is a batch of its own. The rest keeps each partition's order, to
+    be prepared first next time."""
+    taken: dict[TopicPartition, Sequence[Any]] = {}
+    rest: dict[TopicPartition, Sequence[Any]] = {}
+    used, full = 0, False
+    for tp, records in fetched.items():
+        if full:
+            rest[tp] = records
+            continue
+        cut = 0
+        while cut < len(records):
+            size = _value_bytes(records[cut])
+            if used + size > room and not (first and used == 0 and not taken and cut == 0):
+                full = True
+                break
+            used += size
+            cut += 1
+        if cut:
+            taken[tp] = records[:cut]
+        if cut < len(records):
+            rest[tp] = records[cut:]
+    return taken, rest
 
 
 def _incoming(records: Sequence[Any]) -> Iterator[Incoming]:
@@ -183,6 +219,7 @@ class DecisionLoop(Service):
         self._published_since_heal: dict[int, int] = {}
         self._settings = settings
         self._metrics = metrics
+        self._registry = registry
         self._commands = registry.name(t.LICENSE_COMMANDS)
         self._topics = [registry.name(n) for n in t.REQUEST_ACTIONS] + [self._commands]
         self._consumer: AIOKafkaConsumer | None = None
@@ -197,6 +234,9 @@ class DecisionLoop(Service):
         # the next batch, in parts (one per fetch), at most batch_size records
         self._parts: list[_Batch] = []
         self._waiting = 0
+        self._waiting_bytes = 0
+        # fetched beyond a batch's bytes, prepared first next time (with its generation)
+        self._carry: tuple[int, Fetched] | None = None
         self._parts_ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -209,17 +249,31 @@ class DecisionLoop(Service):
 
     async def on_start(self) -> None:
         security = aiokafka_options(self._settings)
+        # every topic's max.message.bytes as the broker applies it: what the publisher
+        # checks its messages against, what the clients must fetch and send
+        limits = await read_limits(self._settings, self._registry)
+        outputs = [self._registry.name(n) for n in t.OUTPUTS]
+        inputs = [self._registry.name(n) for n in (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS)]
         # acks=all: a decision counts as published once every in-sync replica has it
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._settings.kafka_bootstrap,
             client_id=f"{self._settings.app_id}-worker",
             acks="all",
             max_batch_size=RECORD_BATCH_BYTES,
+            # a record batch is at most its topic's limit (the publisher sees to it)
+            max_request_size=max(limits[name] for name in outputs) + 64 * 1024,
             **security,
         )
         await self._producer.start()
         self._publisher = Publisher(
-            self._producer, self._settings, self._metrics, ledger_topic=self._ledger
+            self._producer,
+            self._settings,
+            self._metrics,
+            limits={name: limits[name] for name in outputs},
+            read_limits=partial(read_limits, self._settings, self._registry),
+            results_topic=self._registry.name(t.CHARGE_RESULTS),
+            deadletter_topic=self._registry.name(t.DEADLETTER),
+            ledger_topic=self._ledger,
         )
         if self._healer is not None:
             await self._healer.start()
@@ -240,6 +294,8 @@ class DecisionLoop(Service):
             session_timeout_ms=int(session * 1000),
             heartbeat_interval_ms=int(heartbeat_seconds(session) * 1000),
             max_poll_records=self._settings.batch_size,
+            # records as large as the input topics take; one fetch about a batch's bytes
+            **fetch_sizes(max(limits[name] for name in inputs), self._settings.batch_max_bytes),
             **security,
         )
         self._consumer.subscribe(self._topics, listener=_Handover(self))
@@ -270,21 +326,33 @@ class DecisionLoop(Service):
     @Service.task
     async def _fetch_and_prepare(self) -> None:
         consumer = self._require_consumer()
-        size = self._settings.batch_size
+        size, max_bytes = self._settings.batch_size, self._settings.batch_max_bytes
         while not self.should_stop:
-            await self._room.wait()  # fewer than batch_size records wait to be decided
-            room = size - self._waiting
-            fetched = await consumer.getmany(timeout_ms=_IDLE_POLL_MS, max_records=room)
-            if fetched:
+            # fewer than batch_size records (and batch_max_bytes bytes) wait to be decided
+            await self._room.wait()
+            if self._carry is not None:
+                (generation, fetched), self._carry = self._carry, None
+            else:
+                room = size - self._waiting
+                fetched = await consumer.getmany(timeout_ms=_IDLE_POLL_MS, max_records=room)
                 # the rebalance these records are in hand in. Read after the fetch, not
                 # before: records fetched after a rebalance reset their partitions are
                 # past that reset, and dropping them would lose them
-                part = self._prepare(fetched, self._generation)
-                self._parts.append(part)
-                self._waiting += len(part)
-                if self._waiting >= size:
-                    self._room.clear()
-                self._parts_ready.set()
+                generation = self._generation
+            if fetched:
+                room = max_bytes - self._waiting_bytes
+                fetched, rest = within_bytes(fetched, room, first=not self._parts)
+                if rest:
+                    self._carry = (generation, rest)
+                    self._room.clear()  # the rest starts the next batch
+                if fetched:
+                    part = self._prepare(fetched, generation)
+                    self._parts.append(part)
+                    self._waiting += len(part)
+                    self._waiting_bytes += part.size
+                    if self._waiting >= size or self._waiting_bytes >= max_bytes:
+                        self._room.clear()
+                    self._parts_ready.set()
 
     async def _quiet(self) -> None:
         """Until no batch is in hand. Once it has the lock it keeps it: no further batch
@@ -320,7 +388,7 @@ class DecisionLoop(Service):
 
     def _take_parts(self) -> list[_Batch]:
         """Everything prepared since the second stage last took: one batch."""
-        parts, self._parts, self._waiting = self._parts, [], 0
+        parts, self._parts, self._waiting, self._waiting_bytes = self._parts, [], 0, 0
         self._parts_ready.clear()
         self._room.set()
         return parts
@@ -354,6 +422,7 @@ class DecisionLoop(Service):
             self._processor.prepare(charges),
             commands,
             sent_at,
+            sum(_value_bytes(r) for records in fetched.values() for r in records),
         )
 
     async def _decide(self, batch: _Batch) -> _Decided:
@@ -487,6 +556,7 @@ class DecisionLoop(Service):
         finally:
             self._generation += 1  # parts prepared until now are not decided
             self._take_parts()
+            self._carry = None  # fetched before the rebalance: read again after it
             for tp in revoked:
                 self._done.pop(tp, None)
                 self._committed.pop(tp, None)

@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from creditgate.domain.clock import Clock
+from creditgate.domain.ledger import LedgerParts
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream.ledger_reader import LedgerReader, ledger_entry
+from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("creditgate.healing")
 
@@ -116,13 +118,14 @@ class Healer:
         sequences: PublishedSequences,
         clock: Clock,
         metrics: Metrics,
+        max_message_bytes: int = BROKER_DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._store = store
         self._topic = ledger_topic
         self._sequences = sequences
         self._clock = clock
         self._metrics = metrics
-        self._reader = LedgerReader(settings, ledger_topic)
+        self._reader = LedgerReader(settings, ledger_topic, max_message_bytes)
 
     async def start(self) -> None:
         await self._reader.start()
@@ -175,14 +178,20 @@ class Healer:
         self, ranges: Mapping[int, tuple[int, int]], only: set[str] | None = None
     ) -> _Found:
         found = _Found()
+        # an entry in parts whose first parts lie before the range stays incomplete: its
+        # organisation's missing entries then start before what was read, and its
+        # partition is read again from the start (see heal)
+        parts = LedgerParts()
 
         def handle(key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
-            entry = ledger_entry(value)
-            if entry is None:
+            message = ledger_entry(value)
+            if message is None:
                 log.warning("ledger %s/%d@%d is not a ledger entry", self._topic, partition, offset)
                 return
-            if only is None or entry["org_id"] in only:
-                found.add(entry, partition)
+            if only is None or message["org_id"] in only:
+                entry = parts.add(message)
+                if entry is not None:
+                    found.add(entry, partition)
 
         found.read = await self._reader.read(ranges, handle)
         return found

@@ -16,13 +16,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from creditgate.connections import aiokafka_options
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import Settings
+from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES, fetch_sizes
 
 # No new ledger message for this long while reading below the end offsets: the
 # broker is gone, and waiting longer would only hide it.
 READ_IDLE_TIMEOUT_SECONDS = 60.0
-# A ledger entry of the largest request is split into parts of well under this size
-# (domain/ledger.py): one fetch always takes at least one whole part.
-FETCH_BYTES = 16 * 1024 * 1024
 
 # (key, value, partition, offset) of one ledger message
 Handle = Callable[[bytes | None, bytes | None, int, int], None]
@@ -49,9 +47,17 @@ async def ledger_partitions(settings: Settings, topic: str) -> list[int]:
 class LedgerReader:
     """A consumer of one ledger topic that reads offset ranges on demand."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        max_message_bytes: int = BROKER_DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        """``max_message_bytes``: the topic's limit, so that a fetch takes any message
+        (an entry too large for one is split into parts well under it)."""
         self._settings = settings
         self.topic = topic
+        self._fetch_sizes = fetch_sizes(max_message_bytes)
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
 
@@ -64,8 +70,7 @@ class LedgerReader:
             bootstrap_servers=self._settings.kafka_bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=FETCH_BYTES,
-            fetch_max_bytes=FETCH_BYTES,
+            **self._fetch_sizes,
             **aiokafka_options(self._settings),
         )
         await self._consumer.start()

@@ -18,6 +18,7 @@ import orjson
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.clock import Clock
 from creditgate.domain.commands import LicenseCommand
+from creditgate.domain.dead_letters import dead_letter_body, dead_letter_key
 from creditgate.domain.decisions import (
     ChargeRecord,
     RequestView,
@@ -34,6 +35,7 @@ from creditgate.domain.intake import (
     read_charge_request,
     read_license_command,
 )
+from creditgate.domain.ledger import ITEMS_PER_PART, split_entry
 from creditgate.domain.license_events import (
     CommandView,
     command_ledger_entry,
@@ -80,6 +82,27 @@ class PreparedCharges:
 
     def __len__(self) -> int:
         return len(self.dead_letters) + len(self.calls)
+
+
+def ledger_messages(
+    topic: str, entry: dict[str, Any], items_per_part: int = ITEMS_PER_PART
+) -> list[Outgoing]:
+    """A ledger entry as its messages: itself, or its parts, each with its own ``ce_id``
+    (``{org}/ledger/{sequence}`` for a whole entry, ``…/{sequence}/{part}`` for a part)."""
+    org = entry["org_id"]
+    found = split_entry(entry, items_per_part)
+    return [
+        outgoing(
+            topic,
+            org,
+            part,
+            ce_type=f"ledger.{part['kind']}",
+            ce_id=f"{org}/ledger/{entry['sequence']}"
+            + (f"/{part['part']}" if len(found) > 1 else ""),
+            ce_time=entry["recorded_at"],
+        )
+        for part in found
+    ]
 
 
 class Processor:
@@ -217,7 +240,7 @@ class Processor:
     ) -> list[Outgoing]:
         org = view.org_id
         if status == "conflict":
-            body = conflict_result(view, record, now)
+            body = conflict_result(view, record, now, self.settings.result_items_max)
             return [
                 outgoing(
                     self._results,
@@ -229,7 +252,7 @@ class Processor:
                 )
             ]
         # a replay re-emits exactly what the first decision published
-        result = charge_result(view, record, self._window_days)
+        result = charge_result(view, record, self._window_days, self.settings.result_items_max)
         at = result["decided_at"]
         msgs = [
             outgoing(
@@ -241,7 +264,7 @@ class Processor:
                 ce_time=at,
             )
         ]
-        msgs.append(self._ledger_message(charge_ledger_entry(view, record, list(window_names))))
+        msgs.extend(self._ledger_messages(charge_ledger_entry(view, record, list(window_names))))
         msgs.extend(self._notification_messages(charge_notifications(view, record)))
         return msgs
 
@@ -314,7 +337,7 @@ class Processor:
             # every decided command has an entry, rejected ones too (a record stored
             # before rejected commands took a sequence has none, and gets none)
             if record.sequence is not None:
-                out.append(self._ledger_message(command_ledger_entry(view, record)))
+                out.extend(self._ledger_messages(command_ledger_entry(view, record)))
             out.extend(self._notification_messages(command_notifications(view, record)))
         return out
 
@@ -326,19 +349,12 @@ class Processor:
         rendered, self._rendered = self._rendered, {}
         return rendered
 
-    def _ledger_message(self, entry: dict[str, Any]) -> Outgoing:
-        org = entry["org_id"]
-        sequence = entry["sequence"]
+    def _ledger_messages(self, entry: dict[str, Any]) -> list[Outgoing]:
+        """One message, or the entry's parts when it is large (``domain/ledger.py``)."""
+        org, sequence = entry["org_id"], entry["sequence"]
         if sequence > self._rendered.get(org, 0):
             self._rendered[org] = sequence
-        return outgoing(
-            self._ledger,
-            org,
-            entry,
-            ce_type=f"ledger.{entry['kind']}",
-            ce_id=f"{org}/ledger/{entry['sequence']}",
-            ce_time=entry["recorded_at"],
-        )
+        return ledger_messages(self._ledger, entry)
 
     def _notification_messages(self, notes: list[dict[str, Any]]) -> list[Outgoing]:
         return [
@@ -356,33 +372,22 @@ class Processor:
     # ---- unreadable input ------------------------------------------------------
 
     def _dead_letter(self, message: Incoming, error: str) -> Outgoing:
-        value = message.value or b""
-        try:
-            text: str | None = value.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        body: dict[str, object] = {
-            "source": {
-                "topic": message.topic,
-                "partition": message.partition,
-                "offset": message.offset,
-            },
-            "error": error,
-            "key": message.key.decode("utf-8", "replace") if message.key else None,
-            "value": text,
-            "value_hex": value.hex() if text is None else None,
-        }
-        received_at = rfc3339(self.clock.now_ms())
-        body["received_at"] = received_at
-        return Outgoing(
-            self._deadletter,
-            message.key or b"",
-            orjson.dumps(body),
-            [
-                ("ce_specversion", b"1.0"),
-                ("ce_id", f"{message.topic}/{message.partition}/{message.offset}".encode()),
-                ("ce_type", b"deadletter"),
-                ("ce_source", b"creditgate"),
-                ("ce_time", received_at.encode()),
-            ],
-        )
+        return dead_letter(self._deadletter, message, error, rfc3339(self.clock.now_ms()))
+
+
+def dead_letter(topic: str, message: Incoming, error: str, received_at: str) -> Outgoing:
+    """The dead letter of an unreadable message, bounded (``domain/dead_letters.py``)."""
+    source = {"topic": message.topic, "partition": message.partition, "offset": message.offset}
+    body = dead_letter_body(source, error, message.key, message.value, received_at)
+    return Outgoing(
+        topic,
+        dead_letter_key(message.key),
+        orjson.dumps(body),
+        [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            ("ce_type", b"deadletter"),
+            ("ce_source", b"creditgate"),
+            ("ce_time", received_at.encode()),
+        ],
+    )

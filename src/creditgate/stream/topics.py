@@ -33,6 +33,8 @@ NOTIFICATIONS = "credits.notifications"
 LEDGER = "credits.ledger"
 DEADLETTER = "credits.deadletter"
 
+OUTPUTS = (CHARGE_RESULTS, LEDGER, LICENSE_EVENTS, NOTIFICATIONS, DEADLETTER)
+
 REQUEST_ACTIONS = {
     EXPORT_REQUESTS: Action.EXPORT,
     PUSH_REQUESTS: Action.CRM_PUSH,
@@ -52,6 +54,12 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     configs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The largest record batch the topic takes, as its definition states it."""
+        found = self.configs.get("max.message.bytes")
+        return int(found) if found is not None else None
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ class TopicRegistry:
         )
 
 
-async def _admin(bootstrap: str, settings: Settings | None) -> AIOKafkaAdminClient:
+async def admin_client(bootstrap: str, settings: Settings | None) -> AIOKafkaAdminClient:
     """A started admin client; login and TLS from `settings`, else from the environment.
 
     A refused login or an untrusted certificate raises ConfigurationError at once,
@@ -120,7 +128,7 @@ async def apply_topics(
     worker started right after this (which checks its topics, then joins its group)
     must find all of them.
     """
-    admin = await _admin(bootstrap, settings)
+    admin = await admin_client(bootstrap, settings)
     try:
         existing = set(await admin.list_topics())
         missing = [s for s in registry.specs.values() if s.name not in existing]
@@ -180,7 +188,7 @@ async def check_topics(
     bootstrap: str, registry: TopicRegistry, *, settings: Settings | None = None
 ) -> list[str]:
     """Drift between the definitions and the broker, one sentence per problem."""
-    admin = await _admin(bootstrap, settings)
+    admin = await admin_client(bootstrap, settings)
     try:
         existing = set(await admin.list_topics())
         problems = [

@@ -1,0 +1,51 @@
+"""The limits creditgate checks at start-up, read from a real broker and a real Redis."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from creditgate.settings import Settings
+from creditgate.store.gateway import CreditStore
+from creditgate.stream.limits import broker_limits, check_redis_query_buffer
+from creditgate.stream.topics import TopicRegistry, TopicSpec, admin_client, apply_topics
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_topic_without_its_own_limit_has_the_brokers(endpoints: tuple[str, str]) -> None:
+    bootstrap = endpoints[0]
+    run = f"lim{uuid.uuid4().hex[:8]}"
+    own, default = f"{run}.own", f"{run}.default"
+    registry = TopicRegistry(
+        {
+            own: TopicSpec(own, 1, 1, {"max.message.bytes": "123456"}),
+            default: TopicSpec(default, 1, 1),
+        }
+    )
+    await apply_topics(bootstrap, registry)
+    admin = await admin_client(bootstrap, None)
+    try:
+        found = await broker_limits(admin, [own, default])
+    finally:
+        await admin.close()
+    assert found[own] == 123456
+    assert found[default] == 1_048_588  # the broker's message.max.bytes (Kafka's default)
+
+
+async def test_a_batch_payload_must_fit_redis_query_buffer(
+    settings: Settings, store: CreditStore
+) -> None:
+    assert await check_redis_query_buffer(settings, store) is None
+    big = settings.model_copy(update={"batch_max_bytes": 200 * 1024 * 1024})
+    assert await check_redis_query_buffer(big, store) is None  # under the default 1 GiB
+    (before,) = (await store.redis.config_get("client-query-buffer-limit")).values()
+    await store.redis.config_set("client-query-buffer-limit", str(64 * 1024 * 1024))
+    try:
+        problem = await check_redis_query_buffer(big, store)
+    finally:
+        await store.redis.config_set("client-query-buffer-limit", before)
+    assert problem is not None
+    assert "client-query-buffer-limit of 67108864" in problem
+    assert "batch_max_bytes 209715200" in problem
