@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from creditgate.domain.charges import (
+    MAX_CREDITS,
     MAX_REFERENCE_BYTES,
     Action,
     ChargeRequest,
@@ -57,7 +58,9 @@ from creditgate.stream.topics import TopicRegistry
 MAX_ID = 128  # Identifier: 1-128 characters
 # the latest time an RFC 3339 rendering of ms since the epoch spends the most bytes on
 _LATE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-_BIG = 10**15  # credits, balances and sequences far beyond any real one
+# the most credits validation lets through (domain/charges.py): balances, credits and
+# sequences are written with as many digits at most
+_BIG = MAX_CREDITS
 # a broker's own default (message.max.bytes) when a topic has no override
 BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 # what a consumer may need beyond a record batch's own bytes in one fetch of a partition
