@@ -23,9 +23,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from creditgate.domain.outgoing import Outgoing
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
-from creditgate.stream.events import Outgoing
 from creditgate.stream.processor import Incoming
 from creditgate.stream.topics import TopicRegistry, TopicSpec
 

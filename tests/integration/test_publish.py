@@ -21,10 +21,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.exceptions import ResponseError
 
 from creditgate.domain.charges import ChargeRequest
+from creditgate.domain.outgoing import Outgoing
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import ChargeCall, CreditStore, _resp
-from creditgate.stream.events import Outgoing
 from creditgate.stream.publish import Publisher
 from creditgate.stream.topics import TopicRegistry, TopicSpec, apply_topics
 

@@ -18,6 +18,7 @@ from creditgate.domain.decisions import ChargeRecord, RequestView, bounded_items
 from creditgate.domain.intake import MAX_DETAIL_CHARS, MAX_MESSAGE_BYTES, read_charge_request
 from creditgate.domain.ledger import ITEMS_PER_PART, LedgerParts, split_entry
 from creditgate.domain.messages import ChargeApproved, DeadLetter
+from creditgate.domain.outgoing import dead_letter, ledger_messages
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.consumer import within_bytes
@@ -29,7 +30,7 @@ from creditgate.stream.limits import (
     worst_case_request,
     worst_case_request_bytes,
 )
-from creditgate.stream.processor import Incoming, dead_letter, ledger_messages
+from creditgate.stream.processor import Incoming
 from creditgate.stream.publish import record_bytes
 from creditgate.stream.topics import TopicRegistry
 

@@ -40,6 +40,7 @@ from creditgate.domain.ids import to_ms
 from creditgate.domain.intake import read_charge_request
 from creditgate.domain.license_events import CommandRecord
 from creditgate.domain.messages import CloudEventsHeaders
+from creditgate.domain.outgoing import Outgoing
 from creditgate.settings import Settings
 from creditgate.store.gateway import (
     ChargeAnswer,
@@ -51,7 +52,6 @@ from creditgate.store.gateway import (
     PackedCharge,
 )
 from creditgate.stream import topics as t
-from creditgate.stream.events import Outgoing
 from creditgate.stream.processor import Clock, Incoming, Processor
 from creditgate.stream.topics import REQUEST_ACTIONS, TopicRegistry
 

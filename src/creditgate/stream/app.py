@@ -26,7 +26,7 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.consumer import DecisionLoop
-from creditgate.stream.healing import Healer, PublishedSequences
+from creditgate.stream.healing import Healer, LedgerGuard, PublishedSequences
 from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 from creditgate.stream.processor import Processor
 from creditgate.stream.topics import TopicRegistry
@@ -129,7 +129,8 @@ def create_app(
     healer = Healer(
         store, settings, registry.name(t.LEDGER), published, processor.clock, metrics, ledger
     )
-    app.decision_loop = DecisionLoop(processor, registry, settings, metrics, healer, published)
+    guard = LedgerGuard(healer, store, registry.name(t.LEDGER))
+    app.decision_loop = DecisionLoop(processor, registry, settings, metrics, guard)
 
     metrics.watch_lag(app.decision_loop.lag)
     register_operations(app, metrics, readiness(store, registry, settings))

@@ -59,13 +59,14 @@ from aiokafka.errors import KafkaError
 from mode import Service
 
 from creditgate.connections import aiokafka_options
+from creditgate.domain.outgoing import Outgoing
 from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
-from creditgate.stream.events import Outgoing
-from creditgate.stream.healing import Healer, PublishedSequences
+from creditgate.stream.healing import LedgerGuard
 from creditgate.stream.limits import fetch_sizes, read_limits
+from creditgate.stream.offsets import Offsets
 from creditgate.stream.processor import Incoming, PreparedCharges, Processor
 from creditgate.stream.publish import RECORD_BATCH_BYTES, Publisher
 from creditgate.stream.retry import until_done
@@ -78,12 +79,8 @@ _IDLE_POLL_MS = 500
 # commits are one broker write each: at most one per interval, so small batches under a
 # light load do not each cost one (a crash re-decides at most this much, identically)
 _COMMIT_INTERVAL_SECONDS = 1.0
-_COMMIT_TIMEOUT_SECONDS = 10.0
 # a stop's later steps talk to the broker, which may be away: each gets this long
 _STOP_STEP_SECONDS = 5.0
-# the ledger checkpoint is raised at most this often (a lower one only means a longer read
-# of the ledger when Redis is checked against it)
-_CHECKPOINT_INTERVAL_SECONDS = 1.0
 # how long a stopping worker lets the batches in hand finish (during an outage they
 # would retry for ever); an unfinished batch is not committed, so nothing is lost
 _STOP_GRACE_SECONDS = 10.0
@@ -196,27 +193,15 @@ class DecisionLoop(Service):
         registry: TopicRegistry,
         settings: Settings,
         metrics: Metrics,
-        healer: Healer | None = None,
-        published: PublishedSequences | None = None,
+        guard: LedgerGuard | None = None,
         **kwargs: Any,
     ) -> None:
-        """``healer`` and ``published``: checks of Redis against the ledger (both or
-        neither; without them, Redis is trusted as it is)."""
+        """``guard``: Redis checked against the ledger and healed from it (without it,
+        Redis is trusted as it is)."""
         super().__init__(**kwargs)
         self._processor = processor
-        self._healer = healer
-        self._published_sequences = published
+        self._guard = guard
         self._ledger = registry.name(t.LEDGER)
-        # Redis is checked against the ledger before the next batch: at the start, after
-        # an assignment and after a reconnection, or when a script found organisations
-        # stale (afterwards the worker learns their sequences: 0 for a new one)
-        self._heal_due = healer is not None
-        self._stale: set[str] = set()
-        # per ledger partition: the next offset after this worker's entries on the broker
-        # (the checkpoint to raise), and the first one since the last heal check
-        self._checkpoint_due: dict[int, int] = {}
-        self._checkpoint_raised_at = 0.0
-        self._published_since_heal: dict[int, int] = {}
         self._settings = settings
         self._metrics = metrics
         self._registry = registry
@@ -229,7 +214,6 @@ class DecisionLoop(Service):
         # stop takes it, then waits for the publish in flight (``_published``)
         self._in_batch = asyncio.Lock()
         self._publishing: asyncio.Future[None] | None = None
-        self._committing = asyncio.Lock()
         # what the first stage prepared while the second decided the batch before:
         # the next batch, in parts (one per fetch), at most batch_size records
         self._parts: list[_Batch] = []
@@ -242,8 +226,7 @@ class DecisionLoop(Service):
         self._room.set()
         self._generation = 0  # one more at each rebalance
         self._commit_due = asyncio.Event()
-        self._done: dict[TopicPartition, int] = {}  # next offset to read, published
-        self._committed: dict[TopicPartition, int] = {}
+        self._offsets = Offsets()
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -275,9 +258,8 @@ class DecisionLoop(Service):
             deadletter_topic=self._registry.name(t.DEADLETTER),
             ledger_topic=self._ledger,
         )
-        if self._healer is not None:
-            await self._healer.start()
-            self._processor.store.watch_reconnections()
+        if self._guard is not None:
+            await self._guard.start()
         session = self._settings.session_timeout_seconds
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.kafka_bootstrap,
@@ -319,8 +301,8 @@ class DecisionLoop(Service):
         await _at_most(_STOP_STEP_SECONDS, "leaving the consumer group", self._consumer.stop())
         if self._producer is not None:
             await _at_most(_STOP_STEP_SECONDS, "closing the producer", self._producer.stop())
-        if self._healer is not None:
-            await _at_most(_STOP_STEP_SECONDS, "closing the ledger reader", self._healer.stop())
+        if self._guard is not None:
+            await _at_most(_STOP_STEP_SECONDS, "closing the ledger reader", self._guard.stop())
         self._cancel_publishing()  # one started meanwhile would only retry, unheard
 
     @Service.task
@@ -431,10 +413,8 @@ class DecisionLoop(Service):
         while True:
             processor.take_rendered_sequences()  # of an attempt that failed: unpublished
             try:
-                if self._heal_due:
-                    await self._heal()
-                elif self._checkpoint_due:
-                    await self._raise_checkpoint()
+                if self._guard is not None:
+                    await self._guard.before_batch(self._published)
                 # license commands first: a period started in the same batch as its first
                 # requests is there when they are decided
                 out = await processor.apply(batch.commands) if batch.commands else []
@@ -444,48 +424,17 @@ class DecisionLoop(Service):
                 # nothing was decided for those organisations: heal, then the whole batch
                 # again (what it did decide comes back as replays, identical)
                 log.warning("%s: checking Redis against the ledger", exc)
-                self._heal_due = True
-                self._stale |= exc.orgs or set()
+                assert self._guard is not None  # only a guarded store raises it
+                self._guard.heal_due(exc.orgs)
                 continue
             return _Decided(out, processor.take_rendered_sequences())
-
-    async def _heal(self) -> None:
-        """Check Redis against the ledger and heal it; the batch before must be on the
-        broker first, so its ledger entries are read too."""
-        assert self._healer is not None  # a heal is only due with a healer
-        await self._published()
-        report = await self._healer.heal(self._published_since_heal, frozenset(self._stale))
-        if report.entries_applied:
-            log.warning(
-                "Redis had forgotten %d ledger entries of %d organisation(s): restored",
-                report.entries_applied,
-                report.organisations_healed,
-            )
-        # the heal raised the checkpoint past everything published before it
-        self._checkpoint_due.clear()
-        self._published_since_heal.clear()
-        self._heal_due = False
-        self._stale.clear()
-
-    async def _raise_checkpoint(self) -> None:
-        now = time.monotonic()
-        if now - self._checkpoint_raised_at < _CHECKPOINT_INTERVAL_SECONDS:
-            return
-        await self._processor.store.raise_ledger_checkpoint(self._ledger, self._checkpoint_due)
-        self._checkpoint_due.clear()
-        self._checkpoint_raised_at = now
 
     async def _publish(self, batch: _Batch, decided: _Decided) -> None:
         assert self._publisher is not None  # created before the stages start
         await self._publisher.until_published(decided.outgoing, len(batch))
-        if self._published_sequences is not None:
-            self._published_sequences.update(decided.sequences)
-            for partition, (first, after) in self._publisher.take_ledger_written().items():
-                due = self._checkpoint_due
-                due[partition] = max(due.get(partition, 0), after)
-                since = self._published_since_heal
-                since[partition] = min(since.get(partition, first), first)
-        self._done.update(batch.next_offsets)
+        if self._guard is not None:
+            self._guard.published(decided.sequences, self._publisher.take_ledger_written())
+        self._offsets.done(batch.next_offsets)
         self._commit_due.set()
         self._observe(batch)
 
@@ -516,28 +465,7 @@ class DecisionLoop(Service):
     # ---- offsets ----------------------------------------------------------------------
 
     async def _commit(self) -> bool:
-        """Commit what is published and not yet committed; False if the broker refused."""
-        async with self._committing:
-            owned = self._require_consumer().assignment()
-            for tp in [tp for tp in self._done if tp not in owned]:
-                # decided just as a rebalance moved it away: its new owner commits it
-                del self._done[tp]
-                self._committed.pop(tp, None)
-            due = {tp: o for tp, o in self._done.items() if self._committed.get(tp) != o}
-            if not due:
-                return True
-            try:
-                # bounded: aiokafka retries a commit for as long as the coordinator is
-                # unknown, and a stop or a rebalance waits for this one
-                commit = self._require_consumer().commit(due)
-                await asyncio.wait_for(commit, _COMMIT_TIMEOUT_SECONDS)
-            except (KafkaError, TimeoutError) as exc:
-                # not lost: retried with the next commit, or, if the partitions moved in
-                # a rebalance, read again and re-published identically by their owner
-                log.warning("offsets not committed yet: %r", exc)
-                return False
-            self._committed.update(due)
-            return True
+        return await self._offsets.commit(self._require_consumer())
 
     async def hand_over(self, revoked: Iterable[TopicPartition]) -> None:
         """Before a rebalance: finish the batches in hand, commit, forget the partitions."""
@@ -557,37 +485,21 @@ class DecisionLoop(Service):
             self._generation += 1  # parts prepared until now are not decided
             self._take_parts()
             self._carry = None  # fetched before the rebalance: read again after it
-            for tp in revoked:
-                self._done.pop(tp, None)
-                self._committed.pop(tp, None)
+            self._offsets.forget(revoked)
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
         """After a rebalance: learn where each new partition was committed (for the lag),
-        in one round of requests rather than one after the other."""
-        consumer = self._require_consumer()
+        and check Redis against the ledger before deciding for them."""
         partitions = list(assigned)
-        found = await asyncio.gather(
-            *(consumer.committed(tp) for tp in partitions), return_exceptions=True
-        )
-        for tp, committed in zip(partitions, found, strict=True):
-            if isinstance(committed, int):  # None: never committed; an error: unknown
-                self._committed[tp] = committed
-        if self._healer is not None and partitions:
+        await self._offsets.learn_committed(self._require_consumer(), partitions)
+        if self._guard is not None and partitions:
             # their organisations' last decisions came from another worker, which may
             # have published entries that Redis then forgot
-            self._heal_due = True
+            self._guard.heal_due()
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per assigned partition: the high-water mark minus the committed offset."""
-        consumer = self._consumer
-        if consumer is None:
-            return {}
-        lag = {}
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                lag[(tp.topic, tp.partition)] = max(0, highwater - self._committed.get(tp, 0))
-        return lag
+        return {} if self._consumer is None else self._offsets.lag(self._consumer)
 
     def _require_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:

@@ -40,7 +40,8 @@ byte, and the balance and the sequence continue from the ledger. No operator ste
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,9 @@ from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("creditgate.healing")
 
+# the ledger checkpoint is raised at most this often (a lower one only means a longer read
+# of the ledger when Redis is checked against it)
+_CHECKPOINT_INTERVAL_SECONDS = 1.0
 # organisations whose last published sequence a worker remembers; past it, the memory
 # starts again (an organisation forgotten there is checked against the ledger again)
 _REMEMBERED_ORGS = 1_000_000
@@ -122,7 +126,7 @@ class Healer:
     ) -> None:
         self._store = store
         self._topic = ledger_topic
-        self._sequences = sequences
+        self.sequences = sequences
         self._clock = clock
         self._metrics = metrics
         self._reader = LedgerReader(settings, ledger_topic, max_message_bytes)
@@ -168,9 +172,9 @@ class Healer:
             found.entries.update(older.entries)
         # every entry below the end offsets read is in Redis now
         await self._store.raise_ledger_checkpoint(self._topic, end)
-        self._sequences.update(found.last_sequences())
+        self.sequences.update(found.last_sequences())
         if stale:
-            self._sequences.update(await self._store.sequences(sorted(stale)))
+            self.sequences.update(await self._store.sequences(sorted(stale)))
         self._observe(report)
         return report
 
@@ -231,3 +235,74 @@ class Healer:
         if report.entries_applied:
             self._metrics.healed_entries.inc(report.entries_applied)
             self._metrics.healed_organisations.inc(report.organisations_healed)
+
+
+class LedgerGuard:
+    """What the decision loop does about a Redis that may forget, in one place: when a
+    heal check is due, what this worker published since the last one, and when the
+    checkpoint may be raised (see the module)."""
+
+    def __init__(self, healer: Healer, store: CreditStore, ledger_topic: str) -> None:
+        self._healer = healer
+        self._store = store
+        self._topic = ledger_topic
+        self.sequences = healer.sequences
+        # due at the start, after an assignment and after a reconnection, or when a
+        # script found organisations stale (afterwards their sequences are learnt: 0
+        # for a new one)
+        self._due = True
+        self._stale: set[str] = set()
+        # per ledger partition: the next offset after this worker's entries on the broker
+        # (the checkpoint to raise), and the first one since the last heal check
+        self._checkpoint_due: dict[int, int] = {}
+        self._checkpoint_raised_at = 0.0
+        self._published_since_heal: dict[int, int] = {}
+
+    async def start(self) -> None:
+        await self._healer.start()
+        self._store.watch_reconnections()
+
+    async def stop(self) -> None:
+        await self._healer.stop()
+
+    def heal_due(self, stale: frozenset[str] | None = None) -> None:
+        """Check Redis against the ledger before the next batch (``stale``: the
+        organisations a script found behind, or None)."""
+        self._due = True
+        self._stale |= stale or set()
+
+    async def before_batch(self, published: Callable[[], Awaitable[None]]) -> None:
+        """Heal if due, else raise the checkpoint if due. ``published``: until the batch
+        being published is on the broker (its ledger entries must be read too). Raises
+        ``RedisMayHaveForgotten`` when Redis was reached anew meanwhile."""
+        if self._due:
+            await published()
+            report = await self._healer.heal(self._published_since_heal, frozenset(self._stale))
+            if report.entries_applied:
+                log.warning(
+                    "Redis had forgotten %d ledger entries of %d organisation(s): restored",
+                    report.entries_applied,
+                    report.organisations_healed,
+                )
+            # the heal raised the checkpoint past everything published before it
+            self._checkpoint_due.clear()
+            self._published_since_heal.clear()
+            self._due = False
+            self._stale.clear()
+        elif self._checkpoint_due:
+            now = time.monotonic()
+            if now - self._checkpoint_raised_at >= _CHECKPOINT_INTERVAL_SECONDS:
+                await self._store.raise_ledger_checkpoint(self._topic, self._checkpoint_due)
+                self._checkpoint_due.clear()
+                self._checkpoint_raised_at = now
+
+    def published(
+        self, sequences: Mapping[str, int], ledger_written: Mapping[int, tuple[int, int]]
+    ) -> None:
+        """A batch is on the broker: its organisations' last sequences, and per ledger
+        partition (first offset, next offset) of its entries."""
+        self.sequences.update(sequences)
+        due, since = self._checkpoint_due, self._published_since_heal
+        for partition, (first, after) in ledger_written.items():
+            due[partition] = max(due.get(partition, 0), after)
+            since[partition] = min(since.get(partition, first), first)

@@ -47,11 +47,11 @@ from creditgate.domain.license_events import (
     command_notifications,
     license_event,
 )
+from creditgate.domain.outgoing import Outgoing, dead_letter, ledger_messages, outgoing
 from creditgate.settings import Settings
 from creditgate.store.gateway import ChargeCall, CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.events import Outgoing, outgoing
-from creditgate.stream.processor import Incoming, dead_letter, ledger_messages
+from creditgate.stream.processor import Incoming
 from creditgate.stream.publish import record_bytes
 from creditgate.stream.topics import TopicRegistry
 

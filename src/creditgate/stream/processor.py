@@ -11,21 +11,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.clock import Clock
 from creditgate.domain.commands import LicenseCommand
-from creditgate.domain.dead_letters import dead_letter_body, dead_letter_key
 from creditgate.domain.decisions import (
-    ChargeRecord,
     RequestView,
-    charge_ledger_entry,
-    charge_notifications,
-    charge_result,
-    conflict_result,
 )
 from creditgate.domain.ids import rfc3339
 from creditgate.domain.intake import (
@@ -35,13 +26,15 @@ from creditgate.domain.intake import (
     read_charge_request,
     read_license_command,
 )
-from creditgate.domain.ledger import ITEMS_PER_PART, split_entry
 from creditgate.domain.license_events import (
     CommandView,
-    command_ledger_entry,
-    command_notifications,
-    conflict_event,
-    license_event,
+)
+from creditgate.domain.outgoing import (
+    Outgoing,
+    OutputTopics,
+    charge_messages,
+    command_messages,
+    dead_letter,
 )
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
@@ -54,7 +47,6 @@ from creditgate.store.gateway import (
     PackedCharge,
 )
 from creditgate.stream import topics as t
-from creditgate.stream.events import Outgoing, outgoing
 from creditgate.stream.topics import TopicRegistry
 
 # one line per decision, with its ids as fields (JSON logs)
@@ -84,27 +76,6 @@ class PreparedCharges:
         return len(self.dead_letters) + len(self.calls)
 
 
-def ledger_messages(
-    topic: str, entry: dict[str, Any], items_per_part: int = ITEMS_PER_PART
-) -> list[Outgoing]:
-    """A ledger entry as its messages: itself, or its parts, each with its own ``ce_id``
-    (``{org}/ledger/{sequence}`` for a whole entry, ``…/{sequence}/{part}`` for a part)."""
-    org = entry["org_id"]
-    found = split_entry(entry, items_per_part)
-    return [
-        outgoing(
-            topic,
-            org,
-            part,
-            ce_type=f"ledger.{part['kind']}",
-            ce_id=f"{org}/ledger/{entry['sequence']}"
-            + (f"/{part['part']}" if len(found) > 1 else ""),
-            ce_time=entry["recorded_at"],
-        )
-        for part in found
-    ]
-
-
 class Processor:
     def __init__(
         self,
@@ -128,11 +99,13 @@ class Processor:
         self._actions = {
             registry.name(logical): action for logical, action in t.REQUEST_ACTIONS.items()
         }
-        self._results = registry.name(t.CHARGE_RESULTS)
-        self._events = registry.name(t.LICENSE_EVENTS)
-        self._notifications = registry.name(t.NOTIFICATIONS)
-        self._ledger = registry.name(t.LEDGER)
-        self._deadletter = registry.name(t.DEADLETTER)
+        self._topics = OutputTopics(
+            results=registry.name(t.CHARGE_RESULTS),
+            events=registry.name(t.LICENSE_EVENTS),
+            notifications=registry.name(t.NOTIFICATIONS),
+            ledger=registry.name(t.LEDGER),
+            deadletter=registry.name(t.DEADLETTER),
+        )
 
     # ---- charge requests -------------------------------------------------------
 
@@ -167,10 +140,25 @@ class Processor:
         out = list(prepared.dead_letters)
         now = self.clock.now_ms()
         views, calls = prepared.views, prepared.calls
+        items_max = self.settings.result_items_max
 
         def render(i: int, answer: ChargeAnswer) -> None:  # while Redis runs the next ones
             windows = calls[i].call.windows
-            out.extend(self._publish_charge(views[i], windows, answer.status, answer.record, now))
+            record = answer.record
+            out.extend(
+                charge_messages(
+                    self._topics,
+                    views[i],
+                    windows,
+                    answer.status,
+                    record,
+                    now,
+                    self._window_days,
+                    items_max,
+                )
+            )
+            if answer.status != "conflict":
+                self._rendered_sequence(views[i].org_id, record.sequence)
 
         started = time.perf_counter()
         answers = await self.store.charge_packed(calls, now, render, self._known)
@@ -230,44 +218,6 @@ class Processor:
             detail=read.detail,
         )
 
-    def _publish_charge(
-        self,
-        view: RequestView,
-        window_names: tuple[str, ...],
-        status: str,
-        record: ChargeRecord,
-        now: int,
-    ) -> list[Outgoing]:
-        org = view.org_id
-        if status == "conflict":
-            body = conflict_result(view, record, now, self.settings.result_items_max)
-            return [
-                outgoing(
-                    self._results,
-                    org,
-                    body,
-                    ce_type=body["type"],
-                    ce_id=f"{org}/{view.request_id}/conflict/{now}",
-                    ce_time=body["decided_at"],
-                )
-            ]
-        # a replay re-emits exactly what the first decision published
-        result = charge_result(view, record, self._window_days, self.settings.result_items_max)
-        at = result["decided_at"]
-        msgs = [
-            outgoing(
-                self._results,
-                org,
-                result,
-                ce_type=result["type"],
-                ce_id=f"{org}/{view.request_id}/result",
-                ce_time=at,
-            )
-        ]
-        msgs.extend(self._ledger_messages(charge_ledger_entry(view, record, list(window_names))))
-        msgs.extend(self._notification_messages(charge_notifications(view, record)))
-        return msgs
-
     # ---- license commands ------------------------------------------------------
 
     async def apply(self, batch: Sequence[Incoming]) -> list[Outgoing]:
@@ -302,43 +252,16 @@ class Processor:
         if len(batch) > len(commands):
             self.metrics.dead_letters.labels("commands").inc(len(batch) - len(commands))
         for view, answer in zip(views, answers, strict=True):
-            org, record = view.org_id, answer.record
+            record = answer.record
             status = (
                 answer.status
                 if answer.status != "decided"
                 else ("applied" if record.applied else "rejected")
             )
             self.metrics.commands.labels(view.command_type or "unknown", status).inc()
-            if answer.status == "conflict":
-                event = conflict_event(view, now)
-                out.append(
-                    outgoing(
-                        self._events,
-                        org,
-                        event,
-                        ce_type=event["type"],
-                        ce_id=f"{org}/{view.command_id}/conflict/{now}",
-                        ce_time=event["decided_at"],
-                    )
-                )
-                continue
-            event = license_event(view, record)
-            at = event["decided_at"]
-            out.append(
-                outgoing(
-                    self._events,
-                    org,
-                    event,
-                    ce_type=event["type"],
-                    ce_id=f"{org}/{view.command_id}/event",
-                    ce_time=at,
-                )
-            )
-            # every decided command has an entry, rejected ones too (a record stored
-            # before rejected commands took a sequence has none, and gets none)
-            if record.sequence is not None:
-                out.extend(self._ledger_messages(command_ledger_entry(view, record)))
-            out.extend(self._notification_messages(command_notifications(view, record)))
+            out.extend(command_messages(self._topics, view, answer.status, record, now))
+            if answer.status != "conflict":
+                self._rendered_sequence(view.org_id, record.sequence)
         return out
 
     # ---- the ledger and notifications, shared by charges and commands ------------
@@ -349,45 +272,11 @@ class Processor:
         rendered, self._rendered = self._rendered, {}
         return rendered
 
-    def _ledger_messages(self, entry: dict[str, Any]) -> list[Outgoing]:
-        """One message, or the entry's parts when it is large (``domain/ledger.py``)."""
-        org, sequence = entry["org_id"], entry["sequence"]
-        if sequence > self._rendered.get(org, 0):
-            self._rendered[org] = sequence
-        return ledger_messages(self._ledger, entry)
-
-    def _notification_messages(self, notes: list[dict[str, Any]]) -> list[Outgoing]:
-        return [
-            outgoing(
-                self._notifications,
-                note["org_id"],
-                note,
-                ce_type=note["type"],
-                ce_id=note["notification_id"],
-                ce_time=note["created_at"],
-            )
-            for note in notes
-        ]
+    def _rendered_sequence(self, org_id: str, sequence: int | None) -> None:
+        if sequence is not None and sequence > self._rendered.get(org_id, 0):
+            self._rendered[org_id] = sequence
 
     # ---- unreadable input ------------------------------------------------------
 
     def _dead_letter(self, message: Incoming, error: str) -> Outgoing:
-        return dead_letter(self._deadletter, message, error, rfc3339(self.clock.now_ms()))
-
-
-def dead_letter(topic: str, message: Incoming, error: str, received_at: str) -> Outgoing:
-    """The dead letter of an unreadable message, bounded (``domain/dead_letters.py``)."""
-    source = {"topic": message.topic, "partition": message.partition, "offset": message.offset}
-    body = dead_letter_body(source, error, message.key, message.value, received_at)
-    return Outgoing(
-        topic,
-        dead_letter_key(message.key),
-        orjson.dumps(body),
-        [
-            ("ce_specversion", b"1.0"),
-            ("ce_id", f"{message.topic}/{message.partition}/{message.offset}".encode()),
-            ("ce_type", b"deadletter"),
-            ("ce_source", b"creditgate"),
-            ("ce_time", received_at.encode()),
-        ],
-    )
+        return dead_letter(self._topics.deadletter, message, error, rfc3339(self.clock.now_ms()))

@@ -40,9 +40,9 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from creditgate.domain.dead_letters import dead_letter_body, dead_letter_key
 from creditgate.domain.ids import rfc3339
+from creditgate.domain.outgoing import Outgoing
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
-from creditgate.stream.events import Outgoing
 from creditgate.stream.retry import until_done
 
 log = logging.getLogger("creditgate.worker")
