@@ -65,12 +65,12 @@ async def licensed(run: FaultRun, org: str) -> None:
         command(org, f"{org}-u-1", type="member.upsert", user_id="u-1", role="member"),
     ]
     await run.feeder.send_all(sends)
-    await run.observer.wait_events([s.ident for s in sends], 60)
+    await run.observer.wait_events([s.ident for s in sends], 180)
 
 
 async def decided(run: FaultRun, send: Send) -> Any:
     await run.feeder.send_all([send])
-    await run.observer.wait_decided([send.ident], 60)
+    await run.observer.wait_decided([send.ident], 180)
     return run.observer.seen.decisions[send.ident][0]
 
 
@@ -100,7 +100,7 @@ async def test_contacts_exported_again_after_redis_forgot_them_are_free(
         copies = run.observer.seen.result_copies
         await run.feeder.send_all([forgotten])
         await run.observer.wait(
-            lambda: run.observer.seen.result_copies > copies, 60, "the replay's answer"
+            lambda: run.observer.seen.result_copies > copies, 180, "the replay's answer"
         )
         assert len(run.observer.seen.decisions[f"{org}-r1"]) == 1, "a second decision for r1"
         assert await healed_entries(run.rig.workers["w"].http_port) >= 1
