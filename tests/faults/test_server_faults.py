@@ -17,9 +17,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from creditgate_harness.faultrun import FaultRun, assert_holds
+from creditgate_harness.workload import WorkloadSpec
+
 from ..metrics import sample
-from .harness import FaultRun, assert_holds
-from .workload import WorkloadSpec
 
 pytestmark = pytest.mark.faults
 

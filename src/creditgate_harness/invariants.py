@@ -30,8 +30,7 @@ import redis.asyncio as aioredis
 
 from creditgate.settings import Settings
 from creditgate.store.keys import Keys
-
-from .traffic import Decision, Seen, Sent
+from creditgate_harness.traffic import Decision, Seen, Sent
 
 _EXAMPLES = 5
 _CHUNK = 5000

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Self
 
 from creditgate.devstack import DevStack
-
-from .invariants import Verdict, check, read_store
-from .rig import Rig
-from .traffic import Deadline, Feeder, Observer
-from .workload import Workload, WorkloadSpec
+from creditgate_harness.invariants import Verdict, check, read_store
+from creditgate_harness.rig import Rig
+from creditgate_harness.traffic import Deadline, Feeder, Observer
+from creditgate_harness.workload import Workload, WorkloadSpec
 
 log = logging.getLogger("faults")
 
