@@ -16,7 +16,6 @@ import time
 import uuid
 
 from bench.run import license_commands_for
-from bench.workload import Workload, WorkloadSpec
 from creditgate.domain.charges import ChargeRequest
 from creditgate.domain.decisions import RequestView
 from creditgate.domain.intake import read_charge_request
@@ -24,6 +23,7 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import ChargeCall, CreditStore
 from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import TopicRegistry
+from creditgate_harness.workload import Workload, WorkloadSpec
 
 
 async def measure(batches: int, size: int) -> dict[str, float]:
@@ -31,7 +31,7 @@ async def measure(batches: int, size: int) -> dict[str, float]:
     registry = TopicRegistry.load()
     store = CreditStore.from_settings(settings)
     processor = Processor(store, registry, settings)
-    workload = Workload(WorkloadSpec(seed=3), "micro")
+    workload = Workload(WorkloadSpec.bench("micro", seed=3))
     await license_commands_for(store, workload, int(time.time() * 1000))
     totals: dict[str, float] = {}
     scripts_before = await _script_stats(store)
