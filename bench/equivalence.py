@@ -23,10 +23,11 @@ from typing import Any
 import orjson
 
 from bench.run import license_commands_for
+from creditgate.domain.clock import Clock
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Clock, Incoming, Processor
+from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import TopicRegistry
 from creditgate_harness.workload import Workload, WorkloadSpec
 

@@ -74,14 +74,14 @@ async def measure(batches: int, size: int) -> dict[str, float]:
             t6 = time.process_time()
             await processor.decide(rest)
             add("Processor.decide, whole", (time.process_time() - t6) / len(rest))
-        calls, usec = await _script_stats(store)
-        calls, usec = calls - scripts_before[0], usec - scripts_before[1]
+        script_calls, usec = await _script_stats(store)
+        script_calls, usec = script_calls - scripts_before[0], usec - scripts_before[1]
     finally:
         async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
             await store.redis.delete(key)
         await store.close()
     found = {stage: 1e6 * s / batches for stage, s in totals.items()}
-    found["Redis, per charge.lua call (server time)"] = usec / max(1, calls)
+    found["Redis, per charge.lua call (server time)"] = usec / max(1, script_calls)
     return found
 
 
