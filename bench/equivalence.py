@@ -129,9 +129,11 @@ def edge_cases() -> list[tuple[str, bytes | None]]:
     cases.append(
         (
             export,
-            b'{"org_id":"org-0001", "request_id":"edge-company", "user_id":"u-1",'
-            b' "action":"export","items":[{"id":"co-x","type":"company"}],'
-            b' "requested_at":"2026-11-26T10:00:00.000Z"}',
+            (
+                b'{"org_id":"org-0001", "request_id":"edge-company", "user_id":"u-1",'
+                b' "action":"export","items":[{"id":"co-x","type":"company"}],'
+                b' "requested_at":"2026-11-26T10:00:00.000Z"}'
+            ),
         )
     )
     return cases

@@ -25,8 +25,7 @@ import pytest
 from creditgate.stream import topics as t
 from creditgate_harness.faultrun import FaultRun, assert_holds
 from creditgate_harness.workload import Send, WorkloadSpec, items_signature
-
-from ..metrics import sample
+from tests.metrics import sample
 
 pytestmark = pytest.mark.faults
 

@@ -19,8 +19,7 @@ import pytest
 
 from creditgate_harness.faultrun import FaultRun, assert_holds
 from creditgate_harness.workload import WorkloadSpec
-
-from ..metrics import sample
+from tests.metrics import sample
 
 pytestmark = pytest.mark.faults
 

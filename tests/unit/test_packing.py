@@ -90,5 +90,8 @@ def test_scripts_are_named_by_the_sha1_redis_gives_them() -> None:
     import hashlib
 
     store = CreditStore(aioredis.Redis(), Settings())
-    assert store._charge_sha == hashlib.sha1(store._charge_lua.encode()).hexdigest()
+    assert (
+        store._charge_sha
+        == hashlib.sha1(store._charge_lua.encode(), usedforsecurity=False).hexdigest()
+    )
     assert len(store._command_sha) == 40
