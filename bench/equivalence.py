@@ -23,12 +23,13 @@ from typing import Any
 import orjson
 
 from bench.run import license_commands_for
-from bench.workload import Workload, WorkloadSpec
+from creditgate.domain.clock import Clock
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Clock, Incoming, Processor
+from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import TopicRegistry
+from creditgate_harness.workload import Workload, WorkloadSpec
 
 NOW_MS = 1_795_000_000_000
 
@@ -128,9 +129,11 @@ def edge_cases() -> list[tuple[str, bytes | None]]:
     cases.append(
         (
             export,
-            b'{"org_id":"org-0001", "request_id":"edge-company", "user_id":"u-1",'
-            b' "action":"export","items":[{"id":"co-x","type":"company"}],'
-            b' "requested_at":"2026-11-26T10:00:00.000Z"}',
+            (
+                b'{"org_id":"org-0001", "request_id":"edge-company", "user_id":"u-1",'
+                b' "action":"export","items":[{"id":"co-x","type":"company"}],'
+                b' "requested_at":"2026-11-26T10:00:00.000Z"}'
+            ),
         )
     )
     return cases
@@ -141,8 +144,10 @@ async def digest(requests: int) -> tuple[str, list[bytes]]:
     registry = TopicRegistry.load()
     store = CreditStore.from_settings(settings)
     processor = Processor(store, registry, settings, FixedClock())
-    spec = WorkloadSpec(seed=7, big_export_share=0.1, orgs=40, small_plan_credits=30)
-    workload = Workload(spec, "golden")
+    spec = WorkloadSpec.bench(
+        "golden", seed=7, big_export_share=0.1, orgs=40, small_plan_credits=30
+    )
+    workload = Workload(spec)
     await license_commands_for(store, workload, NOW_MS)
     inputs: list[tuple[str, bytes | None]] = [
         (registry.name(r.topic), r.value) for r in workload.requests(requests)

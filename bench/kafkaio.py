@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.workload import Request
 from creditgate.stream.limits import REQUEST_PRODUCER_MAX_BYTES
+from creditgate_harness.workload import Send
 
 
 async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
@@ -37,7 +37,7 @@ async def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -
 async def produce(
     bootstrap: str,
     names: dict[str, str],
-    requests: Iterable[Request],
+    requests: Iterable[Send],
     total: int,
     label: str,
 ) -> float:

@@ -16,14 +16,15 @@ import time
 import uuid
 
 from bench.run import license_commands_for
-from bench.workload import Workload, WorkloadSpec
 from creditgate.domain.charges import ChargeRequest
 from creditgate.domain.decisions import RequestView
 from creditgate.domain.intake import read_charge_request
+from creditgate.domain.outgoing import charge_messages
 from creditgate.settings import Settings
 from creditgate.store.gateway import ChargeCall, CreditStore
 from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import TopicRegistry
+from creditgate_harness.workload import Workload, WorkloadSpec
 
 
 async def measure(batches: int, size: int) -> dict[str, float]:
@@ -31,7 +32,7 @@ async def measure(batches: int, size: int) -> dict[str, float]:
     registry = TopicRegistry.load()
     store = CreditStore.from_settings(settings)
     processor = Processor(store, registry, settings)
-    workload = Workload(WorkloadSpec(seed=3), "micro")
+    workload = Workload(WorkloadSpec.bench("micro", seed=3))
     await license_commands_for(store, workload, int(time.time() * 1000))
     totals: dict[str, float] = {}
     scripts_before = await _script_stats(store)
@@ -43,6 +44,7 @@ async def measure(batches: int, size: int) -> dict[str, float]:
         for _ in range(batches):
             requests = list(workload.requests(size))
             actions = processor._actions  # the mapping decide() uses
+            topics = processor._topics
             messages = [Incoming(registry.name(r.topic), 0, 0, r.key, r.value) for r in requests]
             # stage by stage (the second half of each batch, so Redis sees new ids)
             half = messages[: size // 2]
@@ -60,8 +62,15 @@ async def measure(batches: int, size: int) -> dict[str, float]:
             answers = await store.charge_many(calls, now)
             t4 = time.process_time()
             for view, call, answer in zip(views, calls, answers, strict=True):
-                processor._publish_charge(  # the renderer alone
-                    view, call.windows, answer.status, answer.record, now
+                charge_messages(  # the renderer alone
+                    topics,
+                    view,
+                    call.windows,
+                    answer.status,
+                    answer.record,
+                    now,
+                    settings.repeat_window_days,
+                    settings.result_items_max,
                 )
             t5 = time.process_time()
             n = len(half)
@@ -69,19 +78,19 @@ async def measure(batches: int, size: int) -> dict[str, float]:
             add("ChargeCall.of", (t2 - t1) / n)
             add("RequestView.of", (t3 - t2) / n)
             add("store.charge_many (Redis pipeline)", (t4 - t3) / n)
-            add("render (_publish_charge)", (t5 - t4) / n)
+            add("render (charge_messages)", (t5 - t4) / n)
             rest = messages[size // 2 :]
             t6 = time.process_time()
             await processor.decide(rest)
             add("Processor.decide, whole", (time.process_time() - t6) / len(rest))
-        calls, usec = await _script_stats(store)
-        calls, usec = calls - scripts_before[0], usec - scripts_before[1]
+        script_calls, usec = await _script_stats(store)
+        script_calls, usec = script_calls - scripts_before[0], usec - scripts_before[1]
     finally:
         async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
             await store.redis.delete(key)
         await store.close()
     found = {stage: 1e6 * s / batches for stage, s in totals.items()}
-    found["Redis, per charge.lua call (server time)"] = usec / max(1, calls)
+    found["Redis, per charge.lua call (server time)"] = usec / max(1, script_calls)
     return found
 
 

@@ -62,18 +62,17 @@ def stack() -> Iterator[tuple[str, str]]:
 async def seed(settings: Settings, now: int) -> None:
     store = CreditStore.from_settings(settings)
     try:
-        for n, fields in enumerate(
-            [
-                {
-                    "type": "license.start_period",
-                    "period_id": "bench",
-                    "starts_at": rfc3339(now - DAY_MS),
-                    "ends_at": rfc3339(now + 30 * DAY_MS),
-                    "credits": 10_000_000,
-                },
-                {"type": "member.upsert", "user_id": "u-1", "role": "member"},
-            ]
-        ):
+        setup: list[dict[str, Any]] = [
+            {
+                "type": "license.start_period",
+                "period_id": "bench",
+                "starts_at": rfc3339(now - DAY_MS),
+                "ends_at": rfc3339(now + 30 * DAY_MS),
+                "credits": 10_000_000,
+            },
+            {"type": "member.upsert", "user_id": "u-1", "role": "member"},
+        ]
+        for n, fields in enumerate(setup):
             command = license_command_adapter.validate_python(
                 {"command_id": f"seed-{n}", "org_id": ORG, **fields}
             )

@@ -34,17 +34,17 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from bench import kafkaio, profiling, report
 from bench.variants import output_registry
-from bench.workload import Workload, WorkloadSpec
 from creditgate.devstack import find_free_port
 from creditgate.domain.commands import license_command_adapter
 from creditgate.settings import Settings
@@ -53,6 +53,7 @@ from creditgate.stream import topics as t
 from creditgate.stream.limits import REQUEST_PRODUCER_MAX_BYTES
 from creditgate.stream.publish import RECORD_BATCH_BYTES
 from creditgate.stream.topics import TopicRegistry, apply_topics
+from creditgate_harness.workload import Workload, WorkloadSpec
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ class Run:
         self.registry = TopicRegistry.load(prefix=self.prefix)
         self.inputs = [self.registry.name(logical) for logical in t.REQUEST_ACTIONS]
         self.partitions = self.registry.specs[t.CHARGE_RESULTS].partitions
-        self.workload = Workload(WorkloadSpec(seed=self.args.seed), self.run_id)
+        self.workload = Workload(WorkloadSpec.bench(self.run_id, seed=self.args.seed))
         # the harness's own reads and writes (settings, memory, AOF rewrites, clearing);
         # it connects on first use and is closed at the end of ``run``
         self.redis = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
@@ -578,8 +579,8 @@ class Run:
                 for request in requests[sent:due]:
                     # the scheduled time, not the time we got round to it: an open loop
                     # that falls behind must not hide its own delay
-                    scheduled.setdefault(request.request_id, started + sent / rate)
-                    wall_sent.setdefault(request.request_id, time.time() * 1000)
+                    scheduled.setdefault(request.ident, started + sent / rate)
+                    wall_sent.setdefault(request.ident, time.time() * 1000)
                     await producer.send(names[request.topic], request.value, key=request.key)
                     sent += 1
                 kafkaio.progress("latency", sent, count, started)
@@ -713,8 +714,11 @@ async def _batches(keys: AsyncIterator[Any], size: int = 5000) -> AsyncIterator[
 
 async def license_commands_for(store: CreditStore, workload: Workload, now_ms: int) -> None:
     """Periods and members, applied with the same command script the worker runs."""
-    ends = datetime.fromtimestamp(now_ms / 1000, UTC) + timedelta(days=365)
-    commands = [license_command_adapter.validate_python(c) for c in workload.license_commands(ends)]
+    now = datetime.fromtimestamp(now_ms / 1000, UTC)
+    commands = [
+        license_command_adapter.validate_python(orjson.loads(send.value))
+        for send in workload.setup(now)
+    ]
     for i in range(0, len(commands), 500):
         answers = await store.apply_commands(commands[i : i + 500], now_ms)
         refused = [a for a in answers if not a.record.applied]
@@ -917,7 +921,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "args": dict(vars(args)),
         "settings": Settings().model_dump(include={"batch_size", "repeat_window_days"}),
-        "workload": asdict(WorkloadSpec(seed=args.seed)),
+        "workload": WorkloadSpec.bench("", seed=args.seed).bench_options(),
     }
     # aiokafka logs an error for every topic the harness has just created until its
     # metadata arrives; the children's logs keep their own messages

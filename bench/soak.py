@@ -11,7 +11,7 @@ through them while it kills a worker with SIGKILL (and restarts it), freezes one
 SIGSTOP for longer than its session, kills Redis (AOF ``appendfsync always``), starts
 Redis again from an older copy of its AOF (a Redis that forgets) and stops or crashes
 the broker — each at a random point of the stream, in random order.
-Then it checks the invariants of ``tests/faults/invariants.py`` and prints a summary.
+Then it checks the invariants of ``creditgate_harness.invariants`` and prints a summary.
 Exit status 0 when they hold.
 
 The fault tests (``pytest -m faults``) are the CI-sized version of the same harness.
@@ -32,13 +32,10 @@ import time
 import uuid
 from pathlib import Path
 
-if not __package__:  # run as a file: make `tests.faults` importable from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.faults.harness import FaultRun
-from tests.faults.invariants import Verdict, as_dict
-from tests.faults.rig import SESSION_TIMEOUT_SECONDS
-from tests.faults.workload import WorkloadSpec
+from creditgate_harness.faultrun import FaultRun
+from creditgate_harness.invariants import Verdict, as_dict
+from creditgate_harness.rig import SESSION_TIMEOUT_SECONDS
+from creditgate_harness.workload import WorkloadSpec
 
 log = logging.getLogger("soak")
 

@@ -61,7 +61,7 @@ async def seed(store: CreditStore, now: int) -> dict[str, dict[str, Any]]:
     """acme and beta, each with a license, members, and a few decisions of u-17."""
     decided = {}
     for org in ("acme", "beta"):
-        commands = [
+        commands: list[dict[str, Any]] = [
             {
                 "type": "license.start_period",
                 "period_id": "2026",
@@ -90,8 +90,8 @@ async def seed(store: CreditStore, now: int) -> dict[str, dict[str, Any]]:
                     "reference": {"export_id": f"e-{n}"},
                 }
             )
-            (answer,) = await store.charge_many([ChargeCall.of(request)], now + n)
-            decided[f"{org}/{request_id}"] = {"credits": answer.record.credits}
+            (charged,) = await store.charge_many([ChargeCall.of(request)], now + n)
+            decided[f"{org}/{request_id}"] = {"credits": charged.record.credits}
     return decided
 
 

@@ -7,8 +7,8 @@ import aiohttp
 import pytest
 
 from creditgate.stream import topics as t
+from tests.metrics import sample
 
-from ..metrics import sample
 from .conftest import Pipeline
 from .test_pipeline import contact, request, setup_org
 

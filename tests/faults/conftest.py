@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from creditgate.devstack import DevStack
-
-from .workload import WorkloadSpec
+from creditgate_harness.workload import WorkloadSpec
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from .invariants import StoreState, check
-from .traffic import Decision, LedgerEntry, Seen, Sent
+from creditgate_harness.invariants import StoreState, check
+from creditgate_harness.traffic import Decision, LedgerEntry, Seen, Sent
 
 ORG = "o1"
 

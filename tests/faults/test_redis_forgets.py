@@ -23,10 +23,9 @@ import orjson
 import pytest
 
 from creditgate.stream import topics as t
-
-from ..metrics import sample
-from .harness import FaultRun, assert_holds
-from .workload import Send, WorkloadSpec, items_signature
+from creditgate_harness.faultrun import FaultRun, assert_holds
+from creditgate_harness.workload import Send, WorkloadSpec, items_signature
+from tests.metrics import sample
 
 pytestmark = pytest.mark.faults
 

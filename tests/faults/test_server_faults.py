@@ -17,9 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ..metrics import sample
-from .harness import FaultRun, assert_holds
-from .workload import WorkloadSpec
+from creditgate_harness.faultrun import FaultRun, assert_holds
+from creditgate_harness.workload import WorkloadSpec
+from tests.metrics import sample
 
 pytestmark = pytest.mark.faults
 

@@ -20,10 +20,9 @@ import pytest
 
 from creditgate.devstack import DevStack
 from creditgate.stream.consumer import heartbeat_seconds
-
-from .harness import FaultRun, assert_holds
-from .rig import SESSION_TIMEOUT_SECONDS
-from .workload import WorkloadSpec
+from creditgate_harness.faultrun import FaultRun, assert_holds
+from creditgate_harness.rig import SESSION_TIMEOUT_SECONDS
+from creditgate_harness.workload import WorkloadSpec
 
 pytestmark = pytest.mark.faults
 

@@ -37,7 +37,7 @@ def test_tokens_are_read_from_the_environment_and_stay_secret(
     monkeypatch.setenv("CREDITGATE_API_TOKENS", f'{{"{ACME}": ["acme"], "{OPS}": "*"}}')
     settings = Settings()
     rules = Access.from_settings(settings.api_tokens, "0.0.0.0")
-    assert rules.authenticate(f"Bearer {ACME}").orgs == {"acme"}
+    assert rules.authenticate(f"Bearer {ACME}").orgs == frozenset({"acme"})
     assert rules.authenticate(f"Bearer {OPS}").orgs is None
     for shown in (repr(settings), str(settings), repr(settings.safe_dump())):
         assert ACME not in shown

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -66,8 +66,8 @@ async def _seed(settings: Settings, org: str, now: int) -> None:
                     "reference": {"export_id": f"e-{n}"},
                 }
             )
-            (answer,) = await store.charge_many([ChargeCall.of(request)], now + n)
-            assert answer.record.approved
+            (charged,) = await store.charge_many([ChargeCall.of(request)], now + n)
+            assert charged.record.approved
     finally:
         await store.close()
 
@@ -99,11 +99,16 @@ def table_rows(output: str) -> list[list[str]]:
     return rows
 
 
+def table_dict(output: str) -> dict[str, str]:
+    """A two-column table's rows as a mapping (a row of another width is an error)."""
+    return dict(cast("list[tuple[str, str]]", [tuple(row) for row in table_rows(output)]))
+
+
 def test_credits_org_and_credits_show_org_are_one_table(org: str) -> None:
     short, show = run("credits", org), run("credits", "show", org)
     assert short.exit_code == 0, short.output
     assert short.output == show.output
-    rows = dict(tuple(row) for row in table_rows(short.output))
+    rows = table_dict(short.output)
     assert rows["organisation"] == org
     assert rows["period"] == "p1"
     assert rows["used"] == "5"
@@ -175,13 +180,13 @@ def test_quote_from_a_file_and_from_stdin(org: str, tmp_path: Path) -> None:
         "would_charge",
         "duplicate_in_request",
     ]
-    summary = dict(tuple(row) for row in table_rows(from_file.output.split("\n\n")[1]))
+    summary = table_dict(from_file.output.split("\n\n")[1])
     assert summary["max credits"] == "2"
     assert summary["max, verified emails only"] == "1"
     assert summary["remaining now"] == "5"
     assert summary["would be"] == "approved"
     # it changed nothing
-    assert dict(tuple(r) for r in table_rows(run("credits", org).output))["remaining"] == "5"
+    assert table_dict(run("credits", org).output)["remaining"] == "5"
 
 
 def test_quote_refuses_invalid_requests(org: str) -> None:

@@ -24,11 +24,12 @@ import orjson
 import pytest
 
 from creditgate.domain.charges import MAX_CREDITS
+from creditgate.domain.clock import Clock
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Clock, Incoming, Processor
+from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import TopicRegistry
 
 pytestmark = pytest.mark.integration

@@ -832,12 +832,12 @@ async def test_the_ledger_sequence_is_gap_free_across_commands_and_decisions(
     sequences: list[int | None] = []
 
     async def cmd(type_: str, **fields: Any) -> CommandAnswer:
-        answer = await org.command(type_, now=day(0), **fields)
+        answer: CommandAnswer = await org.command(type_, now=day(0), **fields)
         sequences.append(answer.record.sequence)  # a refused command's entry takes one too
         return answer
 
     async def decide(request: ChargeRequest) -> Charged:
-        charged = await org.submit(request, day(0))
+        charged: Charged = await org.submit(request, day(0))
         if charged.status == "decided":
             sequences.append(charged.record.sequence)
         return charged

@@ -198,6 +198,7 @@ async def test_an_admin_allows_credit_use_again(org: Org) -> None:
     allowed = await org.set_allowed("u1", True, set_by="admin")
 
     assert allowed.record.applied
+    assert allowed.record.state is not None
     assert allowed.record.state["credits_allowed"] is True
     assert (await org.charge(1)).approved
 
@@ -209,6 +210,7 @@ async def test_a_promoted_member_can_disallow_others(org: Org) -> None:
     promoted = await org.upsert("u1", "admin")
 
     assert promoted.record.applied
+    assert promoted.record.state is not None
     assert promoted.record.state["role"] == "admin"
     assert (await org.set_allowed("u2", False, set_by="u1")).record.applied
 
@@ -239,6 +241,7 @@ async def test_a_removed_member_can_no_longer_use_the_credits(org: Org) -> None:
     removed = await org.command("member.remove", user_id="u1")
 
     assert removed.record.applied
+    assert removed.record.state is not None
     assert removed.record.state["role"] is None
     refused = await org.charge(1)
     assert refused.reason is not None

@@ -41,6 +41,7 @@ async def test_a_batch_payload_must_fit_redis_query_buffer(
     big = settings.model_copy(update={"batch_max_bytes": 200 * 1024 * 1024})
     assert await check_redis_query_buffer(big, store) is None  # under the default 1 GiB
     (before,) = (await store.redis.config_get("client-query-buffer-limit")).values()
+    assert before is not None
     await store.redis.config_set("client-query-buffer-limit", str(64 * 1024 * 1024))
     try:
         problem = await check_redis_query_buffer(big, store)

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from creditgate.connections import aiokafka_options, redis_options
+from creditgate.domain.clock import Clock
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.outgoing import Outgoing
 from creditgate.rebuild import LedgerSequencer, RebuildRefused, rebuild
@@ -40,7 +41,7 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.store.restore import OrgState
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Clock, Incoming, Processor
+from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
 pytestmark = pytest.mark.integration

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
 
 from creditgate.domain.charges import ChargeRequest
 from creditgate.domain.commands import license_command_adapter
+from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.ids import rfc3339
 from creditgate.errors import StoreUnavailable
 from creditgate.settings import Settings
@@ -25,6 +27,13 @@ from creditgate.store.gateway import ChargeAnswer, ChargeCall, CreditStore
 
 ORG = "org-batch"
 DAY_MS = 86_400_000
+
+
+def sequences_of(answers: Sequence[ChargeAnswer]) -> list[int]:
+    """The answers' ledger sequences, sorted: every decided or replayed answer has one."""
+    found = [a.record.sequence for a in answers]
+    assert None not in found, found
+    return sorted(cast("list[int]", found))
 
 
 async def licensed(store: CreditStore, credits: int, now: int) -> None:
@@ -77,9 +86,9 @@ async def test_a_batch_larger_than_the_socket_buffers_is_decided_whole_and_in_or
     assert [a.record.request_id for a in answers] == [c.request_id for c in calls]
     assert all(a.record.credits == 100 for a in answers)
     # decided in order: the ledger sequence counts up through the batch
-    assert [a.record.sequence for a in answers] == list(
-        range(answers[0].record.sequence, answers[0].record.sequence + len(calls))
-    )
+    first = answers[0].record.sequence
+    assert first is not None
+    assert [a.record.sequence for a in answers] == list(range(first, first + len(calls)))
     credits = await store.credits(ORG, now)
     assert credits is not None
     assert credits["remaining"] == 1_000_000 - 150_000
@@ -122,7 +131,7 @@ async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
     assert statuses <= {"decided", "replay"}
     assert "replay" in statuses  # the first attempt decided some before the cut
     assert all(a.record.credits == 1 for a in answers)
-    sequences = sorted(a.record.sequence for a in answers)
+    sequences = sequences_of(answers)
     assert sequences == list(range(sequences[0], sequences[0] + len(calls)))  # once each
     assert credits is not None
     assert credits["remaining"] == 10_000 - len(calls)
@@ -141,10 +150,12 @@ async def test_batches_and_quotes_at_once_each_get_their_own_answers(store: Cred
         *(store.quote(call, now) for call in quotes),
     )
 
-    for calls, answers in zip(batches, answered[: len(batches)], strict=True):
+    charged = cast("list[list[ChargeAnswer]]", answered[: len(batches)])
+    quoted = cast("list[ChargeRecord]", answered[len(batches) :])
+    for calls, answers in zip(batches, charged, strict=True):
         assert [a.record.request_id for a in answers] == [c.request_id for c in calls]
         assert all(a.status == "decided" and a.record.credits == 3 for a in answers)
-    for call, quote in zip(quotes, answered[len(batches) :], strict=True):
+    for call, quote in zip(quotes, quoted, strict=True):
         assert quote.request_id == call.request_id
         assert quote.needed == 5
     credits = await store.credits(ORG, now)
@@ -167,7 +178,7 @@ async def test_an_error_rendering_a_reply_surfaces_as_itself(store: CreditStore)
         await store.charge_packed(store.pack_charges(calls), now, broken_render)
 
     answers = await store.charge_many(calls, now)  # sent again: each decided once
-    sequences = sorted(a.record.sequence for a in answers)
+    sequences = sequences_of(answers)
     assert sequences == list(range(sequences[0], sequences[0] + len(calls)))
     credits = await store.credits(ORG, now)
     assert credits is not None

@@ -126,7 +126,9 @@ class _Plan:
 class Model:
     """Every organisation's state, and the rules that change it."""
 
-    def __init__(self, window_ms: int = WINDOW_MS, thresholds: tuple[int, ...] = THRESHOLDS):
+    def __init__(
+        self, window_ms: int = WINDOW_MS, thresholds: tuple[int, ...] = THRESHOLDS
+    ) -> None:
         self.window_ms = window_ms
         self.thresholds = thresholds
         self.orgs: dict[str, Org] = {}

@@ -19,7 +19,8 @@ COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 
 @pytest.fixture(scope="module")
 def services() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())["services"]
+    found: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())["services"]
+    return found
 
 
 def test_redis_keeps_an_append_only_file(services: dict[str, Any]) -> None:

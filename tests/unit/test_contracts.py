@@ -34,6 +34,7 @@ from creditgate.contracts import (
     generate,
 )
 from creditgate.domain.charges import Action, ChargeRequest
+from creditgate.domain.clock import Clock
 from creditgate.domain.commands import LicenseCommand
 from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.ids import to_ms
@@ -52,7 +53,7 @@ from creditgate.store.gateway import (
     PackedCharge,
 )
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Clock, Incoming, Processor
+from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import REQUEST_ACTIONS, TopicRegistry
 
 ROOT = default_root()

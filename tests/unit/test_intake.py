@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from creditgate.domain.charges import Action, ChargeRequest, body_fingerprint
+from creditgate.domain.charges import Action, ChargeRequest, ContactItem, body_fingerprint
 from creditgate.domain.commands import Grant, MemberUpsert, StartPeriod
 from creditgate.domain.intake import (
     MAX_MESSAGE_BYTES,
@@ -75,7 +75,9 @@ def test_the_design_example_is_a_valid_request() -> None:
     assert isinstance(request, ChargeRequest)
     assert request.action is Action.EXPORT
     assert [item.id for item in request.items] == ["c-1", "co-3"]
-    assert request.items[0].company_id == "co-9"
+    first = request.items[0]
+    assert isinstance(first, ContactItem)
+    assert first.company_id == "co-9"
     assert request.max_credits == 2
     assert not request.partial
     assert request.reference == {"export_id": "e-55", "crm": "hubspot"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
@@ -37,9 +38,9 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
     settings = Settings(key_prefix="cg")
     for call in (_call(), _call(max_credits=3, on_insufficient="partial")):
         for mode in ("charge", "quote"):
-            (packed,) = store.pack_charges([call], mode)  # type: ignore[arg-type]
+            (packed,) = store.pack_charges([call], mode)
             org = "cg:{acme}"
-            keys = [
+            keys: list[Any] = [
                 f"{org}:license",
                 f"{org}:members",
                 f"{org}:disallowed",
@@ -63,7 +64,7 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 # per item its window's KEYS index and its company's
                 [8, 9, 9, 0],
             ]
-            args = [
+            args: list[Any] = [
                 1_795_000_000_123,  # the decision clock
                 "",  # no known sequence: no check
                 settings.repeat_window_ms,
@@ -89,5 +90,8 @@ def test_scripts_are_named_by_the_sha1_redis_gives_them() -> None:
     import hashlib
 
     store = CreditStore(aioredis.Redis(), Settings())
-    assert store._charge_sha == hashlib.sha1(store._charge_lua.encode()).hexdigest()
+    assert (
+        store._charge_sha
+        == hashlib.sha1(store._charge_lua.encode(), usedforsecurity=False).hexdigest()
+    )
     assert len(store._command_sha) == 40

@@ -29,8 +29,7 @@ from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.limits import REQUEST_PRODUCER_MAX_BYTES
 from creditgate.stream.topics import TopicRegistry
-
-from .workload import Send, items_signature
+from creditgate_harness.workload import Send, items_signature
 
 log = logging.getLogger("faults.traffic")
 

@@ -30,8 +30,7 @@ import redis.asyncio as aioredis
 
 from creditgate.settings import Settings
 from creditgate.store.keys import Keys
-
-from .traffic import Decision, Seen, Sent
+from creditgate_harness.traffic import Decision, Seen, Sent
 
 _EXAMPLES = 5
 _CHUNK = 5000
@@ -105,12 +104,16 @@ class Verdict:
     def summary(self) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in self.rejected.most_common())
         lines = [
-            f"requests {self.requests}, decided {self.decided} "
-            f"(approved {self.approved}; rejected {sum(self.rejected.values())}: {reasons})",
-            f"credits charged {self.credits_charged}; result copies {self.result_copies} "
-            f"({self.result_copies - self.decided} re-emitted); conflict answers "
-            f"{self.conflict_answers}; ledger entries {self.ledger_entries}; "
-            f"organisations that ran out {self.orgs_out_of_credits}",
+            (
+                f"requests {self.requests}, decided {self.decided} "
+                f"(approved {self.approved}; rejected {sum(self.rejected.values())}: {reasons})"
+            ),
+            (
+                f"credits charged {self.credits_charged}; result copies {self.result_copies} "
+                f"({self.result_copies - self.decided} re-emitted); conflict answers "
+                f"{self.conflict_answers}; ledger entries {self.ledger_entries}; "
+                f"organisations that ran out {self.orgs_out_of_credits}"
+            ),
             f"double charges {self.double_charges}, lost decisions {self.lost_decisions}",
             f"invariants: {'HOLD' if self.ok else 'VIOLATED'}",
         ]

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Self
 
 from creditgate.devstack import DevStack
-
-from .invariants import Verdict, check, read_store
-from .rig import Rig
-from .traffic import Deadline, Feeder, Observer
-from .workload import Workload, WorkloadSpec
+from creditgate_harness.invariants import Verdict, check, read_store
+from creditgate_harness.rig import Rig
+from creditgate_harness.traffic import Deadline, Feeder, Observer
+from creditgate_harness.workload import Workload, WorkloadSpec
 
 log = logging.getLogger("faults")
 
@@ -85,7 +84,9 @@ class FaultRun:
             if part is not None:
                 try:
                     await asyncio.wait_for(part.stop(), 30)
-                except Exception as error:  # the broker may be down after a failure
+                # the broker may be down after a failure: whatever stopping raises, the
+                # rig still comes down
+                except Exception as error:  # noqa: BLE001
                     log.warning("stopping %s: %s", type(part).__name__, error)
         await self.rig.down()
 
@@ -195,5 +196,5 @@ class FaultRun:
 def assert_holds(run: FaultRun, verdict: Verdict) -> None:
     """The test's verdict: every invariant holds (the report is printed either way)."""
     report = run.report(verdict)
-    print(report)  # shown with -s or -rP, and with a failure
+    print(report)  # noqa: T201  # shown with -s or -rP, and with a failure
     assert verdict.ok, report
