@@ -127,12 +127,12 @@ def faust_passthrough(conf: dict[str, Any]) -> None:
     aiokafka producer, uvloop and the frozen start-up heap."""
     import faust  # noqa: PLC0415
 
-    from creditgate.stream.app import (  # noqa: PLC0415
+    from creditgate.stream.publish import Publisher  # noqa: PLC0415
+    from creditgate.worker import (  # noqa: PLC0415
         Worker,
         freeze_start_up_heap,
         use_fast_event_loop,
     )
-    from creditgate.stream.publish import Publisher  # noqa: PLC0415
 
     use_fast_event_loop()
 
@@ -166,7 +166,7 @@ def faust_passthrough(conf: dict[str, Any]) -> None:
             results = [Outgoing(output, m.key or b"", _result_of(m.value), headers) for m in batch]
             await publisher.until_published(results, len(batch))
 
-    # creditgate's Worker: faust's without the spinner's cost (stream/app.py)
+    # creditgate's Worker: faust's without the spinner's cost (creditgate/worker.py)
     Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
 
 

@@ -150,7 +150,7 @@ def worker(loglevel: str) -> None:
     from creditgate.api.access import parse_tokens, require_safe_bind
     from creditgate.observability import logging_config
     from creditgate.preflight import preflight
-    from creditgate.stream.app import Worker, create_app, use_fast_event_loop
+    from creditgate.worker import Worker, create_app, use_fast_event_loop
 
     settings = _settings()
     try:  # before anything connects: an open API must not face the network

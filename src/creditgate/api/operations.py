@@ -18,9 +18,6 @@ import faust
 from faust.web import Request, Response, View
 
 from creditgate.observability import CONTENT_TYPE, Metrics
-from creditgate.settings import Settings
-from creditgate.store.gateway import CreditStore
-from creditgate.stream.topics import TopicRegistry, check_topics
 
 CHECK_TIMEOUT_SECONDS = 3.0
 CACHE_SECONDS = 5.0
@@ -30,7 +27,8 @@ Check = Callable[[], Awaitable[str | None]]  # None when fine, else what is wron
 
 @dataclass
 class Readiness:
-    """Named checks, each answered from a short cache."""
+    """Named checks, each answered from a short cache (the worker names them:
+    ``creditgate.worker``)."""
 
     checks: dict[str, Check]
     _cached: tuple[float, dict[str, str | None]] | None = field(default=None, repr=False)
@@ -53,18 +51,6 @@ async def _run(check: Check) -> str | None:
         return f"no answer within {CHECK_TIMEOUT_SECONDS:g}s"
     except Exception as exc:  # a readiness probe reports failures, it does not raise
         return f"{type(exc).__name__}: {exc}"
-
-
-def readiness(store: CreditStore, registry: TopicRegistry, settings: Settings) -> Readiness:
-    async def redis() -> str | None:
-        await store.redis.ping()
-        return None
-
-    async def kafka_and_topics() -> str | None:
-        problems = await check_topics(settings.kafka_bootstrap, registry, settings=settings)
-        return "; ".join(problems) or None
-
-    return Readiness({"redis": redis, "kafka_topics": kafka_and_topics})
 
 
 def register_operations(app: faust.App, metrics: Metrics, ready: Readiness) -> None:

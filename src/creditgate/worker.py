@@ -1,4 +1,10 @@
-"""The faust app: the worker's lifecycle, its HTTP views and the decision loop.
+"""The worker, wired: where the store, the decision loop, healing and the HTTP API meet.
+
+``create_app`` is the one place that builds and connects the parts (nothing connects
+at import time); the layers below it never import each other upwards: ``domain`` imports
+nothing of creditgate's, ``store`` only the domain, ``stream`` the store and the domain,
+``api`` the store and the domain. The faust app here is the worker's lifecycle, its HTTP
+views and the decision loop.
 
 faust runs the worker process (signals, start and stop, the web server); consuming,
 deciding and publishing are ``DecisionLoop``'s, a plain aiokafka consumer and producer
@@ -18,7 +24,7 @@ import faust
 from faust.app.base import BootStrategy
 from mode import ServiceT
 
-from creditgate.api.operations import readiness, register_operations
+from creditgate.api.operations import Readiness, register_operations
 from creditgate.api.views import register_views
 from creditgate.domain.clock import Clock
 from creditgate.observability import Metrics
@@ -29,7 +35,7 @@ from creditgate.stream.consumer import DecisionLoop
 from creditgate.stream.healing import Healer, LedgerGuard, PublishedSequences
 from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 from creditgate.stream.processor import Processor
-from creditgate.stream.topics import TopicRegistry
+from creditgate.stream.topics import TopicRegistry, check_topics
 
 
 class _WebAndLifecycle(BootStrategy):
@@ -104,6 +110,20 @@ def freeze_start_up_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+
+
+def readiness(store: CreditStore, registry: TopicRegistry, settings: Settings) -> Readiness:
+    """``/ready``: Redis answers, Kafka answers and the topics match their definitions."""
+
+    async def redis() -> str | None:
+        await store.redis.ping()
+        return None
+
+    async def kafka_and_topics() -> str | None:
+        problems = await check_topics(settings.kafka_bootstrap, registry, settings=settings)
+        return "; ".join(problems) or None
+
+    return Readiness({"redis": redis, "kafka_topics": kafka_and_topics})
 
 
 def create_app(
