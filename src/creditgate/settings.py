@@ -1,4 +1,9 @@
-"""One settings tree for creditgate, read from ``CREDITGATE_*`` environment variables."""
+"""One settings tree for creditgate, read from ``CREDITGATE_*`` environment variables.
+
+Variables not set in the environment are read from ``.devstack/env`` (relative to the
+working directory) when it exists: the ``KEY=value`` file ``creditgate dev up`` writes,
+so a shell need not source it first. The environment always wins over the file.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DAY_SECONDS = 86_400
+# written by `creditgate dev up` (creditgate.devstack.stack); a missing file is no error
+ENV_FILE = Path(".devstack") / "env"
 MAX_DAYS = 36_500  # a hundred years: longer windows and lifetimes are a mistake
 
 
@@ -18,7 +25,10 @@ class Settings(BaseSettings):
     Secrets are ``SecretStr`` so that logging or dumping the settings never shows them.
     """
 
-    model_config = SettingsConfigDict(env_prefix="CREDITGATE_", extra="ignore")
+    # env_file entries need the CREDITGATE_ prefix too; unknown names in it are ignored
+    model_config = SettingsConfigDict(
+        env_prefix="CREDITGATE_", env_file=ENV_FILE, env_file_encoding="utf-8", extra="ignore"
+    )
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
