@@ -81,12 +81,19 @@ def _explain(exc: Exception) -> str | None:
 
     if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
         return _settings_problem(exc)
-    if isinstance(exc, StoreUnavailable | RedisConnectionError | RedisTimeoutError):
+    causes: list[BaseException] = [
+        exc
+    ]  # an InfrastructureError may wrap the client's error (rebuild)
+    while (cause := causes[-1].__cause__) is not None and len(causes) < 5:
+        causes.append(cause)
+    if any(
+        isinstance(c, StoreUnavailable | RedisConnectionError | RedisTimeoutError) for c in causes
+    ):
         return (
             f"Redis did not answer{_redis_where()} ({exc}): {_START_STACK}, "
             "or set CREDITGATE_REDIS_URL"
         )
-    if isinstance(exc, KafkaConnectionError) or (
+    if any(isinstance(c, KafkaConnectionError) for c in causes) or (
         isinstance(exc, InfrastructureError) and str(exc).startswith("no Kafka")
     ):
         return f"{exc}: {_START_STACK}, or set CREDITGATE_KAFKA_BOOTSTRAP"

@@ -115,3 +115,26 @@ def test_settings_come_from_the_devstack_env_file(tmp_path: Path, closed_port: i
         )
     line = assert_one_clear_line(from_env, f"127.0.0.1:{elsewhere}")
     assert str(closed_port) not in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("usage", "acme"),
+        ("charges", "acme", "u-1", "--action", "export"),
+        ("topics", "apply"),
+        ("credits", "grant", "acme", "--credits", "5", "--reason", "r", "--granted-by", "me"),
+        ("rebuild",),
+    ],
+)
+def test_other_commands_without_the_stack(
+    tmp_path: Path, closed_port: int, args: tuple[str, ...]
+) -> None:
+    result = run_cli(
+        *args,
+        cwd=tmp_path,
+        CREDITGATE_KAFKA_BOOTSTRAP=f"127.0.0.1:{closed_port}",
+        CREDITGATE_REDIS_URL=f"redis://127.0.0.1:{closed_port}/0",
+    )
+
+    assert_one_clear_line(result, f"127.0.0.1:{closed_port}", "creditgate dev up")
