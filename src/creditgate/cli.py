@@ -81,22 +81,22 @@ def _explain(exc: Exception) -> str | None:
 
     if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
         return _settings_problem(exc)
-    causes: list[BaseException] = [
-        exc
-    ]  # an InfrastructureError may wrap the client's error (rebuild)
+    # an InfrastructureError may wrap the client's own error (rebuild): look behind it
+    causes: list[BaseException] = [exc]
     while (cause := causes[-1].__cause__) is not None and len(causes) < 5:
         causes.append(cause)
-    if any(
-        isinstance(c, StoreUnavailable | RedisConnectionError | RedisTimeoutError) for c in causes
-    ):
-        return (
-            f"Redis did not answer{_redis_where()} ({exc}): {_START_STACK}, "
-            "or set CREDITGATE_REDIS_URL"
+    redis_errors = (StoreUnavailable, RedisConnectionError, RedisTimeoutError)
+    if any(isinstance(c, redis_errors) for c in causes):
+        said = (
+            str(exc)
+            if isinstance(exc, CreditgateError)
+            else f"Redis{_redis_where()} did not answer: {exc}"
         )
+        return f"{said.rstrip('. ')}: {_START_STACK}, or set CREDITGATE_REDIS_URL"
     if any(isinstance(c, KafkaConnectionError) for c in causes) or (
         isinstance(exc, InfrastructureError) and str(exc).startswith("no Kafka")
     ):
-        return f"{exc}: {_START_STACK}, or set CREDITGATE_KAFKA_BOOTSTRAP"
+        return f"{str(exc).rstrip('. ')}: {_START_STACK}, or set CREDITGATE_KAFKA_BOOTSTRAP"
     if isinstance(exc, CreditgateError | KafkaError | DevStackError):
         return str(exc)
     if isinstance(exc, ConnectionError | TimeoutError):
