@@ -90,6 +90,10 @@ class ApiView(View):
             return self._render(exc.body(), exc.status, headers)
         except _UNAVAILABLE as exc:
             return self._problem(503, "unavailable", f"Redis unavailable: {exc}")
+        except web.HTTPException as exc:  # aiohttp's, e.g. 413 for a body past client_max_size
+            if exc.status < 400:
+                raise
+            return self._problem(exc.status, HTTP_ERROR, exc.reason)
         except Exception:  # the edge: log it, answer in the API's shape, keep serving
             log.exception("%s %s failed", request.method, request.path)
             return self._problem(500, "internal_error", "the request failed; see the worker log")
