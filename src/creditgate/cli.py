@@ -170,7 +170,9 @@ def dev_up(secure: bool, key_prefixes: tuple[str, ...]) -> None:
         shown = "<in the env file>" if name.endswith("_PASSWORD") else value
         click.echo(f"{name}={shown}")
     click.echo(
-        f"# written to {DEVSTACK_DIR / 'env'}; load with: set -a; . {DEVSTACK_DIR}/env", err=True
+        f"# written to {DEVSTACK_DIR / 'env'}, which creditgate reads when run from this "
+        f"directory; for other programs: set -a; . {DEVSTACK_DIR}/env; set +a",
+        err=True,
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from creditgate.settings import ENV_FILE, Settings
+from creditgate.settings import ENV_FILE, ENV_FILE_VARIABLE, Settings
 
 
 @pytest.fixture
@@ -15,6 +15,7 @@ def env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("CREDITGATE_KAFKA_BOOTSTRAP", "CREDITGATE_REDIS_URL", "CREDITGATE_REDIS_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_FILE_VARIABLE)  # the default file, relative to the directory
     path = tmp_path / ENV_FILE
     path.parent.mkdir()
     path.write_text(
@@ -50,6 +51,26 @@ def test_without_the_file_the_defaults_hold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CREDITGATE_KAFKA_BOOTSTRAP", raising=False)
+    monkeypatch.delenv(ENV_FILE_VARIABLE)
     monkeypatch.chdir(tmp_path)
 
     assert Settings().kafka_bootstrap == "127.0.0.1:9092"
+
+
+def test_an_empty_env_file_variable_reads_no_file(
+    env_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_FILE_VARIABLE, "")
+
+    assert Settings().kafka_bootstrap == "127.0.0.1:9092"
+
+
+def test_the_env_file_variable_names_another_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CREDITGATE_KAFKA_BOOTSTRAP", raising=False)
+    other = tmp_path / "staging.env"
+    other.write_text("CREDITGATE_KAFKA_BOOTSTRAP=kafka.staging:9092\n")
+    monkeypatch.setenv(ENV_FILE_VARIABLE, str(other))
+
+    assert Settings().kafka_bootstrap == "kafka.staging:9092"
