@@ -484,14 +484,14 @@ class OrgFirstGroup(click.Group):
 
 @main.group(cls=OrgFirstGroup)
 def credits() -> None:
-    """Credits: balances (``credits ORG``) and top-ups (``credits grant ORG``)."""
+    """Credits: balances (credits ORG) and top-ups (credits grant ORG)."""
 
 
 @credits.command("grant")
 @click.argument("org")
 @click.option("--credits", "amount", type=int, required=True, help="credits to add")
 @click.option("--reason", required=True, help="why, as the organisation's admins will read it")
-@click.option("--granted-by", required=True, help="who grants them (a person or a system)")
+@click.option("--granted-by", required=True, help="who grants them: the id of a person or a system")
 @click.option("--grant-id", default=None, help="idempotency id of the grant (default: a new one)")
 @_wait
 def grant(
