@@ -14,7 +14,7 @@ Enumerations (``Action``, ``Reason``, the outcomes) and bounds (``MAX_CREDITS``,
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -56,7 +56,8 @@ Count = Annotated[int, Field(ge=0)]
 OutcomeName = Literal[
     "charged", "free_repeat", "duplicate_in_request", "no_verified_email", "not_charged"
 ]
-assert set(OutcomeName.__args__) == {o.value for o in Outcome}  # type: ignore[attr-defined]
+# the outcomes as the decision renders them, spelled as the domain's enumeration
+assert set(get_args(OutcomeName)) == {o.value for o in Outcome}
 ResultType = Literal["charge.approved", "charge.rejected"]
 
 
