@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from creditgate.settings import Settings
+from creditgate.settings import ENV_FILE_VARIABLE, Settings
+
+# no env file: a `creditgate dev up` in the checkout must not reach the tests' settings,
+# nor the workers they start (they inherit this); tests of the env file name their own
+os.environ[ENV_FILE_VARIABLE] = ""
 from creditgate.store.gateway import CreditStore
 
 

@@ -8,15 +8,18 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import click
 import orjson
+from pydantic import ValidationError
 
 from creditgate.domain.charges import Action
-from creditgate.errors import CreditgateError
-from creditgate.settings import Settings
+from creditgate.errors import CreditgateError, InfrastructureError, StoreUnavailable
+from creditgate.settings import ENV_FILE, Settings
 from creditgate.stream import topics as t
 from creditgate.stream.topics import TopicRegistry, apply_topics, check_topics
 
@@ -34,14 +37,100 @@ def _registry(settings: Settings) -> TopicRegistry:
     return TopicRegistry.load(prefix=settings.topic_prefix)
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+def _fail(message: str) -> NoReturn:
+    raise Failure(message)
 
 
-@click.group()
+# ---- expected failures: one line on stderr, exit status 1 ---------------------------
+
+
+class Failure(click.ClickException):
+    """An expected failure, printed as one ``error: ...`` line (no traceback)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+_START_STACK = "start the local stack with `creditgate dev up`"
+
+
+def _settings_problem(exc: ValidationError) -> str:
+    # The input values are left out: a malformed secret must not reach a terminal.
+    fields = "; ".join(
+        f"CREDITGATE_{'_'.join(str(p) for p in err['loc'][:1]).upper()}: {err['msg']}"
+        for err in exc.errors()
+    )
+    return f"bad setting {fields} (fix it in the environment or in {ENV_FILE})"
+
+
+def _redis_where() -> str:
+    try:  # the host and port only: the URL may hold a password
+        url = urlsplit(Settings().redis_url.get_secret_value())
+        return f" at {url.hostname}:{url.port or 6379}"
+    except (ValidationError, ValueError):
+        return ""
+
+
+def _explain(exc: Exception) -> str | None:
+    """What failed and what to do, for the failures a user can meet; None: a bug."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from creditgate.devstack.errors import DevStackError
+
+    if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+        return _settings_problem(exc)
+    # an InfrastructureError may wrap the client's own error (rebuild): look behind it
+    causes: list[BaseException] = [exc]
+    while (cause := causes[-1].__cause__) is not None and len(causes) < 5:
+        causes.append(cause)
+    redis_errors = (StoreUnavailable, RedisConnectionError, RedisTimeoutError)
+    if any(isinstance(c, redis_errors) for c in causes):
+        said = (
+            str(exc)
+            if isinstance(exc, CreditgateError)
+            else f"Redis{_redis_where()} did not answer: {exc}"
+        )
+        return f"{said.rstrip('. ')}: {_START_STACK}, or set CREDITGATE_REDIS_URL"
+    if any(isinstance(c, KafkaConnectionError) for c in causes) or (
+        isinstance(exc, InfrastructureError) and str(exc).startswith("no Kafka")
+    ):
+        return f"{str(exc).rstrip('. ')}: {_START_STACK}, or set CREDITGATE_KAFKA_BOOTSTRAP"
+    if isinstance(exc, CreditgateError | KafkaError | DevStackError):
+        return str(exc)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class CliGroup(click.Group):
+    """The root group: every command runs inside its ``invoke``, so an expected failure
+    of any of them (a server not answering, a bad setting, a worker not answering in
+    time) is turned into one line and exit status 1 here, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            explained = _explain(exc)
+            if explained is None:
+                raise  # a bug: the traceback is what a maintainer needs
+            raise Failure(explained) from exc
+
+
+@click.group(cls=CliGroup)
+@click.version_option(version("creditgate"), "--version", prog_name="creditgate")
 def main() -> None:
-    """creditgate: the credit meter of the contact-data platform."""
+    """creditgate: the credit meter of the contact-data platform.
+
+    Settings come from CREDITGATE_* environment variables and, for those not set, from
+    .devstack/env (written by `creditgate dev up`).
+    """
+    # aiokafka logs each refused connection; the error line above says it better
+    logging.getLogger("aiokafka").addHandler(logging.NullHandler())
 
 
 # ---- the local stack -------------------------------------------------------------
@@ -81,7 +170,9 @@ def dev_up(secure: bool, key_prefixes: tuple[str, ...]) -> None:
         shown = "<in the env file>" if name.endswith("_PASSWORD") else value
         click.echo(f"{name}={shown}")
     click.echo(
-        f"# written to {DEVSTACK_DIR / 'env'}; load with: set -a; . {DEVSTACK_DIR}/env", err=True
+        f"# written to {DEVSTACK_DIR / 'env'}, which creditgate reads when run from this "
+        f"directory; for other programs: set -a; . {DEVSTACK_DIR}/env; set +a",
+        err=True,
     )
 
 
@@ -96,6 +187,7 @@ def dev_down() -> None:
 
 @dev.command("status")
 def dev_status() -> None:
+    """Whether the local stack runs, and where; exits 1 when it does not."""
     from creditgate.devstack import DevStack
 
     status = DevStack(DEVSTACK_DIR).status()
@@ -113,6 +205,7 @@ def topics() -> None:
 
 @topics.command("apply")
 def topics_apply() -> None:
+    """Create the topics that do not exist yet (existing ones are left as they are)."""
     settings = _settings()
     created = asyncio.run(apply_topics(settings.kafka_bootstrap, _registry(settings)))
     click.echo("created: " + ", ".join(created) if created else "all topics exist")
@@ -144,7 +237,12 @@ def topics_check() -> None:
 
 
 @main.command()
-@click.option("--loglevel", default="info", show_default=True)
+@click.option(
+    "--loglevel",
+    default="info",
+    show_default=True,
+    help="debug, info, warning or error (JSON lines on stderr)",
+)
 def worker(loglevel: str) -> None:
     """Consume requests and commands, decide them, publish the outcomes."""
     from creditgate.api.access import parse_tokens, require_safe_bind
@@ -152,26 +250,19 @@ def worker(loglevel: str) -> None:
     from creditgate.preflight import preflight
     from creditgate.worker import Worker, create_app, use_fast_event_loop
 
+    # A CreditgateError raised here stops the worker with its message (CliGroup.invoke).
     settings = _settings()
-    try:  # before anything connects: an open API must not face the network
-        require_safe_bind(bool(parse_tokens(settings.api_tokens)), settings.http_host)
-    except CreditgateError as exc:
-        _fail(str(exc))
+    # before anything connects: an open API must not face the network
+    require_safe_bind(bool(parse_tokens(settings.api_tokens)), settings.http_host)
     registry = _registry(settings)
-    try:  # a wrong password, a missing topic, a lifetime too short, an evicting Redis or
-        # a topic too small for what the worker may write stops it now, with the fix
-        problems = asyncio.run(preflight(settings, registry))
-    except CreditgateError as exc:
-        _fail(str(exc))
-        return
+    # a wrong password, a missing topic, a lifetime too short, an evicting Redis or
+    # a topic too small for what the worker may write stops it now, with the fix
+    problems = asyncio.run(preflight(settings, registry))
     for problem in problems:
         logging.getLogger("creditgate").warning("topic drift: %s", problem)
     use_fast_event_loop()  # before faust creates the worker's loops
-    try:
-        app = create_app(settings, registry)
-    except CreditgateError as exc:  # e.g. a token scoped to a malformed organisation id
-        _fail(str(exc))
-        return
+    # may raise for e.g. a token scoped to a malformed organisation id
+    app = create_app(settings, registry)
     Worker(
         app, loglevel=loglevel, quiet=True, logging_config=logging_config(loglevel)
     ).execute_from_commandline()
@@ -198,10 +289,8 @@ def _read(read: Read) -> Any:
         finally:
             await store.close()
 
-    try:
-        return asyncio.run(run())
-    except CreditgateError as exc:  # invalid input, Redis unavailable
-        _fail(str(exc))
+    # invalid input and an unreachable Redis become one line in CliGroup.invoke
+    return asyncio.run(run())
 
 
 def _render(
@@ -240,8 +329,19 @@ def usage(org: str, period: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("org", callback=_identifier)
 @click.argument("user", callback=_identifier)
-@click.option("--action", type=click.Choice([a.value for a in Action]), required=True)
-@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option(
+    "--action",
+    type=click.Choice([a.value for a in Action]),
+    required=True,
+    help="the action whose requests to list",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 500),
+    default=50,
+    show_default=True,
+    help="requests per page",
+)
 @click.option("--before", default=None, help="the cursor printed after the previous page")
 @_as_json
 def charges(
@@ -296,20 +396,30 @@ def quote(request_file: IO[bytes], as_json: bool) -> None:
 
 
 def _publish_command(body: dict[str, Any], wait: float) -> None:
-    from creditgate.stream.client import CreditgateClient
+    from creditgate.connections import check_kafka
+    from creditgate.stream.client import CreditgateClient, Timeout
 
     body = {"command_id": f"cli-{uuid.uuid4().hex[:12]}", **body}
     settings = _settings()
 
     async def run() -> dict[str, Any] | None:
+        # a broker that does not answer is named, with why, before a client is built
+        await check_kafka(settings)
         follow = (t.LICENSE_EVENTS,) if wait > 0 else ()
         async with CreditgateClient(
-            settings.kafka_bootstrap, _registry(settings), follow
+            settings.kafka_bootstrap, _registry(settings), follow, settings=settings
         ) as client:
             if wait <= 0:
                 await client.send(t.LICENSE_COMMANDS, body)
                 return None
-            return await client.command(body, timeout=wait)
+            try:
+                return await client.command(body, timeout=wait)
+            except Timeout:
+                _fail(
+                    f"{body['type']} {body['command_id']} was published, but no worker "
+                    f"answered within {wait:g}s: start one with `creditgate worker` (it "
+                    "will still apply the command), or wait longer with --wait"
+                )
 
     event = asyncio.run(run())
     if event is None:
@@ -336,8 +446,8 @@ def license() -> None:
 
 @license.command("start-period")
 @click.argument("org")
-@click.option("--period-id", required=True)
-@click.option("--credits", "amount", type=int, required=True)
+@click.option("--period-id", required=True, help="the new period's id (e.g. 2026-q1)")
+@click.option("--credits", "amount", type=int, required=True, help="the period's credits")
 @click.option("--starts-at", default=None, help="RFC 3339; default now")
 @click.option("--ends-at", required=True, help="RFC 3339")
 @_wait
@@ -374,15 +484,15 @@ class OrgFirstGroup(click.Group):
 
 @main.group(cls=OrgFirstGroup)
 def credits() -> None:
-    """Credits: balances (``credits ORG``) and top-ups (``credits grant ORG``)."""
+    """Credits: balances (credits ORG) and top-ups (credits grant ORG)."""
 
 
 @credits.command("grant")
 @click.argument("org")
-@click.option("--credits", "amount", type=int, required=True)
-@click.option("--reason", required=True)
-@click.option("--granted-by", required=True)
-@click.option("--grant-id", default=None)
+@click.option("--credits", "amount", type=int, required=True, help="credits to add")
+@click.option("--reason", required=True, help="why, as the organisation's admins will read it")
+@click.option("--granted-by", required=True, help="who grants them: the id of a person or a system")
+@click.option("--grant-id", default=None, help="idempotency id of the grant (default: a new one)")
 @_wait
 def grant(
     org: str, amount: int, reason: str, granted_by: str, grant_id: str | None, wait: float
@@ -423,9 +533,16 @@ def member() -> None:
 @member.command("upsert")
 @click.argument("org")
 @click.argument("user")
-@click.option("--role", type=click.Choice(["admin", "member"]), default="member")
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "member"]),
+    default="member",
+    show_default=True,
+    help="admins also receive the organisation's notifications (e.g. credit thresholds)",
+)
 @_wait
 def member_upsert(org: str, user: str, role: str, wait: float) -> None:
+    """Add USER to ORG's members, or change their role."""
     _publish_command({"org_id": org, "type": "member.upsert", "user_id": user, "role": role}, wait)
 
 
@@ -434,6 +551,7 @@ def member_upsert(org: str, user: str, role: str, wait: float) -> None:
 @click.argument("user")
 @_wait
 def member_remove(org: str, user: str, wait: float) -> None:
+    """Remove USER from ORG's members: their requests are rejected from then on."""
     _publish_command({"org_id": org, "type": "member.remove", "user_id": user}, wait)
 
 
@@ -483,10 +601,7 @@ def demo() -> None:
     """Play a scenario through the real pipeline and print what happened."""
     from creditgate.demo import run_demo
 
-    try:
-        run_demo()
-    except CreditgateError as exc:
-        _fail(str(exc))
+    run_demo()
 
 
 def _register_commands() -> None:

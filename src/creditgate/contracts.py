@@ -1,4 +1,5 @@
-"""The published contracts, generated: JSON Schemas of every topic's value and AsyncAPI.
+"""The published contracts, generated: JSON Schemas of every topic's value, AsyncAPI and
+the HTTP API's OpenAPI document.
 
 The pydantic models (``domain/charges.py``, ``domain/commands.py``, ``domain/messages.py``)
 and ``topics/*.json`` are the sources; this module writes from them
@@ -7,7 +8,9 @@ and ``topics/*.json`` are the sources; this module writes from them
   topic value, each message kind under ``$defs`` by its model's name;
 - the ``"schema"`` field of each ``topics/<topic>.json``, pointing at that file;
 - ``asyncapi.json``: an AsyncAPI 3.0 document of every topic and message, seen from
-  creditgate (it receives requests and commands, sends everything else).
+  creditgate (it receives requests and commands, sends everything else);
+- ``src/creditgate/api/openapi.json``: the HTTP API's OpenAPI 3.1 document, its schemas
+  from the models of ``api/schemas.py`` (``api/openapi.py``).
 
 ``python -m creditgate.contracts`` (or ``creditgate contracts generate``) writes them;
 ``check`` lists drift. Output is deterministic (sorted keys, fixed indentation), so the
@@ -28,6 +31,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
+from creditgate.api.openapi import OPENAPI_FILE, openapi_document
 from creditgate.domain import messages as m
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.commands import (
@@ -406,6 +410,7 @@ def render(root: Path) -> dict[str, str]:
         fields.insert(at, ("schema", pointer))
         files[path] = _dump(dict(fields), sort_keys=False)
     files[ASYNCAPI_FILE] = _dump(asyncapi_document(list(definitions.values())))
+    files[OPENAPI_FILE] = _dump(openapi_document(_Schemas))
     return files
 
 
@@ -474,7 +479,7 @@ _root_option = click.option(
 @_root_option
 @click.pass_context
 def contracts_command(ctx: click.Context, root: Path | None) -> None:
-    """JSON Schemas and the AsyncAPI document, generated from the models."""
+    """JSON Schemas, the AsyncAPI and the OpenAPI document, generated from the models."""
     ctx.obj = root or default_root()
     if ctx.invoked_subcommand is None:
         ctx.invoke(generate_command)
@@ -483,7 +488,8 @@ def contracts_command(ctx: click.Context, root: Path | None) -> None:
 @contracts_command.command("generate")
 @click.pass_obj
 def generate_command(root: Path) -> None:
-    """Write topics/schemas/*.schema.json, the topics' schema fields and asyncapi.json."""
+    """Write topics/schemas/*.schema.json, the topics' schema fields, asyncapi.json and
+    src/creditgate/api/openapi.json."""
     try:
         changed = generate(root)
     except CreditgateError as exc:

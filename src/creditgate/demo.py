@@ -291,8 +291,10 @@ def run_demo() -> None:
         try:
             report = asyncio.run(_play(bootstrap, registry, worker))
         except CreditgateError:
-            log = (Path(tmp) / "worker.log").read_text(errors="replace")[-3000:]
-            print(f"\nworker log (tail):\n{log}", file=sys.stderr)
+            log_file = Path(tmp) / "worker.log"
+            if log_file.is_file():  # none when the stack failed before the worker started
+                log = log_file.read_text(errors="replace")[-3000:]
+                print(f"\nworker log (tail):\n{log}", file=sys.stderr)
             raise
         finally:
             worker.stop()

@@ -1,19 +1,33 @@
 """Metrics and structured logs.
 
 Metrics live in a registry of their own (one per app) so several apps in one process
-(tests) never share counters. Logs are one JSON object per line; decision lines carry
-``request_id`` and ``org_id`` so an operator can follow one request through them.
+(tests) never share counters. Each registry also carries the process (CPU, memory, open
+files), garbage-collector and platform collectors and ``creditgate_build_info``.
+
+Logs are one JSON object per line; decision lines carry ``request_id`` and ``org_id``
+so an operator can follow one request through them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import platform
 import time
 from collections.abc import Callable, Iterable, Mapping
+from importlib.metadata import version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -47,6 +61,18 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # the standard process_*, python_gc_* and python_info metrics, on this registry
+        # (prometheus_client registers them on its global one, which no app serves)
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            "creditgate_build_info",
+            "Always 1; the labels name the running creditgate and Python",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(version("creditgate"), platform.python_version()).set(1)
         self.decisions = Counter(
             "creditgate_decisions",
             "Charge decisions by action and outcome",

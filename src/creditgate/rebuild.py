@@ -378,15 +378,16 @@ def rebuild_command(org: str | None, replace: bool) -> None:
     progress = _ClickProgress()
     try:
         report = asyncio.run(rebuild(settings, org=org, replace=replace, progress=progress))
-    except CreditgateError as exc:
+    except CreditgateError:
         progress.finish()
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        raise  # one line, with what to do, from the CLI's root group (cli.CliGroup)
     for line in _summary(report):
         click.echo(line, err=line.startswith("warning"))
     if not report.complete:
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    rebuild_command()
+if __name__ == "__main__":  # through the CLI's root group, which renders its failures
+    from creditgate.cli import main
+
+    main(["rebuild", *sys.argv[1:]])

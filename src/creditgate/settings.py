@@ -1,14 +1,40 @@
-"""One settings tree for creditgate, read from ``CREDITGATE_*`` environment variables."""
+"""One settings tree for creditgate, read from ``CREDITGATE_*`` environment variables.
+
+Variables not set in the environment are read from ``.devstack/env`` (relative to the
+working directory) when it exists: the ``KEY=value`` file ``creditgate dev up`` writes,
+so a shell need not source it first. The environment always wins over the file.
+``CREDITGATE_ENV_FILE`` names another file, or none when empty (the tests set it empty,
+so a stack a developer runs in the checkout never leaks into them).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 DAY_SECONDS = 86_400
+# written by `creditgate dev up` (creditgate.devstack.stack); a missing file is no error
+ENV_FILE = Path(".devstack") / "env"
+ENV_FILE_VARIABLE = "CREDITGATE_ENV_FILE"
+
+
+def env_file() -> Path | None:
+    """The env file settings read now: CREDITGATE_ENV_FILE, else ENV_FILE ("": none)."""
+    named = os.environ.get(ENV_FILE_VARIABLE)
+    if named is None:
+        return ENV_FILE
+    return Path(named) if named else None
+
+
 MAX_DAYS = 36_500  # a hundred years: longer windows and lifetimes are a mistake
 
 
@@ -18,7 +44,23 @@ class Settings(BaseSettings):
     Secrets are ``SecretStr`` so that logging or dumping the settings never shows them.
     """
 
-    model_config = SettingsConfigDict(env_prefix="CREDITGATE_", extra="ignore")
+    # env file entries need the CREDITGATE_ prefix too; unknown names in it are ignored
+    model_config = SettingsConfigDict(
+        env_prefix="CREDITGATE_", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # arguments, then the environment, then the env file (chosen at each construction)
+        dotenv = DotEnvSettingsSource(settings_cls, env_file=env_file())
+        return init_settings, env_settings, dotenv, file_secret_settings
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")

@@ -322,6 +322,47 @@ async def test_unknown_organisations_and_requests_are_404(secured: SecuredApi) -
     assert status == 200
 
 
+# ---- every error: RFC 9457 problem details ------------------------------------------------
+
+
+async def raw(
+    api: SecuredApi, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, str, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, f"{api.base}{path}", headers=headers) as response,
+    ):
+        return response.status, response.content_type, orjson.loads(await response.read())
+
+
+async def test_every_error_is_problem_details(secured: SecuredApi) -> None:
+    cases = [
+        ("GET", "/v1/orgs/acme/credits", None, 401, "unauthorized"),
+        ("GET", "/v1/orgs/beta/credits", secured.auth("acme"), 403, "forbidden"),
+        ("GET", "/v1/orgs/ac%20me/credits", secured.auth("acme"), 400, "invalid_request"),
+        ("GET", "/v1/orgs/nobody/credits", secured.auth("all"), 404, "not_found"),
+        ("GET", "/v1/quote", secured.auth("all"), 405, "http_error"),
+        ("GET", "/v1/no/such/route", secured.auth("all"), 404, "http_error"),
+    ]
+    for method, path, headers, status, code in cases:
+        got, content_type, body = await raw(secured, method, path, headers)
+
+        assert (got, content_type) == (status, "application/problem+json"), (path, body)
+        assert body["status"] == status
+        assert body["type"] == (
+            "about:blank" if code == "http_error" else f"urn:creditgate:problem:{code}"
+        )
+        assert body["title"]
+        assert body["detail"]
+        # the first error shape's members, kept for existing clients
+        assert body["code"] == code
+        assert body["message"] == body["detail"]
+    _, _, invalid = await raw(secured, "GET", "/v1/orgs/ac%20me/credits", secured.auth("acme"))
+    assert invalid["errors"] == [
+        {"field": "org_id", "message": "1-128 characters of [A-Za-z0-9._:@-]"}
+    ]
+
+
 # ---- the OpenAPI document, checked against the running worker ---------------------------
 
 schema = schemathesis.openapi.from_path(OPENAPI)

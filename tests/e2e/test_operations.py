@@ -3,6 +3,8 @@ traffic should move."""
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import aiohttp
 import pytest
 
@@ -26,6 +28,16 @@ async def test_worker_is_ready_when_redis_kafka_and_topics_are(pipeline: Pipelin
         body = await response.json()
     assert response.status == 200, body
     assert body == {"status": "ready", "checks": {"redis": "ok", "kafka_topics": "ok"}}
+
+
+async def test_metrics_name_the_build_and_the_process(pipeline: Pipeline) -> None:
+    text = await scrape(pipeline)
+
+    assert sample(text, "creditgate_build_info", version=version("creditgate")) == 1
+    assert sample(text, "process_resident_memory_bytes") > 0
+    assert sample(text, "process_cpu_seconds_total") > 0
+    assert "python_gc_collections_total{" in text
+    assert "python_info{" in text
 
 
 async def test_metrics_count_the_traffic_of_a_test(pipeline: Pipeline) -> None:

@@ -197,3 +197,24 @@ def test_quote_refuses_invalid_requests(org: str) -> None:
     not_json = run("quote", "-", stdin="{")
     assert not_json.exit_code == 1
     assert "not JSON" in not_json.output
+
+
+def test_a_license_command_no_worker_answers_is_one_line(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    # topics of their own, and no worker consuming them
+    from creditgate.stream.topics import TopicRegistry, apply_topics
+
+    prefix = f"nowrk{unique}."
+    asyncio.run(apply_topics(settings.kafka_bootstrap, TopicRegistry.load(prefix=prefix)))
+    monkeypatch.setenv("CREDITGATE_KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
+    monkeypatch.setenv("CREDITGATE_TOPIC_PREFIX", prefix)
+
+    result = CliRunner().invoke(main, ["member", "upsert", "acme", "u-1", "--wait", "1"])
+
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: member.upsert cli-")
+    assert "was published, but no worker answered within 1s" in line
+    assert "creditgate worker" in line

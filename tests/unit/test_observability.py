@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
+import sys
+from importlib.metadata import version
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from creditgate.observability import JsonFormatter, Metrics
 
@@ -40,3 +45,19 @@ def test_each_metrics_instance_has_its_own_registry() -> None:
     first.dead_letters.labels("t").inc()
     assert 'creditgate_dead_letters_total{topic="t"} 1.0' in first.render().decode()
     assert 'creditgate_dead_letters_total{topic="t"}' not in second.render().decode()
+
+
+def test_metrics_carry_the_process_gc_platform_and_build_info() -> None:
+    text = Metrics().render().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+
+    (build,) = families["creditgate_build_info"].samples
+    assert build.labels == {"version": version("creditgate"), "python": platform.python_version()}
+    assert build.value == 1
+    assert "python_gc_collections" in families
+    (info,) = families["python_info"].samples
+    assert info.labels["implementation"] == platform.python_implementation()
+    if sys.platform == "linux":  # the process collector reads /proc
+        assert families["process_resident_memory_bytes"].samples[0].value > 0
+        assert "process_cpu_seconds" in families
+        assert "process_open_fds" in families

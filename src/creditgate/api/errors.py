@@ -1,14 +1,59 @@
-"""Errors the API answers with: each knows its HTTP status and its ``code``.
+"""Errors the API answers with, as RFC 9457 problem details; each knows its status.
 
-The views render them as ``{"code", "message"}`` (400s add ``errors``: the field
-errors, ``{"field", "message"}`` pairs). The CLI prints the same message.
+Every HTTP error of the worker is ``application/problem+json`` built by ``problem``
+here, whoever raises it (an ``ApiError`` of a view, a Redis outage, faust's 405, a path
+no route serves):
+
+- ``type``: ``urn:creditgate:problem:<code>`` for creditgate's own problems, or
+  ``about:blank`` for a plain HTTP error (then ``title`` is the status phrase);
+- ``title``: the same for every problem of a type; ``status``: the HTTP status;
+  ``detail``: this occurrence, in one sentence a person can read;
+- extension members kept from the API's first error shape, so clients written for it
+  keep working: ``code`` (a stable name of the type), ``message`` (the same text as
+  ``detail``), and for 400s ``errors``, the field errors (``{"field", "message"}``).
+
+The CLI prints the same message.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from pydantic import ValidationError
 
 from creditgate.errors import CreditgateError
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:creditgate:problem:"
+HTTP_ERROR = "http_error"  # a plain HTTP error (405, an unknown path): type about:blank
+
+# code -> title; the codes are the API's first error shape's, unchanged
+TITLES: dict[str, str] = {
+    "invalid_request": "The request is malformed",
+    "unauthorized": "A valid bearer token is needed",
+    "forbidden": "The token's scope does not include this organisation",
+    "not_found": "Nothing found",
+    "unavailable": "A service creditgate needs does not answer; try again",
+    "internal_error": "The request failed",
+}
+
+
+def problem_type(code: str) -> str:
+    return "about:blank" if code == HTTP_ERROR else PROBLEM_TYPE_PREFIX + code
+
+
+def problem(status: int, code: str, detail: str, **extensions: object) -> dict[str, object]:
+    """The problem details object of one error (RFC 9457 section 3)."""
+    title = TITLES.get(code) or HTTPStatus(status).phrase
+    return {
+        "type": problem_type(code),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "message": detail,
+        **extensions,
+    }
 
 
 class ApiError(CreditgateError):
@@ -16,7 +61,7 @@ class ApiError(CreditgateError):
     code = "internal_error"
 
     def body(self) -> dict[str, object]:
-        return {"code": self.code, "message": self.message}
+        return problem(self.status, self.code, self.message)
 
 
 class InvalidInput(ApiError):
@@ -34,7 +79,7 @@ class InvalidInput(ApiError):
         return cls([{"field": field, "message": message}])
 
     def body(self) -> dict[str, object]:
-        return {**super().body(), "errors": self.errors}
+        return problem(self.status, self.code, self.message, errors=self.errors)
 
 
 class Unauthenticated(ApiError):

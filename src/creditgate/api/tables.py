@@ -1,4 +1,10 @@
-"""Plain-text tables of the reports, for the CLI. Pure: a dict in, a string out."""
+"""Plain-text tables of the reports, for the CLI. Pure: a dict in, a string out.
+
+Kept instead of ``rich`` (considered): these tables are a few padded columns, and as
+plain text they stay the same in a pipe, a CI log or ``grep`` (rich drops colour and
+box drawing there anyway, and wraps or truncates to the terminal's width), they need
+no dependency in the worker's image, and tests compare them as strings.
+"""
 
 from __future__ import annotations
 

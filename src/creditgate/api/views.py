@@ -1,7 +1,8 @@
 """The HTTP routes of the worker (DESIGN §5), as faust web views.
 
-Every answer is JSON; errors are ``{"code", "message"}`` (400s add ``errors``, the
-field errors). Each handler authenticates first (401), then checks its ids (400) and
+Every answer is JSON; errors are RFC 9457 problem details (``application/problem+json``,
+built by ``api.errors.problem``, with ``code`` and ``message`` kept; 400s add ``errors``,
+the field errors). Each handler authenticates first (401), then checks its ids (400) and
 the caller's scope (403), then asks ``reports`` / ``quotes`` (404 when there is
 nothing). ``/openapi.json`` describes all of it and, like ``/health``, is open.
 """
@@ -15,14 +16,23 @@ from typing import Any, ClassVar, Protocol
 
 import faust
 import orjson
+from aiohttp import web
 from faust.web import Request, Response, View
+from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from faust.web.exceptions import WebError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.api import quotes, reports
 from creditgate.api.access import Access, Caller
-from creditgate.api.errors import ApiError, InvalidInput, NotFound
+from creditgate.api.errors import (
+    HTTP_ERROR,
+    PROBLEM_CONTENT_TYPE,
+    ApiError,
+    InvalidInput,
+    NotFound,
+    problem,
+)
 from creditgate.domain.ids import is_identifier
 from creditgate.errors import StoreUnavailable
 from creditgate.settings import Settings
@@ -66,7 +76,7 @@ def _require_ids(**ids: str) -> None:
 
 
 class ApiView(View):
-    """Turns ``ApiError`` and Redis outages into JSON answers."""
+    """Turns ``ApiError`` and Redis outages into problem details."""
 
     api: ClassVar[Api]
     # like unknown fields in a body, an unknown query parameter is refused, not ignored
@@ -77,19 +87,28 @@ class ApiView(View):
             return await super().dispatch(request)
         except ApiError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            return self.json(exc.body(), status=exc.status, headers=headers)
+            return self._render(exc.body(), exc.status, headers)
         except _UNAVAILABLE as exc:
             return self._problem(503, "unavailable", f"Redis unavailable: {exc}")
+        except web.HTTPException as exc:  # aiohttp's, e.g. 413 for a body past client_max_size
+            if exc.status < 400:
+                raise
+            return self._problem(exc.status, HTTP_ERROR, exc.reason)
         except Exception:  # the edge: log it, answer in the API's shape, keep serving
             log.exception("%s %s failed", request.method, request.path)
             return self._problem(500, "internal_error", "the request failed; see the worker log")
 
     async def on_request_error(self, request: Request, exc: WebError) -> Response:
         # faust's own errors (405 for a method a view lacks) in the API's shape
-        return self._problem(int(exc.code), "http_error", str(exc.detail))
+        return self._problem(int(exc.code), HTTP_ERROR, str(exc.detail))
 
     def _problem(self, status: int, code: str, message: str) -> Response:
-        return self.json({"code": code, "message": message}, status=status)
+        return self._render(problem(status, code, message), status)
+
+    def _render(
+        self, body: dict[str, object], status: int, headers: dict[str, str] | None = None
+    ) -> Response:
+        return self.json(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
 
     def caller(self, request: Request) -> Caller:
         """401 without a valid token; then 400 for an unknown query parameter."""
@@ -194,6 +213,26 @@ ROUTES: tuple[tuple[str, type[ApiView]], ...] = (
 )
 
 
+@web.middleware
+async def http_problems(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own errors, raised before any view (a path no route serves: 404), as
+    problem details too; the views answer theirs themselves (``ApiView``)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kept = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "www-authenticate"}}
+        return web.json_response(
+            problem(exc.status, HTTP_ERROR, exc.reason),
+            status=exc.status,
+            headers=kept,
+            content_type=PROBLEM_CONTENT_TYPE,
+            dumps=lambda value: orjson.dumps(value).decode(),
+        )
+    return response
+
+
 def register_views(app: faust.App, store: CreditStore, clock: Clock, settings: Settings) -> None:
     """Add the API routes to ``app`` (served by the worker's web server).
 
@@ -208,6 +247,9 @@ def register_views(app: faust.App, store: CreditStore, clock: Clock, settings: S
         max_items=settings.max_items,
         openapi=openapi_document(),
     )
+    # faust's web driver is aiohttp's (the default, and the one the worker uses)
+    assert isinstance(app.web, AiohttpWeb)
+    app.web.web_app.middlewares.append(http_problems)
     for path, view in ROUTES:
         # a subclass per app binds the views to this app's store, clock and tokens
         bound = type(view.__name__, (view,), {"api": api})

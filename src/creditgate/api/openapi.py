@@ -1,0 +1,363 @@
+"""The OpenAPI 3.1 document of the HTTP API, generated: ``api/openapi.json``.
+
+The bodies' schemas come from the models of ``api/schemas.py`` (through the same JSON
+Schema generator as the topics' contracts); the paths, parameters and responses are
+written here, their bounds taken from the code that enforces them (``api/reports.py``).
+``creditgate contracts generate`` writes the file with the topics' contracts and
+``creditgate contracts check`` (and tests/unit/test_contracts.py) fails on drift. The
+worker serves the committed file as it is (``views.openapi_document``).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+
+from creditgate.api import schemas
+from creditgate.api.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, TITLES, problem
+from creditgate.api.reports import DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT, MAX_ITEMS_PAGE
+from creditgate.domain.ids import ID_PATTERN
+
+OPENAPI_FILE = "src/creditgate/api/openapi.json"
+# the API's own version: 1.1 added problem details, keeping 1.0's code and message
+API_VERSION = "1.1.0"
+JSON = "application/json"
+
+DESCRIPTION = (
+    "Credits of an organisation's license: the balance, the team's usage, each user's "
+    "charges, single decisions, and quotes of what a request would cost. Served by the "
+    "worker (`creditgate worker`, CREDITGATE_HTTP_PORT). Bearer tokens come from "
+    "CREDITGATE_API_TOKENS, each scoped to organisations or to all; with none configured "
+    "the API listens on loopback only and asks for no token. Errors are RFC 9457 problem "
+    "details (`application/problem+json`: `type`, `title`, `status`, `detail`), with the "
+    "extension members `code` (a stable name of the problem type: "
+    + ", ".join(f"`{code}`" for code in TITLES)
+    + ", or `http_error` with type `about:blank`) and `message` (the same text as "
+    f"`detail`); creditgate's problem types are `{PROBLEM_TYPE_PREFIX}<code>`. 400s add "
+    "`errors`, the field errors. Unknown query parameters and body fields are refused "
+    "(400), like unknown fields of every creditgate message."
+)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": schemas.COMPONENTS + name}
+
+
+def _content(schema: dict[str, Any], example: Any = None, media: str = JSON) -> dict[str, Any]:
+    body: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        body["example"] = example
+    return {media: body}
+
+
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description, "content": _content(_ref(schema))}
+
+
+def _not_found(description: str, detail: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": _content(
+            _ref("Problem"), problem(404, "not_found", detail), PROBLEM_CONTENT_TYPE
+        ),
+    }
+
+
+_ERRORS = {
+    "400": {"$ref": "#/components/responses/Invalid"},
+    "401": {"$ref": "#/components/responses/Unauthorized"},
+    "403": {"$ref": "#/components/responses/Forbidden"},
+}
+_UNAVAILABLE = {"503": {"$ref": "#/components/responses/Unavailable"}}
+
+_ORG = {
+    "name": "org",
+    "in": "path",
+    "required": True,
+    "description": "the organisation (org_id)",
+    "schema": _ref("Identifier"),
+    "example": "acme",
+}
+
+
+def _path_id(name: str, example: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": _ref("Identifier"),
+        "example": example,
+    }
+
+
+def _read(
+    operation_id: str,
+    summary: str,
+    parameters: list[dict[str, Any]],
+    answer: tuple[str, str],
+    not_found: tuple[str, str],
+    description: str | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": summary,
+        "parameters": parameters,
+        "responses": {
+            "200": _ok(*answer),
+            **_ERRORS,
+            "404": _not_found(*not_found),
+            **_UNAVAILABLE,
+        },
+    }
+    if description:
+        operation["description"] = description
+    return {"get": operation}
+
+
+def _paths() -> dict[str, Any]:
+    return {
+        "/v1/orgs/{org}/credits": _read(
+            "getCredits",
+            "The current period's credits: amount, grants, used, remaining",
+            [_ORG],
+            ("the current period", "Credits"),
+            ("the organisation has no license", "acme has no license"),
+        ),
+        "/v1/orgs/{org}/usage": _read(
+            "getUsage",
+            "Credits used per user in a license period (the admin's team view)",
+            [
+                _ORG,
+                {
+                    "name": "period",
+                    "in": "query",
+                    "required": False,
+                    "schema": _ref("Identifier"),
+                    "description": "a period id; default: the current period",
+                },
+            ],
+            ("per user and totals", "UsageReport"),
+            ("the organisation has no license", "acme has no license"),
+        ),
+        "/v1/orgs/{org}/users/{user}/charges": _read(
+            "getCharges",
+            "A user's decisions for one action, newest first (My exports, My CRM pushes)",
+            [
+                _ORG,
+                _path_id("user", "u-17"),
+                {"name": "action", "in": "query", "required": True, "schema": _ref("Action")},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_HISTORY_LIMIT,
+                        "default": DEFAULT_HISTORY_LIMIT,
+                    },
+                },
+                {
+                    "name": "before",
+                    "in": "query",
+                    "required": False,
+                    "schema": {
+                        "type": "string",
+                        "pattern": "^[0-9]+(:" + ID_PATTERN.strip("^$") + ")?$",
+                    },
+                    "description": "the next_before of the previous page, or milliseconds "
+                    "since the epoch (decisions strictly before)",
+                },
+            ],
+            ("one page", "ChargeHistory"),
+            ("unknown organisation", "acme is not a known organisation"),
+        ),
+        "/v1/orgs/{org}/requests/{request_id}": _read(
+            "getDecision",
+            "One request's decision as published on credits.charge.results, its items paged",
+            [
+                _ORG,
+                _path_id("request_id", "exp-0001"),
+                {
+                    "name": "offset",
+                    "in": "query",
+                    "required": False,
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": 999_999_999,
+                        "default": 0,
+                    },
+                    "description": "the first item of the page (0-based)",
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_ITEMS_PAGE,
+                        "default": MAX_ITEMS_PAGE,
+                    },
+                    "description": "items per page",
+                },
+            ],
+            ("the decision", "Decision"),
+            ("no such decision", "acme has no decision for exp-0001"),
+            description="Every item of the decision, a page at a time (the published result "
+            "lists at most result_items_max of them): page on with offset=next_offset.",
+        ),
+        "/v1/quote": {
+            "post": {
+                "operationId": "quote",
+                "summary": "What a charge request would cost now, item by item; it changes nothing",
+                "description": "A ChargeRequest without request_id. The charge script decides it "
+                "in its writeless mode: the same rules, the same state. The token's scope is the "
+                "body's org_id. An organisation the quote cannot be charged to is a business "
+                "answer (would_be_approved false with a reason), not a 404.",
+                "requestBody": {
+                    "required": True,
+                    "content": _content(
+                        _ref("QuoteRequest"),
+                        {
+                            "org_id": "acme",
+                            "user_id": "u-17",
+                            "action": "export",
+                            "items": [
+                                {
+                                    "type": "contact",
+                                    "id": "c-1",
+                                    "company_id": "co-9",
+                                    "has_verified_email": True,
+                                },
+                                {"type": "company", "id": "co-3"},
+                            ],
+                        },
+                    ),
+                },
+                "responses": {"200": _ok("the quote", "Quote"), **_ERRORS, **_UNAVAILABLE},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "the OpenAPI document",
+                        "content": _content({"type": "object"}),
+                    }
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness of the worker",
+                "security": [],
+                "responses": {"200": _ok("alive", "Health")},
+            }
+        },
+    }
+
+
+def _problem_response(
+    description: str, status: int, code: str, detail: str, schema: str = "Problem"
+) -> dict[str, Any]:
+    example = problem(status, code, detail)
+    if schema == "InvalidProblem":
+        example["errors"] = [{"field": "org_id", "message": detail.partition(": ")[2]}]
+    return {
+        "description": description,
+        "content": _content(_ref(schema), example, PROBLEM_CONTENT_TYPE),
+    }
+
+
+def _responses() -> dict[str, Any]:
+    unauthorized = _problem_response(
+        "no valid bearer token (tokens are configured)",
+        401,
+        "unauthorized",
+        "the bearer token is not valid",
+    )
+    unauthorized["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+    return {
+        "Invalid": _problem_response(
+            "a malformed path, query or body",
+            400,
+            "invalid_request",
+            "org_id: 1-128 characters of [A-Za-z0-9._:@-]",
+            "InvalidProblem",
+        ),
+        "Unauthorized": unauthorized,
+        "Forbidden": _problem_response(
+            "the token's scope does not include the organisation",
+            403,
+            "forbidden",
+            "this token may not read the organisation acme",
+        ),
+        "NotFound": _problem_response("not found", 404, "not_found", "not found"),
+        "Unavailable": _problem_response(
+            "Redis does not answer; try again",
+            int(HTTPStatus.SERVICE_UNAVAILABLE),
+            "unavailable",
+            "Redis unavailable",
+        ),
+    }
+
+
+def _resolve_named(value: Any) -> Any:
+    """The models' markers of named schemas as references (``schemas.NAMED``)."""
+    if isinstance(value, list):
+        return [_resolve_named(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    resolved = {k: _resolve_named(v) for k, v in value.items() if k != schemas.NAMED}
+    if isinstance(resolved.get("description"), str):  # a docstring's lines, as one
+        resolved["description"] = " ".join(resolved["description"].split())
+    if schemas.NAMED in value:
+        return {"$ref": schemas.COMPONENTS + value[schemas.NAMED], **resolved}
+    return resolved
+
+
+def _schemas(generator: type[GenerateJsonSchema]) -> dict[str, Any]:
+    _, top = models_json_schema(
+        [(model, "validation") for model in schemas.MODELS],
+        ref_template=schemas.COMPONENTS + "{model}",
+        schema_generator=generator,
+    )
+    found: dict[str, Any] = top.get("$defs", {})
+    # the request's union, named as the document always named it
+    request = TypeAdapter(schemas.QuoteRequest).json_schema(
+        ref_template=schemas.COMPONENTS + "{model}", schema_generator=generator
+    )
+    request.pop("$defs", None)
+    resolved: dict[str, Any] = _resolve_named({**schemas.SCALARS, **found, "QuoteRequest": request})
+    return resolved
+
+
+def openapi_document(generator: type[GenerateJsonSchema]) -> dict[str, Any]:
+    """The document; ``generator`` writes the models' JSON Schemas (contracts._Schemas)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "creditgate", "version": API_VERSION, "description": DESCRIPTION},
+        "servers": [{"url": "http://127.0.0.1:6066", "description": "a local worker"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a token of CREDITGATE_API_TOKENS",
+                }
+            },
+            "responses": _responses(),
+            "schemas": _schemas(generator),
+        },
+    }
