@@ -47,7 +47,7 @@ def _fail(message: str) -> NoReturn:
 class Failure(click.ClickException):
     """An expected failure, printed as one ``error: ...`` line (no traceback)."""
 
-    def show(self, file: IO[Any] | None = None) -> None:
+    def show(self, file: IO[Any] | None = None) -> None:  # noqa: ARG002 - click's signature
         click.echo(f"error: {self.message}", err=True)
 
 

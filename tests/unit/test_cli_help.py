@@ -24,9 +24,11 @@ def test_every_command_and_option_has_help() -> None:
     for path, command in _commands(main):
         if not (command.help or command.short_help):
             missing.append(f"{path}: no help")
-        for param in command.params:
-            if isinstance(param, click.Option) and not param.help:
-                missing.append(f"{path} {param.opts[0]}: no help")
+        missing += [
+            f"{path} {param.opts[0]}: no help"
+            for param in command.params
+            if isinstance(param, click.Option) and not param.help
+        ]
 
     assert not missing, "\n".join(missing)
 

@@ -57,7 +57,8 @@ OutcomeName = Literal[
     "charged", "free_repeat", "duplicate_in_request", "no_verified_email", "not_charged"
 ]
 # the outcomes as the decision renders them, spelled as the domain's enumeration
-assert set(get_args(OutcomeName)) == {o.value for o in Outcome}
+if set(get_args(OutcomeName)) != {o.value for o in Outcome}:
+    raise RuntimeError("api/schemas.py's OutcomeName no longer matches domain Outcome")
 ResultType = Literal["charge.approved", "charge.rejected"]
 
 

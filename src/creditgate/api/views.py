@@ -248,7 +248,8 @@ def register_views(app: faust.App, store: CreditStore, clock: Clock, settings: S
         openapi=openapi_document(),
     )
     # faust's web driver is aiohttp's (the default, and the one the worker uses)
-    assert isinstance(app.web, AiohttpWeb)
+    if not isinstance(app.web, AiohttpWeb):
+        raise TypeError(f"the HTTP API needs faust's aiohttp web driver, not {app.web!r}")
     app.web.web_app.middlewares.append(http_problems)
     for path, view in ROUTES:
         # a subclass per app binds the views to this app's store, clock and tokens
