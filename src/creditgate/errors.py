@@ -39,7 +39,3 @@ class RedisMayHaveForgotten(CreditgateError):
         scope = "every organisation" if orgs is None else f"{len(orgs)} organisation(s)"
         super().__init__(f"Redis may have forgotten ledger entries of {scope}: {why}")
         self.orgs = orgs
-
-
-class UnreadableMessage(CreditgateError):
-    """A message whose bytes cannot be read as a request or command; it is dead-lettered."""

@@ -21,7 +21,7 @@ from creditgate.domain.messages import ChargeApproved, DeadLetter
 from creditgate.domain.outgoing import dead_letter, ledger_messages
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
-from creditgate.stream.consumer import within_bytes
+from creditgate.stream.batches import within_bytes
 from creditgate.stream.limits import (
     compare,
     limits_report,

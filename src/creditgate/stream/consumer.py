@@ -49,8 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterable
 from functools import partial
 from typing import Any
 
@@ -59,15 +58,15 @@ from aiokafka.errors import KafkaError
 from mode import Service
 
 from creditgate.connections import aiokafka_options
-from creditgate.domain.outgoing import Outgoing
 from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
+from creditgate.stream.batches import Batch, Decided, Fetched, incoming, value_bytes, within_bytes
 from creditgate.stream.healing import LedgerGuard
 from creditgate.stream.limits import fetch_sizes, read_limits
 from creditgate.stream.offsets import Offsets
-from creditgate.stream.processor import Incoming, PreparedCharges, Processor
+from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.publish import RECORD_BATCH_BYTES, Publisher
 from creditgate.stream.retry import until_done
 from creditgate.stream.topics import TopicRegistry
@@ -85,52 +84,6 @@ _STOP_STEP_SECONDS = 5.0
 # would retry for ever); an unfinished batch is not committed, so nothing is lost
 _STOP_GRACE_SECONDS = 10.0
 
-Fetched = Mapping[TopicPartition, Sequence[Any]]  # aiokafka ConsumerRecords
-
-
-@dataclass(frozen=True)
-class _Decided:
-    """A batch's outgoing messages, and per organisation the last ledger sequence in them."""
-
-    outgoing: list[Outgoing]
-    sequences: dict[str, int]
-
-
-@dataclass(frozen=True)
-class _Batch:
-    """Records fetched and prepared, waiting for the second stage."""
-
-    generation: int  # the rebalance it was in hand in
-    next_offsets: dict[TopicPartition, int]  # done once the batch is published
-    charges: PreparedCharges
-    commands: list[Incoming]
-    sent_at: list[int]  # the charge requests' Kafka timestamps (ms), for the metrics
-    size: int = 0  # bytes of the input values
-
-    def __len__(self) -> int:
-        return len(self.charges) + len(self.commands)
-
-    @classmethod
-    def joined(cls, parts: Sequence[_Batch]) -> _Batch:
-        """Parts fetched one after the other, as one batch (in the order fetched)."""
-        if len(parts) == 1:
-            return parts[0]
-        next_offsets: dict[TopicPartition, int] = {}
-        for part in parts:
-            next_offsets.update(part.next_offsets)  # a later part reads further
-        return cls(
-            parts[-1].generation,
-            next_offsets,
-            PreparedCharges(
-                [m for p in parts for m in p.charges.dead_letters],
-                [v for p in parts for v in p.charges.views],
-                [c for p in parts for c in p.charges.calls],
-            ),
-            [c for p in parts for c in p.commands],
-            [t for p in parts for t in p.sent_at],
-            sum(p.size for p in parts),
-        )
-
 
 def heartbeat_seconds(session_timeout_seconds: float) -> float:
     """How often the consumer tells the group it is alive: six times a session, so a few
@@ -147,41 +100,6 @@ async def _at_most(seconds: float, doing: str, step: Awaitable[Any]) -> None:
         log.warning("stopping: gave up %s after %.0fs", doing, seconds)
     except KafkaError as exc:
         log.warning("stopping: %s failed: %r", doing, exc)
-
-
-def _value_bytes(record: Any) -> int:
-    return len(record.value) if record.value is not None else 0
-
-
-def within_bytes(fetched: Fetched, room: int, first: bool = True) -> tuple[Fetched, Fetched]:
-    """What fits ``room`` bytes of values, and the rest: records are taken partition by
-    partition, in order. With ``first`` (nothing else waits) the first record always
-    fits: a larger one is a batch of its own. The rest keeps each partition's order, to
-    be prepared first next time."""
-    taken: dict[TopicPartition, Sequence[Any]] = {}
-    rest: dict[TopicPartition, Sequence[Any]] = {}
-    used, full = 0, False
-    for tp, records in fetched.items():
-        if full:
-            rest[tp] = records
-            continue
-        cut = 0
-        while cut < len(records):
-            size = _value_bytes(records[cut])
-            if used + size > room and not (first and used == 0 and not taken and cut == 0):
-                full = True
-                break
-            used += size
-            cut += 1
-        if cut:
-            taken[tp] = records[:cut]
-        if cut < len(records):
-            rest[tp] = records[cut:]
-    return taken, rest
-
-
-def _incoming(records: Sequence[Any]) -> Iterator[Incoming]:
-    return (Incoming(r.topic, r.partition, r.offset, r.key, r.value) for r in records)
 
 
 class DecisionLoop(Service):
@@ -216,7 +134,7 @@ class DecisionLoop(Service):
         self._publishing: asyncio.Future[None] | None = None
         # what the first stage prepared while the second decided the batch before:
         # the next batch, in parts (one per fetch), at most batch_size records
-        self._parts: list[_Batch] = []
+        self._parts: list[Batch] = []
         self._waiting = 0
         self._waiting_bytes = 0
         # fetched beyond a batch's bytes, prepared first next time (with its generation)
@@ -355,7 +273,7 @@ class DecisionLoop(Service):
                 # go to another worker); deciding them now would only publish them twice
                 current = [p for p in parts if p.generation == self._generation]
                 if current:
-                    batch = _Batch.joined(current)
+                    batch = Batch.joined(current)
                     decided = await until_done(
                         partial(self._decide, batch),
                         "decide",
@@ -368,7 +286,7 @@ class DecisionLoop(Service):
                         return  # decided but not published: decided again, identically
                     self._publishing = asyncio.ensure_future(self._publish(batch, decided))
 
-    def _take_parts(self) -> list[_Batch]:
+    def _take_parts(self) -> list[Batch]:
         """Everything prepared since the second stage last took: one batch."""
         parts, self._parts, self._waiting, self._waiting_bytes = self._parts, [], 0, 0
         self._parts_ready.clear()
@@ -388,26 +306,26 @@ class DecisionLoop(Service):
 
     # ---- a batch --------------------------------------------------------------------
 
-    def _prepare(self, fetched: Fetched, generation: int) -> _Batch:
+    def _prepare(self, fetched: Fetched, generation: int) -> Batch:
         charges: list[Incoming] = []
         commands: list[Incoming] = []
         sent_at: list[int] = []
         for tp, records in fetched.items():
             if tp.topic == self._commands:
-                commands.extend(_incoming(records))
+                commands.extend(incoming(records))
             else:
-                charges.extend(_incoming(records))
+                charges.extend(incoming(records))
                 sent_at.extend(r.timestamp for r in records)
-        return _Batch(
+        return Batch(
             generation,
             {tp: records[-1].offset + 1 for tp, records in fetched.items()},
             self._processor.prepare(charges),
             commands,
             sent_at,
-            sum(_value_bytes(r) for records in fetched.values() for r in records),
+            sum(value_bytes(r) for records in fetched.values() for r in records),
         )
 
-    async def _decide(self, batch: _Batch) -> _Decided:
+    async def _decide(self, batch: Batch) -> Decided:
         """Decide the batch, checking Redis against the ledger first when that is due."""
         processor = self._processor
         while True:
@@ -427,9 +345,9 @@ class DecisionLoop(Service):
                 assert self._guard is not None  # only a guarded store raises it
                 self._guard.heal_due(exc.orgs)
                 continue
-            return _Decided(out, processor.take_rendered_sequences())
+            return Decided(out, processor.take_rendered_sequences())
 
-    async def _publish(self, batch: _Batch, decided: _Decided) -> None:
+    async def _publish(self, batch: Batch, decided: Decided) -> None:
         assert self._publisher is not None  # created before the stages start
         await self._publisher.until_published(decided.outgoing, len(batch))
         if self._guard is not None:
@@ -453,7 +371,7 @@ class DecisionLoop(Service):
         if self._publishing is not None:
             self._publishing.cancel()
 
-    def _observe(self, batch: _Batch) -> None:
+    def _observe(self, batch: Batch) -> None:
         if batch.charges:
             self._metrics.batch_size.labels("charges").observe(len(batch.charges))
             now_ms = time.time() * 1000
