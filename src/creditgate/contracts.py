@@ -1,7 +1,7 @@
 """The published contracts, generated: JSON Schemas of every topic's value, AsyncAPI and
 the HTTP API's OpenAPI document.
 
-The pydantic models (``domain/charges.py``, ``domain/commands.py``, ``domain/messages.py``)
+The pydantic models (``domain/charges.py``, ``domain/commands.py``, ``domain/published/``)
 and ``topics/*.json`` are the sources; this module writes from them
 
 - ``topics/schemas/<value>.schema.json``: one JSON Schema (draft 2020-12) per kind of
@@ -32,7 +32,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from creditgate.api.openapi import OPENAPI_FILE, openapi_document
-from creditgate.domain import messages as m
+from creditgate.domain import published as m
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.commands import (
     Grant,

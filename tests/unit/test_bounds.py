@@ -17,8 +17,8 @@ from creditgate.domain.dead_letters import KEY_PREFIX_BYTES, VALUE_PREFIX_BYTES
 from creditgate.domain.decisions import ChargeRecord, RequestView, bounded_items, charge_result
 from creditgate.domain.intake import MAX_DETAIL_CHARS, MAX_MESSAGE_BYTES, read_charge_request
 from creditgate.domain.ledger import ITEMS_PER_PART, LedgerParts, split_entry
-from creditgate.domain.messages import ChargeApproved, DeadLetter
 from creditgate.domain.outgoing import dead_letter, ledger_messages
+from creditgate.domain.published import ChargeApproved, DeadLetter
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.batches import within_bytes

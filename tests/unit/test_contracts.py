@@ -40,8 +40,8 @@ from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.ids import to_ms
 from creditgate.domain.intake import read_charge_request
 from creditgate.domain.license_events import CommandRecord
-from creditgate.domain.messages import CloudEventsHeaders
 from creditgate.domain.outgoing import Outgoing
+from creditgate.domain.published import CloudEventsHeaders
 from creditgate.settings import Settings
 from creditgate.store.gateway import (
     ChargeAnswer,

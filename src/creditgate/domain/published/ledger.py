@@ -1,0 +1,271 @@
+"""The ledger entries (``credits.ledger``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
+
+from creditgate.domain.charges import Action, Outcome, Reason
+from creditgate.domain.commands import (
+    CommandReason,
+    Grant,
+    LicenseCommand,
+    MemberRemove,
+    MemberUpsert,
+    SetCreditsAllowed,
+    StartPeriod,
+)
+from creditgate.domain.ids import Identifier
+from creditgate.domain.published.common import (
+    Count,
+    EpochMs,
+    Fingerprint,
+    LedgerSequence,
+    Message,
+    Time,
+    WindowName,
+)
+from creditgate.domain.published.license_events import LicenseState, MemberState, NoLicenseState
+from creditgate.domain.published.results import RequestedItem
+
+# Each entry carries the script's own record of the decision: Redis state is rebuilt
+# from the ledger alone, so that record is part of the contract too.
+
+
+class EmptyTable(Message):
+    """An empty list as the scripts store it: cjson encodes an empty Lua table as ``{}``."""
+
+
+class ScriptNote(Message):
+    """A notification the charge script asked for."""
+
+    type: Literal["credits.disallowed", "credits.insufficient", "credits.threshold_reached"]
+    to: Literal["user", "admin"]
+    threshold: int | SkipJsonSchema[None] = None
+
+
+class ChargeScriptRecord(Message):
+    """The charge script's stored decision, as it wrote it (times in ms since the epoch)."""
+
+    request_id: Identifier
+    fp: Fingerprint
+    at: EpochMs
+    status: Literal["approved", "rejected"]
+    reason: Reason | SkipJsonSchema[None] = None
+    detail: str | SkipJsonSchema[None] = None
+    credits: Count
+    needed: Count
+    balance: Count
+    period: Identifier | Literal[""] = Field(description='"" when there is no period')
+    outcomes: list[Outcome] | EmptyTable
+    until: list[EpochMs] | EmptyTable = Field(description="per item; 0 = not free")
+    opened: list[tuple[Count, EpochMs]] | EmptyTable = Field(
+        description="windows opened: [0-based window slot, window end]"
+    )
+    notes: list[ScriptNote] | EmptyTable
+    saved: Count
+    seq: LedgerSequence
+
+
+class RawLicenseState(Message):
+    period_id: Identifier
+    starts_ms: EpochMs
+    ends_ms: EpochMs
+    credits: Count
+    granted: Count
+    balance: Count
+
+
+class RawMemberState(Message):
+    user_id: Identifier
+    role: Literal["admin", "member", False]
+    credits_allowed: bool
+
+
+class CommandScriptRecord(Message):
+    """The command script's stored outcome of an applied command."""
+
+    command_id: Identifier
+    fp: Fingerprint
+    at: EpochMs
+    status: Literal["applied"]
+    seq: LedgerSequence
+    state: RawLicenseState | RawMemberState
+    delta: int | SkipJsonSchema[None] = None
+    balance: Count | SkipJsonSchema[None] = None
+    expired: Count | SkipJsonSchema[None] = None
+
+
+class RawNoLicenseState(Message):
+    period_id: Literal[False]
+
+
+class RejectedCommandScriptRecord(Message):
+    """The command script's stored outcome of a rejected command (``state`` is absent
+    when the command could not be read)."""
+
+    command_id: Identifier
+    fp: Fingerprint
+    at: EpochMs
+    status: Literal["rejected"]
+    reason: CommandReason
+    detail: str | SkipJsonSchema[None] = None
+    seq: LedgerSequence
+    state: RawLicenseState | RawNoLicenseState | RawMemberState | SkipJsonSchema[None] = None
+
+
+class WindowOpened(Message):
+    window: WindowName
+    ends_at_ms: EpochMs
+
+
+class RequestSummary(Message):
+    """The request as stored beside its decision (what reports show)."""
+
+    user_id: Identifier | None
+    action: Action
+    items: list[RequestedItem]
+    reference: dict[str, Any] | None
+    max_credits: Count | None
+
+
+class _Entry(Message):
+    org_id: Identifier
+    sequence: LedgerSequence
+    recorded_at: Time
+
+
+_PART = Field(
+    default=None,
+    description="set when the entry is split into parts (domain/ledger.py): this is part 1, "
+    "with every header field and the first slice of each list",
+)
+_PARTS = Field(default=None, description="how many parts the entry is split into")
+
+
+class ChargedEntry(_Entry):
+    """An approved request: the credits it took and the repeat windows it opened."""
+
+    kind: Literal["charged"]
+    request_id: Identifier
+    user_id: Identifier
+    action: Action
+    credits_delta: Annotated[int, Field(le=0)]
+    balance_after: Count
+    period_id: Identifier
+    windows: list[WindowOpened]
+    decision: ChargeScriptRecord
+    request: RequestSummary
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class RejectedEntry(_Entry):
+    """A rejected request: nothing changes, but a replay after a rebuild gets this answer."""
+
+    kind: Literal["rejected"]
+    request_id: Identifier
+    user_id: Identifier | None
+    action: Action
+    credits_delta: Literal[0]
+    balance_after: Count
+    period_id: Identifier | None
+    windows: list[WindowOpened] = Field(max_length=0)
+    decision: ChargeScriptRecord
+    request: RequestSummary
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class PeriodStartedEntry(_Entry):
+    """A new period: the balance becomes its credits, the rest of the last one expires."""
+
+    kind: Literal["period_started"]
+    command_id: Identifier
+    command_type: Literal["license.start_period"]
+    credits_delta: int
+    balance_after: Count
+    expired_credits: Count
+    command: StartPeriod
+    state: LicenseState
+    decision: CommandScriptRecord
+
+
+class GrantedEntry(_Entry):
+    """Credits added to the current period."""
+
+    kind: Literal["granted"]
+    command_id: Identifier
+    command_type: Literal["credits.grant"]
+    credits_delta: Annotated[int, Field(ge=1)]
+    balance_after: Count
+    expired_credits: Literal[0]
+    command: Grant
+    state: LicenseState
+    decision: CommandScriptRecord
+
+
+class MemberChangedEntry(_Entry):
+    """A member added, changed, removed, or allowed or disallowed to use credits."""
+
+    kind: Literal["member_changed"]
+    command_id: Identifier
+    command_type: Literal["member.upsert", "member.remove", "member.set_credits_allowed"]
+    credits_delta: Literal[0]
+    balance_after: None
+    expired_credits: Literal[0]
+    command: Annotated[MemberUpsert | MemberRemove | SetCreditsAllowed, Field(discriminator="type")]
+    state: MemberState
+    decision: CommandScriptRecord
+
+
+class CommandRejectedEntry(_Entry):
+    """A rejected license command: nothing changes, but a replay after a rebuild gets
+    this answer. ``command`` is null for an invalid command (its fault is in the
+    decision's ``detail``); ``command_type`` echoes what the command said."""
+
+    kind: Literal["command_rejected"]
+    command_id: Identifier
+    command_type: str
+    credits_delta: Literal[0]
+    balance_after: None
+    expired_credits: Literal[0]
+    command: LicenseCommand | None
+    state: LicenseState | NoLicenseState | MemberState | None
+    decision: RejectedCommandScriptRecord
+
+
+class DecisionSlices(Message):
+    outcomes: list[Outcome] | SkipJsonSchema[None] = None
+    until: list[EpochMs] | SkipJsonSchema[None] = None
+    opened: list[tuple[Count, EpochMs]] | SkipJsonSchema[None] = None
+
+
+class RequestSlices(Message):
+    items: list[RequestedItem]
+
+
+class ContinuedEntry(_Entry):
+    """Part 2 or later of an entry split into parts (``domain/ledger.py``): the next
+    slice of each of its lists, under the same names. ``LedgerParts`` joins them."""
+
+    kind: Literal["continued"]
+    part: Annotated[int, Field(ge=2)]
+    parts: Annotated[int, Field(ge=2)]
+    windows: list[WindowOpened] | SkipJsonSchema[None] = None
+    decision: DecisionSlices | SkipJsonSchema[None] = None
+    request: RequestSlices | SkipJsonSchema[None] = None
+
+
+LedgerEntry = Annotated[
+    ChargedEntry
+    | RejectedEntry
+    | ContinuedEntry
+    | PeriodStartedEntry
+    | GrantedEntry
+    | MemberChangedEntry
+    | CommandRejectedEntry,
+    Field(discriminator="kind"),
+]
