@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -327,10 +328,26 @@ class DevStack:
         """SIGKILL: a Redis crash; writes not yet fsynced are lost."""
         self._redis.kill()
 
-    def copy_redis_data(self, destination: Path) -> None:
+    def copy_redis_data(self, destination: Path, attempts: int = 20) -> None:
         """Copy Redis's data folder (its AOF) as it is on disk now, Redis running: what a
-        backup, a lagging replica or a disk that lost its last second would hold later."""
-        shutil.copytree(self._redis.data_dir, destination)
+        backup, a lagging replica or a disk that lost its last second would hold later.
+
+        An AOF rewrite may be under way: its temporary files are left out (Redis ignores
+        them on load too), and a copy whose manifest names a file the copy lacks (the
+        rewrite swapped files while it was taken) is taken again.
+        """
+        for _ in range(attempts):
+            shutil.rmtree(destination, ignore_errors=True)
+            try:
+                shutil.copytree(
+                    self._redis.data_dir, destination, ignore=shutil.ignore_patterns("temp-*")
+                )
+            except shutil.Error:
+                continue  # a file went away while it was copied
+            if _aof_complete(destination):
+                return
+            time.sleep(0.1)
+        raise DevStackError(f"could not copy {self._redis.data_dir} while Redis rewrote it")
 
     def restore_redis_data(self, source: Path | None) -> None:
         """SIGKILL Redis and start it again from ``source`` (a ``copy_redis_data`` copy),
@@ -456,3 +473,17 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def _aof_complete(data_dir: Path) -> bool:
+    """Whether every file the AOF manifest names is in ``data_dir``'s AOF folder."""
+    for manifest in data_dir.glob("*/*.manifest"):
+        for line in manifest.read_text().splitlines():
+            fields = line.split()
+            if (
+                len(fields) >= 2
+                and fields[0] == "file"
+                and not (manifest.parent / fields[1]).exists()
+            ):
+                return False
+    return True
