@@ -35,7 +35,8 @@ from creditgate.domain.decisions import (
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.intake import InvalidRequest, read_charge_request
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeAnswer, ChargeCall, CommandAnswer, CreditStore
+from creditgate.store.calls import ChargeAnswer, ChargeCall, CommandAnswer
+from creditgate.store.gateway import CreditStore
 
 WINDOW_DAYS = 30
 DAY_MS = 86_400_000

@@ -15,7 +15,7 @@ import pytest
 from creditgate.domain.charges import ChargeRequest
 from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
-from creditgate.store.gateway import ChargeCall
+from creditgate.store.calls import ChargeCall
 from creditgate.stream import topics as t
 from creditgate.stream.healing import Healer, PublishedSequences
 

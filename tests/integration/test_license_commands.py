@@ -30,7 +30,8 @@ from creditgate.domain.license_events import (
     license_event,
 )
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CommandAnswer, CreditStore, InvalidCommand
+from creditgate.store.calls import ChargeCall, CommandAnswer, InvalidCommand
+from creditgate.store.gateway import CreditStore
 
 DAY_MS = 86_400_000
 DAY0 = to_ms(datetime(2100, 1, 4, 9, 0, tzinfo=UTC))

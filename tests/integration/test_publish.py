@@ -23,7 +23,8 @@ from redis.exceptions import ResponseError
 from creditgate.domain.charges import ChargeRequest
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore, _resp
+from creditgate.store.calls import ChargeCall, _resp
+from creditgate.store.gateway import CreditStore
 from creditgate.stream.events import Outgoing
 from creditgate.stream.publish import Publisher
 from creditgate.stream.topics import TopicRegistry, TopicSpec, apply_topics

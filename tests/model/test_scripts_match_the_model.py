@@ -39,13 +39,8 @@ from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.commands import license_command_adapter
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.settings import Settings
-from creditgate.store.gateway import (
-    ChargeAnswer,
-    ChargeCall,
-    CommandAnswer,
-    CreditStore,
-    InvalidCommand,
-)
+from creditgate.store.calls import ChargeAnswer, ChargeCall, CommandAnswer, InvalidCommand
+from creditgate.store.gateway import CreditStore
 from tests.model.reference import CommandOutcome, Decision, Model
 
 pytestmark = pytest.mark.integration

@@ -41,15 +41,15 @@ from creditgate.domain.intake import read_charge_request
 from creditgate.domain.license_events import CommandRecord
 from creditgate.domain.messages import CloudEventsHeaders
 from creditgate.settings import Settings
-from creditgate.store.gateway import (
+from creditgate.store.calls import (
     ChargeAnswer,
     ChargeCall,
     CommandAnswer,
-    CreditStore,
     InvalidCommand,
     KnownSequences,
     PackedCharge,
 )
+from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing
 from creditgate.stream.processor import Clock, Incoming, Processor

@@ -9,7 +9,8 @@ from redis.asyncio.connection import Connection
 
 from creditgate.domain.charges import ChargeRequest
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 
 
 def _call(**extra: object) -> ChargeCall:

@@ -10,12 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-# Window kinds. Export and CRM push share one window per entity; email verification
-# has its own, per contact.
-SHARED_CONTACT = "contact"
-SHARED_COMPANY = "company"
-VERIFIED_CONTACT = "verify"
-
 
 @dataclass(frozen=True)
 class OrgKeys:
@@ -63,12 +57,8 @@ class OrgKeys:
         return f"{self.base}:hist:{action}:{user_id}"
 
     def window(self, name: str) -> str:
-        """A repeat window; ``name`` is ``window_name(kind, entity_id)``."""
+        """A repeat window; ``name`` is ``domain.windows.window_name(kind, entity_id)``."""
         return f"{self.base}:win:{name}"
-
-
-def window_name(kind: str, entity_id: str) -> str:
-    return f"{kind}:{entity_id}"
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ from creditgate.domain.license_events import (
     license_event,
 )
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing, outgoing
 from creditgate.stream.processor import Incoming, dead_letter, ledger_messages

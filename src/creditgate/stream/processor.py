@@ -45,14 +45,14 @@ from creditgate.domain.license_events import (
 )
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
-from creditgate.store.gateway import (
+from creditgate.store.calls import (
     ChargeAnswer,
     ChargeCall,
-    CreditStore,
     InvalidCommand,
     KnownSequences,
-    PackedCharge,
+    PreparedCall,
 )
+from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.events import Outgoing, outgoing
 from creditgate.stream.topics import TopicRegistry
@@ -78,7 +78,7 @@ class PreparedCharges:
 
     dead_letters: list[Outgoing]  # the unreadable ones, already rendered
     views: list[RequestView]
-    calls: list[PackedCharge]
+    calls: list[PreparedCall]
 
     def __len__(self) -> int:
         return len(self.dead_letters) + len(self.calls)
@@ -169,7 +169,7 @@ class Processor:
         views, calls = prepared.views, prepared.calls
 
         def render(i: int, answer: ChargeAnswer) -> None:  # while Redis runs the next ones
-            windows = calls[i].call.windows
+            windows = calls[i].windows
             out.extend(self._publish_charge(views[i], windows, answer.status, answer.record, now))
 
         started = time.perf_counter()
