@@ -30,10 +30,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from creditgate.connections import redis_options
 from creditgate.domain.commands import LicenseCommand
 from creditgate.domain.decisions import ChargeRecord
-from creditgate.domain.ids import rfc3339
 from creditgate.domain.license_events import CommandRecord
 from creditgate.errors import CreditgateError, RedisMayHaveForgotten, StoreUnavailable
 from creditgate.settings import Settings
+from creditgate.store import reads
 from creditgate.store.calls import (
     ChargeAnswer,
     ChargeCall,
@@ -46,18 +46,22 @@ from creditgate.store.calls import (
     _resp,
     command_payload,
 )
-from creditgate.store.keys import Keys
+from creditgate.store.keys import USAGE_METRICS, Keys
+from creditgate.store.reads import PeriodUsage, StoredDecision
 from creditgate.store.restore import HealedOrg, heal_org, redis_skew_ms
 from creditgate.store.wire import BatchConnection, OnReply, Reply
 
 __all__ = [
+    "USAGE_METRICS",
     "ChargeAnswer",
     "ChargeCall",
     "CommandAnswer",
     "CreditStore",
     "InvalidCommand",
     "KnownSequences",
+    "PeriodUsage",
     "PreparedCall",
+    "StoredDecision",
 ]
 
 # the scripts' answers that decide nothing: Redis is behind what the ledger published
@@ -225,22 +229,50 @@ class CreditStore:
     async def credits(self, org_id: str, now_ms: int) -> dict[str, Any] | None:
         """The organisation's current period: amount, grants, used and remaining."""
         async with _infrastructure("reading credits"):
-            raw = await self._redis.hgetall(self.keys.org(org_id).license)
-        if not raw:
-            return None
-        credits, granted, balance = int(raw["credits"]), int(raw["granted"]), int(raw["balance"])
-        starts, ends = int(raw["starts_ms"]), int(raw["ends_ms"])
-        return {
-            "org_id": org_id,
-            "period_id": raw["period_id"],
-            "starts_at": rfc3339(starts),
-            "ends_at": rfc3339(ends),
-            "active": starts <= now_ms < ends,
-            "period_credits": credits,
-            "granted": granted,
-            "used": credits + granted - balance,
-            "remaining": balance,
-        }
+            return await reads.credits(self._redis, self.keys.org(org_id), org_id, now_ms)
+
+    async def org_exists(self, org_id: str) -> bool:
+        """An organisation is known once a command gave it a license or a member."""
+        async with _infrastructure("reading the organisation"):
+            return await reads.org_exists(self._redis, self.keys.org(org_id))
+
+    async def current_period(self, org_id: str) -> str | None:
+        """The id of the license's current period (None: no license)."""
+        async with _infrastructure("reading the license"):
+            return await reads.current_period(self._redis, self.keys.org(org_id))
+
+    async def period_usage(
+        self, org_id: str, period_id: str, actions: Sequence[str]
+    ) -> PeriodUsage:
+        """Per user of the period: per action of ``actions``, its usage counts."""
+        async with _infrastructure("reading usage"):
+            return await reads.period_usage(self._redis, self.keys.org(org_id), period_id, actions)
+
+    async def history_page(
+        self,
+        org_id: str,
+        user_id: str,
+        action: str,
+        limit: int,
+        before_ms: int | None = None,
+        after_request_id: str | None = None,
+    ) -> list[tuple[str, int]]:
+        """Up to ``limit + 1`` (request id, decision time) of the user's decisions of
+        ``action``, newest first, after a cursor (``reads.history_page``)."""
+        key = self.keys.org(org_id).history(user_id, action)
+        async with _infrastructure("reading a charge history"):
+            return await reads.history_page(self._redis, key, limit, before_ms, after_request_id)
+
+    async def stored_decisions(
+        self, org_id: str, request_ids: Sequence[str]
+    ) -> list[StoredDecision | None]:
+        """Per request id, its stored decision (None: expired or never decided)."""
+        async with _infrastructure("reading decisions"):
+            return await reads.stored_decisions(self._redis, self.keys.org(org_id), request_ids)
+
+    async def stored_decision(self, org_id: str, request_id: str) -> StoredDecision | None:
+        async with _infrastructure("reading a decision"):
+            return await reads.stored_decision(self._redis, self.keys.org(org_id), request_id)
 
     # ---- healing from the ledger (stream/healing.py) ----------------------------
 

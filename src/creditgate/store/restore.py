@@ -37,7 +37,13 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from creditgate.store.keys import OrgKeys
+from creditgate.store.keys import (
+    RECORD,
+    RECORD_FINGERPRINT,
+    RECORD_REQUEST,
+    OrgKeys,
+    UsageFields,
+)
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ class OrgState:
             ),
         )
         self.history.setdefault((user, action), History()).add(request_id, at, self.ttl_ms)
-        usage = f"{period}|{user}|{action}|"
+        usage = UsageFields.counter_prefix(period, user, action)
         if decision["status"] != "approved":
             # reject(): counted against the period the request was decided in, if any
             if period:
@@ -218,11 +224,12 @@ class OrgState:
 
     def _count(self, usage_field: str, amount: int) -> None:
         # as charge.lua's count_usage: a period's users are listed in order of first use
-        period, user = usage_field.split("|")[:2]
-        if f"{period}|{user}|*" not in self.usage:
-            self.usage[f"{period}|{user}|*"] = 1
-            users = self.usage.get(f"{period}|*users")
-            self.usage[f"{period}|*users"] = f"{users},{user}" if users is not None else user
+        period, user = UsageFields.period_and_user(usage_field)
+        marker, listed = UsageFields.user_marker(period, user), UsageFields.users(period)
+        if marker not in self.usage:
+            self.usage[marker] = 1
+            users = self.usage.get(listed)
+            self.usage[listed] = f"{users},{user}" if users is not None else user
         count = self.usage.get(usage_field, 0)
         assert isinstance(count, int)
         self.usage[usage_field] = count + amount
@@ -292,13 +299,13 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         yield ("HSET", keys.usage, *_flat({k: str(v) for k, v in state.usage.items()}))
     now, ttl = state.now_ms, state.ttl_ms
     for request_id, stored in state.requests.items():
-        fields = {"fp": stored.fingerprint, "rec": stored.record}
+        fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
         if stored.summary is not None:
-            fields["req"] = stored.summary
+            fields[RECORD_REQUEST] = stored.summary
         yield ("HSET", keys.request(request_id), *_flat(fields))
         yield ("PEXPIRE", keys.request(request_id), stored.decided_ms + ttl - now)
     for command_id, stored in state.commands.items():
-        fields = {"fp": stored.fingerprint, "rec": stored.record}
+        fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
         yield ("HSET", keys.command(command_id), *_flat(fields))
         yield ("PEXPIRE", keys.command(command_id), stored.decided_ms + ttl - now)
     for (user, action), history in state.history.items():
@@ -392,7 +399,7 @@ async def _read_aggregates(client: Any, keys: OrgKeys, state: OrgState) -> None:
     state.grants = dict(await client.hgetall(keys.grants))
     state.usage = {
         # "<period>|*users" lists users; every other field is a count (or a marker, 1)
-        name: value if name.endswith("|*users") else int(value)
+        name: value if UsageFields.is_users(name) else int(value)
         for name, value in (await client.hgetall(keys.usage)).items()
     }
 
