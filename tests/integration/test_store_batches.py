@@ -185,8 +185,8 @@ async def test_server_notices_in_the_middle_of_a_batch_are_not_taken_for_replies
     now = int(time.time() * 1000)
     await licensed(store, credits=1_000_000, now=now)
     await store.charge_many([export("warm-up", 1, now)], now)  # opens the batch connection
-    assert store._batch_connection is not None
-    connection = store._batch_connection.connection
+    assert store._batches.batch_connection is not None
+    connection = store._batches.batch_connection.connection
     await connection.send_command("SUBSCRIBE", "notices")
     confirmed = await connection.read_response(push_request=True)
     assert confirmed[0] == "subscribe"

@@ -74,12 +74,12 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 json.dumps(request, separators=(",", ":")),
                 call.summary,
             ]
-            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
+            whole = ("EVALSHA", store._charge.sha, len(keys), *keys, *args)
             assert packed.command(1_795_000_000_123) == b"".join(Connection().pack_command(*whole))
             # with the organisation's last published sequence, for the check that Redis
             # has not forgotten it
             args[1] = 41
-            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
+            whole = ("EVALSHA", store._charge.sha, len(keys), *keys, *args)
             known = {"acme": 41}.__getitem__
             assert packed.command(1_795_000_000_123, known) == b"".join(
                 Connection().pack_command(*whole)
@@ -90,5 +90,5 @@ def test_scripts_are_named_by_the_sha1_redis_gives_them() -> None:
     import hashlib
 
     store = CreditStore(aioredis.Redis(), Settings())
-    assert store._charge_sha == hashlib.sha1(store._charge_lua.encode()).hexdigest()
-    assert len(store._command_sha) == 40
+    assert store._charge.sha == hashlib.sha1(store._charge.text.encode()).hexdigest()
+    assert len(store._command.sha) == 40

@@ -57,7 +57,7 @@ async def _run(check: Check) -> str | None:
 
 def readiness(store: CreditStore, registry: TopicRegistry, settings: Settings) -> Readiness:
     async def redis() -> str | None:
-        await store.redis.ping()
+        await store.ping()
         return None
 
     async def kafka_and_topics() -> str | None:

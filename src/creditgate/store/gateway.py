@@ -6,34 +6,32 @@ layer around it, one job a module:
 - ``keys``: every key and hash field the store reads or writes;
 - ``calls``: requests and commands mapped onto the scripts' KEYS and ARGV, packed as
   Redis protocol (``ChargeCall``, ``PreparedCall``);
+- ``batches``: packed calls sent over the batch connection, scripts reloaded when lost;
 - ``wire``: a batch over one connection, the only use of redis-py's private parts;
-- ``restore``: state folded back from the ledger (healing, ``creditgate rebuild``);
-- here: the store's methods, which send the batches and read state, with every Redis
-  failure turned into ``StoreUnavailable``.
+- ``reads``: what the HTTP API and the CLI read, as plain data;
+- ``restore`` and ``writeback``: state folded from the ledger and written back
+  (healing, ``creditgate rebuild``);
+- ``outages``: Redis failures as ``StoreUnavailable``;
+- here: ``CreditStore``, whose methods are all the rest of creditgate uses. Every one
+  raises ``StoreUnavailable`` when Redis cannot be reached, never a redis-py error.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from importlib import resources
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.connections import redis_options
 from creditgate.domain.commands import LicenseCommand
 from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.license_events import CommandRecord
-from creditgate.errors import CreditgateError, RedisMayHaveForgotten, StoreUnavailable
+from creditgate.errors import RedisMayHaveForgotten
 from creditgate.settings import Settings
 from creditgate.store import reads
+from creditgate.store.batches import Batches, Script
 from creditgate.store.calls import (
     ChargeAnswer,
     ChargeCall,
@@ -41,15 +39,23 @@ from creditgate.store.calls import (
     CommandAnswer,
     InvalidCommand,
     KnownSequences,
-    PackedCharge,
     PreparedCall,
     _resp,
     command_payload,
 )
 from creditgate.store.keys import USAGE_METRICS, Keys
+from creditgate.store.outages import unavailable_as
 from creditgate.store.reads import PeriodUsage, StoredDecision
-from creditgate.store.restore import HealedOrg, heal_org, redis_skew_ms
-from creditgate.store.wire import BatchConnection, OnReply, Reply
+from creditgate.store.restore import OrgState
+from creditgate.store.wire import Reply
+from creditgate.store.writeback import (
+    HealedOrg,
+    delete_matching,
+    heal_org,
+    org_has_keys,
+    redis_skew_ms,
+    write_org,
+)
 
 __all__ = [
     "USAGE_METRICS",
@@ -57,6 +63,7 @@ __all__ = [
     "ChargeCall",
     "CommandAnswer",
     "CreditStore",
+    "HealedOrg",
     "InvalidCommand",
     "KnownSequences",
     "PeriodUsage",
@@ -68,10 +75,6 @@ __all__ = [
 _STALE = ("behind", "unknown")
 
 
-def _script(name: str) -> str:
-    return resources.files("creditgate.store").joinpath("lua", name).read_text("utf-8")
-
-
 class CreditStore:
     """creditgate's only writer of credit state."""
 
@@ -79,26 +82,9 @@ class CreditStore:
         self._redis = client
         self._settings = settings
         self.keys = Keys(settings.key_prefix)
-        self._charge_lua = _script("charge.lua")
-        self._command_lua = _script("command.lua")
-        # Redis names a script by the SHA1 of its text: known before it is loaded, so
-        # calls can be packed ahead (``pack_charges``)
-        self._charge_sha = hashlib.sha1(self._charge_lua.encode()).hexdigest()
-        self._command_sha = hashlib.sha1(self._command_lua.encode()).hexdigest()
-        self._scripts_loaded = False
-        self._packer = ChargePacker(self.keys, settings, self._charge_sha)
-        # The decision loop's batches go over a connection of their own, one batch at a
-        # time: taking a pooled connection checks it with a socket read, and while that
-        # read waits the worker's other stages run (preparing, publishing) with the
-        # batch not yet sent and Redis idle. About 4 % more decisions/s in alternating
-        # ``python -m bench.run`` runs on one stack. Quotes from the HTTP API use the pool.
-        self._batch_connection: BatchConnection | None = None
-        self._batch_turn = asyncio.Lock()
-        # Set by ``watch_reconnections``: a (re)connection of the batch connection may
-        # reach a Redis that forgot (a restart from an older AOF, a promoted replica), so
-        # the batch is not sent until the worker has checked Redis against the ledger.
-        self._watching_reconnections = False
-        self._connections_made = 0
+        self._charge, self._command = Script("charge.lua"), Script("command.lua")
+        self._packer = ChargePacker(self.keys, settings, self._charge.sha)
+        self._batches = Batches(client, (self._charge, self._command))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CreditStore:
@@ -113,26 +99,37 @@ class CreditStore:
         return cls(client, settings)
 
     @property
-    def redis(self) -> aioredis.Redis:
+    def client_for_tests(self) -> aioredis.Redis:
+        """The Redis client, for tests and benchmarks that look at or clear keys
+        directly. creditgate itself goes through the methods below."""
         return self._redis
 
     async def close(self) -> None:
-        async with self._batch_turn:  # after the batch in hand, if any
-            if self._batch_connection is not None:
-                await self._batch_connection.disconnect()
-                self._batch_connection = None
+        await self._batches.close()  # after the batch in hand, if any
         await self._redis.aclose()
 
     async def load_scripts(self) -> None:
         """Register the scripts once; a restarted Redis gets them again on NOSCRIPT."""
-        async with _infrastructure("loading the Lua scripts"):
-            loaded = (
-                await self._redis.script_load(self._charge_lua),
-                await self._redis.script_load(self._command_lua),
-            )
-        if loaded != (self._charge_sha, self._command_sha):
-            raise CreditgateError(f"Redis named the scripts {loaded}, not by their SHA1")
-        self._scripts_loaded = True
+        await self._batches.load_scripts()
+
+    def watch_reconnections(self) -> None:
+        """From now on, a batch whose connection had to be (re)made is not sent: it raises
+        ``RedisMayHaveForgotten`` for every organisation, once per connection made, so the
+        worker checks Redis against the ledger first (the first connection included)."""
+        self._batches.watch_reconnections()
+
+    async def ping(self) -> None:
+        """Whether Redis answers (readiness)."""
+        async with unavailable_as("pinging"):
+            await self._redis.ping()
+
+    async def config_value(self, name: str) -> str | None:
+        """One of Redis's settings (``CONFIG GET``), None when it has none by that name.
+        An ACL may forbid CONFIG: that ``ResponseError`` is raised as it is."""
+        async with unavailable_as(f"reading {name}"):
+            found = await self._redis.config_get(name)
+        value = found.get(name)
+        return None if value is None else str(value)
 
     # ---- charges ---------------------------------------------------------------
 
@@ -151,7 +148,7 @@ class CreditStore:
 
     async def charge_packed(
         self,
-        packed: Sequence[PackedCharge],
+        packed: Sequence[PreparedCall],
         now_ms: int,
         each: Callable[[int, ChargeAnswer], None] | None = None,
         known: KnownSequences = None,
@@ -182,7 +179,7 @@ class CreditStore:
 
         if packed:
             payload = b"".join(p.command(now_ms, known) for p in packed)
-            await self._run_batch(payload, len(packed), "deciding charge requests", answer)
+            await self._batches.run(payload, len(packed), "deciding charge requests", answer)
         if stale:
             raise RedisMayHaveForgotten("its sequence is behind the ledger", frozenset(stale))
         return answers
@@ -190,7 +187,7 @@ class CreditStore:
     async def quote(self, call: ChargeCall, now_ms: int) -> ChargeRecord:
         """The decision the charge script would take now, computed without writing."""
         (packed,) = self.pack_charges([call], "quote")  # no sequence check: writes nothing
-        ((_, raw),) = await self._run_batch(packed.command(now_ms), 1, "quoting", pooled=True)
+        ((_, raw),) = await self._batches.run(packed.command(now_ms), 1, "quoting", pooled=True)
         return ChargeRecord.from_script(orjson.loads(raw))
 
     # ---- license commands ------------------------------------------------------
@@ -211,9 +208,9 @@ class CreditStore:
             known,
             self.keys,
             self._settings.idempotency_ttl_ms,
-            self._command_sha,
+            self._command.sha,
         )
-        replies = await self._run_batch(payload, len(commands), "applying license commands")
+        replies = await self._batches.run(payload, len(commands), "applying license commands")
         stale = {
             c.org_id for c, (status, _) in zip(commands, replies, strict=True) if status in _STALE
         }
@@ -228,24 +225,24 @@ class CreditStore:
 
     async def credits(self, org_id: str, now_ms: int) -> dict[str, Any] | None:
         """The organisation's current period: amount, grants, used and remaining."""
-        async with _infrastructure("reading credits"):
+        async with unavailable_as("reading credits"):
             return await reads.credits(self._redis, self.keys.org(org_id), org_id, now_ms)
 
     async def org_exists(self, org_id: str) -> bool:
         """An organisation is known once a command gave it a license or a member."""
-        async with _infrastructure("reading the organisation"):
+        async with unavailable_as("reading the organisation"):
             return await reads.org_exists(self._redis, self.keys.org(org_id))
 
     async def current_period(self, org_id: str) -> str | None:
         """The id of the license's current period (None: no license)."""
-        async with _infrastructure("reading the license"):
+        async with unavailable_as("reading the license"):
             return await reads.current_period(self._redis, self.keys.org(org_id))
 
     async def period_usage(
         self, org_id: str, period_id: str, actions: Sequence[str]
     ) -> PeriodUsage:
         """Per user of the period: per action of ``actions``, its usage counts."""
-        async with _infrastructure("reading usage"):
+        async with unavailable_as("reading usage"):
             return await reads.period_usage(self._redis, self.keys.org(org_id), period_id, actions)
 
     async def history_page(
@@ -260,18 +257,18 @@ class CreditStore:
         """Up to ``limit + 1`` (request id, decision time) of the user's decisions of
         ``action``, newest first, after a cursor (``reads.history_page``)."""
         key = self.keys.org(org_id).history(user_id, action)
-        async with _infrastructure("reading a charge history"):
+        async with unavailable_as("reading a charge history"):
             return await reads.history_page(self._redis, key, limit, before_ms, after_request_id)
 
     async def stored_decisions(
         self, org_id: str, request_ids: Sequence[str]
     ) -> list[StoredDecision | None]:
         """Per request id, its stored decision (None: expired or never decided)."""
-        async with _infrastructure("reading decisions"):
+        async with unavailable_as("reading decisions"):
             return await reads.stored_decisions(self._redis, self.keys.org(org_id), request_ids)
 
     async def stored_decision(self, org_id: str, request_id: str) -> StoredDecision | None:
-        async with _infrastructure("reading a decision"):
+        async with unavailable_as("reading a decision"):
             return await reads.stored_decision(self._redis, self.keys.org(org_id), request_id)
 
     # ---- healing from the ledger (stream/healing.py) ----------------------------
@@ -279,7 +276,7 @@ class CreditStore:
     async def ledger_checkpoint(self, topic: str) -> dict[int, int]:
         """Per partition of the ledger ``topic``: the offset below which every entry is
         known to be in Redis (none for a partition never checkpointed, or forgotten)."""
-        async with _infrastructure("reading the ledger checkpoint"):
+        async with unavailable_as("reading the ledger checkpoint"):
             found = cast(
                 list[tuple[str, float]],
                 await self._redis.zrange(self.keys.ledger_checkpoint, 0, -1, withscores=True),
@@ -300,11 +297,11 @@ class CreditStore:
             return
         scores = [part for p, o in sorted(offsets.items()) for part in (o, f"{topic}:{p}")]
         payload = _resp(("ZADD", self.keys.ledger_checkpoint, "GT", *scores))
-        await self._run_batch(payload, 1, "raising the ledger checkpoint")
+        await self._batches.run(payload, 1, "raising the ledger checkpoint")
 
     async def sequences(self, org_ids: Sequence[str]) -> dict[str, int]:
         """Each organisation's ledger sequence in Redis (0: none)."""
-        async with _infrastructure("reading sequences"):
+        async with unavailable_as("reading sequences"):
             pipe = self._redis.pipeline(transaction=False)
             for org_id in org_ids:
                 pipe.get(self.keys.org(org_id).sequence)
@@ -315,8 +312,8 @@ class CreditStore:
         self, org_id: str, entries: Sequence[Mapping[str, Any]], now_ms: int
     ) -> HealedOrg:
         """Fold the ledger ``entries`` (whole, in sequence order, one copy each) that Redis
-        lacks onto the organisation's state, in one transaction (restore.heal_org)."""
-        async with _infrastructure(f"healing organisation {org_id}"):
+        lacks onto the organisation's state, in one transaction (writeback.heal_org)."""
+        async with unavailable_as(f"healing organisation {org_id}"):
             skew = await redis_skew_ms(self._redis, now_ms)
             return await heal_org(
                 self._redis,
@@ -327,103 +324,24 @@ class CreditStore:
                 skew,
             )
 
-    # ---- plumbing --------------------------------------------------------------
+    # ---- rebuilding from the ledger (creditgate rebuild) ------------------------
 
-    async def _run_batch(
-        self,
-        payload: bytes,
-        count: int,
-        doing: str,
-        on_reply: OnReply | None = None,
-        *,
-        pooled: bool = False,
-    ) -> list[Reply]:
-        async with _infrastructure(doing):
-            for attempt in range(2):
-                if not self._scripts_loaded:
-                    await self.load_scripts()
-                async with self._connection(pooled) as connection:
-                    replies, seen = await self._pipeline(
-                        connection, payload, count, on_reply, pooled=pooled
-                    )
-                failed = next((r for r in replies if isinstance(r, ResponseError)), None)
-                if isinstance(failed, NoScriptError) and not attempt and not seen:
-                    # Redis restarted and lost its script cache (so no call ran). Load the
-                    # scripts and send the batch again.
-                    self._scripts_loaded = False
-                    continue
-                if failed is not None:
-                    raise failed
-                return replies
-        raise CreditgateError(f"{doing}: the scripts could not be loaded")
+    async def org_keys_exist(self, org_id: str | None = None) -> bool:
+        """Whether Redis has any key of the organisation (of any, when None)."""
+        async with unavailable_as("looking for keys"):
+            return await org_has_keys(self._redis, self.keys.org_pattern(org_id or "*"))
 
-    @contextlib.asynccontextmanager
-    async def _connection(self, pooled: bool) -> AsyncIterator[BatchConnection]:
-        """The batch connection (waiting for the batch before, if any), or a pooled one."""
-        if pooled:
-            pool = self._redis.connection_pool
-            # redis-py leaves get_connection unannotated
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                yield BatchConnection(connection)
-            finally:
-                await pool.release(connection)
-            return
-        async with self._batch_turn:  # no wait when free, so no other task runs first
-            if self._batch_connection is None:
-                self._batch_connection = BatchConnection.dedicated(
-                    self._redis.connection_pool, self._connected
-                )
-            yield self._batch_connection
+    async def delete_org_keys(self, org_id: str) -> int:
+        """Delete every key of the organisation; how many there were."""
+        async with unavailable_as(f"deleting the keys of {org_id}"):
+            return await delete_matching(self._redis, self.keys.org_pattern(org_id))
 
-    def watch_reconnections(self) -> None:
-        """From now on, a batch whose connection had to be (re)made is not sent: it raises
-        ``RedisMayHaveForgotten`` for every organisation, once per connection made, so the
-        worker checks Redis against the ledger first (the first connection included)."""
-        self._watching_reconnections = True
-        self._connections_made = 1  # whatever connection there is was not checked yet
+    async def clock_skew_ms(self, now_ms: int) -> int:
+        """How far Redis's clock runs ahead of the decision clock ``now_ms`` (0: behind)."""
+        async with unavailable_as("reading Redis's clock"):
+            return await redis_skew_ms(self._redis, now_ms)
 
-    def _connected(self) -> None:
-        """After every connect of the batch connection, the health check's silent
-        reconnect included."""
-        self._connections_made += 1
-
-    async def _pipeline(
-        self,
-        connection: BatchConnection,
-        payload: bytes,
-        count: int,
-        on_reply: OnReply | None = None,
-        *,
-        pooled: bool = False,
-    ) -> tuple[list[Reply], int]:
-        """Send ``count`` packed commands in one write and read their ``count`` replies;
-        also how many replies ``on_reply`` saw (``wire.BatchConnection.exchange``).
-
-        This is redis-py's non-transactional pipeline without its per-command work (see
-        ``wire``). A connection failure propagates: the batch is retried, never
-        acknowledged.
-        """
-        await connection.open()
-        if self._watching_reconnections and self._connections_made and not pooled:
-            # counted by _connected: a Redis reached anew may have forgotten writes.
-            # Nothing was sent: the connection stays, checked.
-            self._connections_made = 0
-            raise RedisMayHaveForgotten("the connection to Redis was made anew", None)
-        return await connection.exchange(payload, count, on_reply)
-
-
-class _infrastructure:
-    """Turns Redis connection failures into ``StoreUnavailable`` (to retry, never to ack)."""
-
-    def __init__(self, doing: str) -> None:
-        self._doing = doing
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
-            raise StoreUnavailable(f"Redis unavailable while {self._doing}: {exc}") from exc
-        if isinstance(exc, ResponseError) and "LOADING" in str(exc):
-            raise StoreUnavailable(f"Redis is loading its data while {self._doing}") from exc
+    async def write_org(self, org_id: str, state: OrgState, skew_ms: int) -> int:
+        """Write an organisation's folded state (writeback.write_org); keys written."""
+        async with unavailable_as(f"writing organisation {org_id}"):
+            return await write_org(self._redis, self.keys.org(org_id), state, skew_ms)

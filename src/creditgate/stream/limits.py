@@ -466,9 +466,7 @@ async def check_redis_query_buffer(settings: Settings, store: CreditStore) -> st
     """A sentence when one batch's payload could exceed Redis's client-query-buffer-limit
     (Redis would close the connection, and the batch would be retried for ever)."""
     try:
-        found = (await store.redis.config_get("client-query-buffer-limit")).get(
-            "client-query-buffer-limit"
-        )
+        found = await store.config_value("client-query-buffer-limit")
         limit = int(found) if found is not None else REDIS_DEFAULT_QUERY_BUFFER_LIMIT
     except Exception:  # an ACL may forbid CONFIG: Redis's default, which the settings cap keeps
         limit = REDIS_DEFAULT_QUERY_BUFFER_LIMIT
