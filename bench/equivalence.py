@@ -173,8 +173,10 @@ async def digest(requests: int) -> tuple[str, list[bytes]]:
                 sha.update(line + b"\n")
                 lines.append(line)
         # clean up after ourselves: the keys live under a prefix of their own
-        async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
-            await store.redis.delete(key)
+        async for key in store.client_for_tests.scan_iter(
+            match=f"{settings.key_prefix}:*", count=5000
+        ):
+            await store.client_for_tests.delete(key)
     finally:
         await store.close()
     return f"{sha.hexdigest()}  ({len(lines)} messages from {len(inputs)} inputs)", lines

@@ -86,8 +86,10 @@ async def measure(batches: int, size: int) -> dict[str, float]:
         script_calls, usec = await _script_stats(store)
         script_calls, usec = script_calls - scripts_before[0], usec - scripts_before[1]
     finally:
-        async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*", count=5000):
-            await store.redis.delete(key)
+        async for key in store.client_for_tests.scan_iter(
+            match=f"{settings.key_prefix}:*", count=5000
+        ):
+            await store.client_for_tests.delete(key)
         await store.close()
     found = {stage: 1e6 * s / batches for stage, s in totals.items()}
     found["Redis, per charge.lua call (server time)"] = usec / max(1, script_calls)
@@ -96,7 +98,7 @@ async def measure(batches: int, size: int) -> dict[str, float]:
 
 async def _script_stats(store: CreditStore) -> tuple[int, int]:
     """(calls, microseconds) Redis has spent in EVALSHA since its start."""
-    stats = await store.redis.info("commandstats")
+    stats = await store.client_for_tests.info("commandstats")
     evalsha = stats.get("cmdstat_evalsha", {})
     return int(evalsha.get("calls", 0)), int(evalsha.get("usec", 0))
 

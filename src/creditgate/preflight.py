@@ -3,7 +3,7 @@
 ``preflight`` runs them in order; each is a small function against the real broker or
 Redis, and a refusal is a ``ConfigurationError`` naming what to change:
 
-1. connections (``connections.check_connections``): logins, certificates, ACLs;
+1. connections (``connection_checks.check_connections``): logins, certificates, ACLs;
 2. topics (``topics.check_topics``): a missing topic or another partition count stops
    the worker (keys by ``org_id`` keep an organisation in order only while the counts
    stay put); other drift from ``topics/`` is returned, to be logged;
@@ -57,7 +57,8 @@ from aiokafka.errors import (
 )
 from redis.exceptions import RedisError, ResponseError
 
-from creditgate.connections import aiokafka_options, check_connections, redis_options
+from creditgate.connection_checks import check_connections
+from creditgate.connections import aiokafka_options, redis_options
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import DAY_SECONDS, Settings
 from creditgate.store.gateway import CreditStore
@@ -352,7 +353,7 @@ async def check_no_eviction(settings: Settings) -> None:
             raise ConfigurationError(
                 "Redis refused both CONFIG GET and INFO to creditgate's user: the worker reads "
                 "maxmemory-policy at start-up, so its ACL rules need +info (see "
-                "connections.redis_acl_rules)"
+                "store.acl.redis_acl_rules)"
             ) from None
         raise InfrastructureError(f"Redis did not answer the eviction check: {exc}") from exc
     finally:

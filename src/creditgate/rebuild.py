@@ -31,21 +31,13 @@ from typing import Any, Protocol
 import click
 import orjson
 from aiokafka.errors import KafkaError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.domain.clock import Clock
 from creditgate.domain.ledger import LedgerParts
-from creditgate.errors import CreditgateError, InfrastructureError
+from creditgate.errors import CreditgateError, InfrastructureError, StoreUnavailable
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
-from creditgate.store.restore import (
-    OrgState,
-    delete_matching,
-    org_has_keys,
-    redis_skew_ms,
-    write_org,
-)
+from creditgate.store.restore import OrgState
 from creditgate.stream import topics as t
 from creditgate.stream.ledger_reader import LedgerReader
 from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
@@ -218,8 +210,7 @@ async def rebuild(
     store = CreditStore.from_settings(settings)
     report = RebuildReport()
     try:
-        target = store.keys.org_pattern(org or "*")
-        if not replace and await org_has_keys(store.redis, target):
+        if not replace and await store.org_keys_exist(org):
             scope = f"organisation {org}" if org else f"key prefix {settings.key_prefix!r}"
             raise RebuildRefused(
                 f"Redis already has keys of {scope}: the rebuild is for an empty Redis; "
@@ -233,7 +224,7 @@ async def rebuild(
         for (org_id, sequence), _ in sorted(parts.incomplete.items()):
             report.incomplete.setdefault(org_id, []).append(sequence)
 
-        skew = await redis_skew_ms(store.redis, now)
+        skew = await store.clock_skew_ms(now)
         progress.start("restoring organisations", len(sequencers))
         for org_id in sorted(sequencers):
             sequencer = sequencers[org_id]
@@ -245,13 +236,13 @@ async def rebuild(
             if state.inconsistencies:
                 report.inconsistencies[org_id] = state.inconsistencies
             if replace:
-                await delete_matching(store.redis, store.keys.org_pattern(org_id))
-            report.keys_written += await write_org(store.redis, store.keys.org(org_id), state, skew)
+                await store.delete_org_keys(org_id)
+            report.keys_written += await store.write_org(org_id, state, skew)
             report.organisations += 1
             progress.advance(1)
         progress.finish()
         return report
-    except (RedisConnectionError, RedisTimeoutError, KafkaError, OSError) as exc:
+    except (StoreUnavailable, KafkaError, OSError) as exc:
         raise InfrastructureError(f"the rebuild stopped: {exc}") from exc
     finally:
         await store.close()

@@ -116,7 +116,7 @@ def readiness(store: CreditStore, registry: TopicRegistry, settings: Settings) -
     """``/ready``: Redis answers, Kafka answers and the topics match their definitions."""
 
     async def redis() -> str | None:
-        await store.redis.ping()
+        await store.ping()
         return None
 
     async def kafka_and_topics() -> str | None:

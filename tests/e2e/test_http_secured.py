@@ -30,7 +30,8 @@ from creditgate.domain.charges import ChargeRequest
 from creditgate.domain.commands import license_command_adapter
 from creditgate.domain.ids import rfc3339
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
 from .conftest import answers, stop_worker, tail

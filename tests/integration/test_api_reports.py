@@ -20,7 +20,8 @@ from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.commands import license_command_adapter
 from creditgate.domain.decisions import ChargeRecord, RequestView, charge_message, charge_result
 from creditgate.domain.ids import rfc3339, to_ms
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 
 DAY_MS = 86_400_000
 DAY0 = to_ms(datetime(2100, 3, 1, 9, 0, tzinfo=UTC))

@@ -110,9 +110,9 @@ async def org(endpoints: tuple[str, str]) -> AsyncIterator[Org]:
         "command.applied"
     )
     yield organisation
-    keys = [key async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*")]
+    keys = [key async for key in store.client_for_tests.scan_iter(match=f"{settings.key_prefix}:*")]
     if keys:
-        await store.redis.delete(*keys)
+        await store.client_for_tests.delete(*keys)
     await store.close()
 
 

@@ -35,7 +35,8 @@ from creditgate.domain.decisions import (
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.intake import InvalidRequest, read_charge_request
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeAnswer, ChargeCall, CommandAnswer, CreditStore
+from creditgate.store.calls import ChargeAnswer, ChargeCall, CommandAnswer
+from creditgate.store.gateway import CreditStore
 
 WINDOW_DAYS = 30
 DAY_MS = 86_400_000
@@ -237,9 +238,9 @@ async def store(endpoints: tuple[str, str]) -> AsyncIterator[CreditStore]:
     )
     store = CreditStore.from_settings(settings)
     yield store
-    keys = [key async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*")]
+    keys = [key async for key in store.client_for_tests.scan_iter(match=f"{settings.key_prefix}:*")]
     if keys:
-        await store.redis.delete(*keys)
+        await store.client_for_tests.delete(*keys)
     await store.close()
 
 
@@ -718,7 +719,7 @@ async def test_no_rollover_and_windows_survive_the_period_change(orgs: OrgFactor
     assert started.record.expired == 7
     assert await org.balance() == 5  # not 12
     usage_key = org.store.keys.org(org.org_id).usage
-    usage = await org.store.redis.hgetall(usage_key)
+    usage = await org.store.client_for_tests.hgetall(usage_key)
     assert not [name for name in usage if name.startswith("p2|")]
     assert usage["p1|u1|export|credits"] == "3"
 
@@ -730,7 +731,7 @@ async def test_no_rollover_and_windows_survive_the_period_change(orgs: OrgFactor
     assert repeat.result["period_id"] == "p2"
     assert fresh.outcomes == ["charged"]
     assert await org.balance() == 4
-    usage = await org.store.redis.hgetall(usage_key)
+    usage = await org.store.client_for_tests.hgetall(usage_key)
     assert {k: v for k, v in usage.items() if k.startswith("p2|")} == {
         "p2|u1|export|credits": "1",
         "p2|u1|export|requests": "2",
@@ -866,7 +867,7 @@ async def test_the_ledger_sequence_is_gap_free_across_commands_and_decisions(
     assert conflict.status == "conflict"
     assert sequences == list(range(1, len(sequences) + 1))
     assert len(sequences) == 8
-    assert await org.store.redis.get(org.store.keys.org(org.org_id).sequence) == "8"
+    assert await org.store.client_for_tests.get(org.store.keys.org(org.org_id).sequence) == "8"
 
 
 async def test_an_invalid_request_is_rejected_once_with_its_detail(orgs: OrgFactory) -> None:

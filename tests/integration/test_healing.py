@@ -15,7 +15,7 @@ import pytest
 from creditgate.domain.charges import ChargeRequest
 from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
-from creditgate.store.gateway import ChargeCall
+from creditgate.store.calls import ChargeCall
 from creditgate.stream import topics as t
 from creditgate.stream.healing import Healer, PublishedSequences
 
@@ -46,7 +46,7 @@ def call(body: dict[str, Any]) -> ChargeCall:
 
 async def contents(d: Deployment) -> dict[str, tuple[str, Any]]:
     """Every key of the test's prefix: its type and value (times to live left out)."""
-    found = await snapshot(d.store.redis, d.settings.key_prefix)
+    found = await snapshot(d.store.client_for_tests, d.settings.key_prefix)
     return {name: (key.type, key.value) for name, key in found.items()}
 
 
@@ -77,10 +77,10 @@ async def test_a_stale_redis_is_healed_to_what_the_ledger_says(
         upsert("acme", "a-3", "bob"),
         command("acme", "a-4", "member.remove", user_id="bob"),
     )
-    latest = await snapshot(d.store.redis, prefix)
-    await delete_prefix(d.store.redis, prefix)
+    latest = await snapshot(d.store.client_for_tests, prefix)
+    await delete_prefix(d.store.client_for_tests, prefix)
     await shadow_copy(d.settings, stale, prefix)
-    assert await snapshot(d.store.redis, prefix) != latest
+    assert await snapshot(d.store.client_for_tests, prefix) != latest
 
     published = PublishedSequences()
     h = healer(d, published)
@@ -91,7 +91,7 @@ async def test_a_stale_redis_is_healed_to_what_the_ledger_says(
     finally:
         await h.stop()
 
-    healed = await snapshot(d.store.redis, prefix)
+    healed = await snapshot(d.store.client_for_tests, prefix)
     # the checkpoint now vouches for the ledger up to where the heal read it
     assert healed.pop("ledger-checkpoint").type == "zset"
     assert sorted(healed) == sorted(latest)

@@ -30,7 +30,8 @@ from creditgate.domain.license_events import (
     license_event,
 )
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CommandAnswer, CreditStore, InvalidCommand
+from creditgate.store.calls import ChargeCall, CommandAnswer, InvalidCommand
+from creditgate.store.gateway import CreditStore
 
 DAY_MS = 86_400_000
 DAY0 = to_ms(datetime(2100, 1, 4, 9, 0, tzinfo=UTC))
@@ -145,9 +146,9 @@ async def store(endpoints: tuple[str, str]) -> AsyncIterator[CreditStore]:
     )
     store = CreditStore.from_settings(settings)
     yield store
-    keys = [key async for key in store.redis.scan_iter(match=f"{settings.key_prefix}:*")]
+    keys = [key async for key in store.client_for_tests.scan_iter(match=f"{settings.key_prefix}:*")]
     if keys:
-        await store.redis.delete(*keys)
+        await store.client_for_tests.delete(*keys)
     await store.close()
 
 
@@ -417,5 +418,5 @@ async def test_every_decided_command_takes_the_next_ledger_sequence(org: Org) ->
     assert charged.sequence == 7
     assert removed.record.sequence == 8
     assert (replayed.status, replayed.record.sequence) == ("replay", 6)
-    sequence = await org.store.redis.get(org.store.keys.org(org.org_id).sequence)
+    sequence = await org.store.client_for_tests.get(org.store.keys.org(org.org_id).sequence)
     assert sequence == "8"  # a replay takes none

@@ -40,13 +40,13 @@ async def test_a_batch_payload_must_fit_redis_query_buffer(
     assert await check_redis_query_buffer(settings, store) is None
     big = settings.model_copy(update={"batch_max_bytes": 200 * 1024 * 1024})
     assert await check_redis_query_buffer(big, store) is None  # under the default 1 GiB
-    (before,) = (await store.redis.config_get("client-query-buffer-limit")).values()
+    (before,) = (await store.client_for_tests.config_get("client-query-buffer-limit")).values()
     assert before is not None
-    await store.redis.config_set("client-query-buffer-limit", str(64 * 1024 * 1024))
+    await store.client_for_tests.config_set("client-query-buffer-limit", str(64 * 1024 * 1024))
     try:
         problem = await check_redis_query_buffer(big, store)
     finally:
-        await store.redis.config_set("client-query-buffer-limit", before)
+        await store.client_for_tests.config_set("client-query-buffer-limit", before)
     assert problem is not None
     assert "client-query-buffer-limit of 67108864" in problem
     assert "batch_max_bytes 209715200" in problem

@@ -24,7 +24,8 @@ from creditgate.domain.charges import ChargeRequest
 from creditgate.domain.outgoing import Outgoing
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore, _resp
+from creditgate.store.calls import ChargeCall, _resp
+from creditgate.store.gateway import CreditStore
 from creditgate.stream.publish import Publisher
 from creditgate.stream.topics import TopicRegistry, TopicSpec, apply_topics
 
@@ -204,19 +205,19 @@ async def test_pipeline_replies_in_order_with_errors_in_place(store: CreditStore
         _resp(command) for command in (("INCR", key), ("HGET", key, "x"), ("INCRBY", key, 2))
     )
     seen: list[tuple[int, object]] = []
-    async with store._connection(pooled=False) as connection:  # the batches' connection
-        (first, second, third), count = await store._pipeline(
+    async with store._batches.connection(pooled=False) as connection:  # the batches' connection
+        (first, second, third), count = await store._batches.pipeline(
             connection, payload, 3, lambda i, reply: seen.append((i, reply))
         )
         # the same connection answers the next batch in step
-        (after,), _ = await store._pipeline(connection, _resp(("GET", key)), 1)
+        (after,), _ = await store._batches.pipeline(connection, _resp(("GET", key)), 1)
     assert first == 1
     assert isinstance(second, ResponseError)  # WRONGTYPE, read whole: the rest follows
     assert third == 3
     assert seen == [(0, 1)]  # replies reach on_reply until the first error
     assert count == 1
     assert after == "3"
-    await store.redis.delete(key)
+    await store.client_for_tests.delete(key)
 
 
 async def test_a_redis_that_lost_its_scripts_gets_them_again(store: CreditStore) -> None:
@@ -231,7 +232,9 @@ async def test_a_redis_that_lost_its_scripts_gets_them_again(store: CreditStore)
         }
     )
     (first,) = await store.charge_many([ChargeCall.of(request)], 1_795_000_000_000)
-    await store.redis.script_flush()  # what a restarted Redis without its cache looks like
+    await (
+        store.client_for_tests.script_flush()
+    )  # what a restarted Redis without its cache looks like
     (again,) = await store.charge_many([ChargeCall.of(request)], 1_795_000_000_001)
     assert first.status == "decided"
     assert again.status == "replay"

@@ -234,7 +234,7 @@ async def deployment(endpoints: tuple[str, str]) -> AsyncIterator[Deployment]:
     finally:
         await producer.stop()
         for prefix in (run, f"{run}-shadow"):
-            await delete_prefix(store.redis, prefix)
+            await delete_prefix(store.client_for_tests, prefix)
         await store.close()
 
 
@@ -461,7 +461,7 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
     prefix, shadow = d.settings.key_prefix, f"{d.settings.key_prefix}-shadow"
     first = await history(d)
     now = day(31)
-    before = await snapshot(d.store.redis, prefix)
+    before = await snapshot(d.store.client_for_tests, prefix)
     # what Redis would have held had nothing been lost, to decide the follow-up on
     await shadow_copy(d.settings, prefix, shadow)
 
@@ -469,14 +469,16 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
     assert refused == 1
     assert "already has keys" in output
 
-    await delete_prefix(d.store.redis, prefix)
+    await delete_prefix(d.store.client_for_tests, prefix)
     code, output = await run_rebuild_cli(d.settings, now)
 
     assert code == 0, output
     assert "organisations restored: 3" in output
     assert "re-emitted copies skipped" in output
     assert "(0 re-emitted" not in output
-    assert_same_keys(await snapshot(d.store.redis, prefix), expected_after_rebuild(before, now))
+    assert_same_keys(
+        await snapshot(d.store.client_for_tests, prefix), expected_after_rebuild(before, now)
+    )
 
     # More traffic, decided once on the rebuilt state and once on the copy
     rebuilt = await follow_up(Deployment(d.settings, d.registry, d.clock, d.store))
@@ -484,8 +486,8 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
     try:
         copy = Deployment(d.settings, d.registry, d.clock, shadow_store)
         assert parsed(rebuilt) == parsed(await follow_up(copy))
-        after_rebuilt = await snapshot(d.store.redis, prefix)
-        after_copy = await snapshot(d.store.redis, shadow)
+        after_rebuilt = await snapshot(d.store.client_for_tests, prefix)
+        after_copy = await snapshot(d.store.client_for_tests, shadow)
     finally:
         await shadow_store.close()
     lasting = {name for name, key in after_copy.items() if key.ttl_ms < 0}
@@ -532,17 +534,17 @@ async def test_replace_restores_what_a_stale_redis_lost(deployment: Deployment) 
         request("globex", "q-1", "boss", [company("co1")]),
     )
     await d.commands(day(2), grant("globex", "g-3", "g1", 5))
-    latest = await snapshot(d.store.redis, prefix)
-    await delete_prefix(d.store.redis, prefix)
+    latest = await snapshot(d.store.client_for_tests, prefix)
+    await delete_prefix(d.store.client_for_tests, prefix)
     await shadow_copy(d.settings, stale, prefix)
     now = day(2)
 
     with pytest.raises(RebuildRefused):
         await rebuild(d.settings, d.registry, now_ms=now)
     only_acme = await rebuild(d.settings, d.registry, org="acme", replace=True, now_ms=now)
-    restored = await snapshot(d.store.redis, prefix)
+    restored = await snapshot(d.store.client_for_tests, prefix)
     await rebuild(d.settings, d.registry, replace=True, now_ms=now)
-    everything = await snapshot(d.store.redis, prefix)
+    everything = await snapshot(d.store.client_for_tests, prefix)
 
     expected = expected_after_rebuild(latest, now)
     assert only_acme.organisations == 1
@@ -572,8 +574,8 @@ async def test_a_rejected_command_gets_its_first_answer_after_a_rebuild(
         upsert("acme", "a-6", "ghost", "admin"),
         period("acme", "a-7", "p1", 10, day(0), day(30)),
     )
-    sequence = await d.store.redis.get(d.store.keys.org("acme").sequence)
-    await delete_prefix(d.store.redis, d.settings.key_prefix)
+    sequence = await d.store.client_for_tests.get(d.store.keys.org("acme").sequence)
+    await delete_prefix(d.store.client_for_tests, d.settings.key_prefix)
     report = await rebuild(d.settings, d.registry, now_ms=day(0))
 
     replays = await d.commands(day(1), *rejected, invalid)
@@ -598,7 +600,7 @@ async def test_a_rejected_command_gets_its_first_answer_after_a_rebuild(
     assert sorted(orjson.loads(v)["sequence"] for v in ledger.values()) == [2, 3, 4, 5]
     assert sequence == "7"
     assert report.complete, report
-    assert await d.store.redis.get(d.store.keys.org("acme").sequence) == "7"
+    assert await d.store.client_for_tests.get(d.store.keys.org("acme").sequence) == "7"
     # the replays: the same command.rejected and the same ledger entry, byte for byte
     assert by_id(replays, t.LICENSE_EVENTS) == events
     assert by_id(replays, t.LEDGER) == ledger
@@ -699,15 +701,16 @@ async def test_a_ledger_with_entries_in_parts_rebuilds_the_same_keys(
     assert d.results(replay)["r-big"] == d.results(first)["r-big"]
 
     now = day(3)
-    before = await snapshot(d.store.redis, d.settings.key_prefix)
-    await delete_prefix(d.store.redis, d.settings.key_prefix)
+    before = await snapshot(d.store.client_for_tests, d.settings.key_prefix)
+    await delete_prefix(d.store.client_for_tests, d.settings.key_prefix)
     report = await rebuild(d.settings, d.registry, now_ms=now)
 
     assert report.complete, report
     assert report.incomplete == {}
     assert report.organisations == 1
     assert_same_keys(
-        await snapshot(d.store.redis, d.settings.key_prefix), expected_after_rebuild(before, now)
+        await snapshot(d.store.client_for_tests, d.settings.key_prefix),
+        expected_after_rebuild(before, now),
     )
     # the restored decision answers a replay as the first one did
     again = await d.requests(day(3), big)

@@ -32,19 +32,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from creditgate.connections import (
+from creditgate.connection_checks import (
     PROBED_SCRIPT_COMMANDS,
-    REDIS_COMMANDS,
-    aiokafka_options,
     check_connections,
     check_kafka,
     check_redis,
-    redis_acl_rules,
-    redis_options,
 )
+from creditgate.connections import aiokafka_options, redis_options
 from creditgate.devstack import DevStack, Endpoints, default_jars_cache_dir, find_free_port
 from creditgate.errors import ConfigurationError
 from creditgate.settings import Settings
+from creditgate.store.acl import REDIS_COMMANDS, redis_acl_rules
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.client import CreditgateClient, Timeout

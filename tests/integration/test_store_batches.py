@@ -23,7 +23,8 @@ from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.ids import rfc3339
 from creditgate.errors import StoreUnavailable
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeAnswer, ChargeCall, CreditStore
+from creditgate.store.calls import ChargeAnswer, ChargeCall
+from creditgate.store.gateway import CreditStore
 
 ORG = "org-batch"
 DAY_MS = 86_400_000
@@ -195,7 +196,8 @@ async def test_server_notices_in_the_middle_of_a_batch_are_not_taken_for_replies
     now = int(time.time() * 1000)
     await licensed(store, credits=1_000_000, now=now)
     await store.charge_many([export("warm-up", 1, now)], now)  # opens the batch connection
-    connection = store._batch_connection
+    assert store._batches.batch_connection is not None
+    connection = store._batches.batch_connection.connection
     await connection.send_command("SUBSCRIBE", "notices")
     confirmed = await connection.read_response(push_request=True)
     assert confirmed[0] == "subscribe"

@@ -20,8 +20,9 @@ from creditgate.devstack.redis import RedisNode
 from creditgate.domain.charges import ChargeRequest
 from creditgate.errors import StoreUnavailable
 from creditgate.settings import Settings
-from creditgate.store import gateway
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store import wire
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ async def test_a_batch_fails_when_redis_stops_answering_and_works_once_it_answer
     now = int(time.time() * 1000)
     [first] = await store.charge_many([charge("r-1")], now)  # connected, scripts loaded
     assert first.status == "decided"
-    monkeypatch.setattr(gateway, "_SILENCE_SECONDS", 1.0)
+    monkeypatch.setattr(wire, "_SILENCE_SECONDS", 1.0)
     assert node.pid is not None
     os.kill(node.pid, signal.SIGSTOP)
     with pytest.raises(StoreUnavailable):

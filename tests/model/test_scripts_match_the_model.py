@@ -39,13 +39,8 @@ from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.commands import license_command_adapter
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.settings import Settings
-from creditgate.store.gateway import (
-    ChargeAnswer,
-    ChargeCall,
-    CommandAnswer,
-    CreditStore,
-    InvalidCommand,
-)
+from creditgate.store.calls import ChargeAnswer, ChargeCall, CommandAnswer, InvalidCommand
+from creditgate.store.gateway import CreditStore
 from tests.model.reference import CommandOutcome, Decision, Model
 
 pytestmark = pytest.mark.integration
@@ -191,9 +186,12 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         async def clean() -> None:
             pattern = f"{self.settings.key_prefix}:*"
-            keys = [key async for key in self.store.redis.scan_iter(match=pattern, count=1000)]
+            keys = [
+                key
+                async for key in self.store.client_for_tests.scan_iter(match=pattern, count=1000)
+            ]
             if keys:
-                await self.store.redis.delete(*keys)
+                await self.store.client_for_tests.delete(*keys)
             await self.store.close()
 
         self.loop.run_until_complete(clean())
@@ -616,7 +614,7 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
 
     async def _stored(self, org_id: str) -> dict[str, Any]:
         keys = self.store.keys.org(org_id)
-        redis = self.store.redis
+        redis = self.store.client_for_tests
         pipe = redis.pipeline(transaction=False)
         pipe.hgetall(keys.license)
         pipe.hgetall(keys.members)

@@ -43,15 +43,15 @@ from creditgate.domain.license_events import CommandRecord
 from creditgate.domain.outgoing import Outgoing
 from creditgate.domain.published import CloudEventsHeaders
 from creditgate.settings import Settings
-from creditgate.store.gateway import (
+from creditgate.store.calls import (
     ChargeAnswer,
     ChargeCall,
     CommandAnswer,
-    CreditStore,
     InvalidCommand,
     KnownSequences,
     PackedCharge,
 )
+from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.topics import REQUEST_ACTIONS, TopicRegistry

@@ -10,7 +10,8 @@ from redis.asyncio.connection import Connection
 
 from creditgate.domain.charges import ChargeRequest
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 
 
 def _call(**extra: object) -> ChargeCall:
@@ -74,12 +75,12 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 json.dumps(request, separators=(",", ":")),
                 call.summary,
             ]
-            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
+            whole = ("EVALSHA", store._charge.sha, len(keys), *keys, *args)
             assert packed.command(1_795_000_000_123) == b"".join(Connection().pack_command(*whole))
             # with the organisation's last published sequence, for the check that Redis
             # has not forgotten it
             args[1] = 41
-            whole = ("EVALSHA", store._charge_sha, len(keys), *keys, *args)
+            whole = ("EVALSHA", store._charge.sha, len(keys), *keys, *args)
             known = {"acme": 41}.__getitem__
             assert packed.command(1_795_000_000_123, known) == b"".join(
                 Connection().pack_command(*whole)
@@ -91,7 +92,7 @@ def test_scripts_are_named_by_the_sha1_redis_gives_them() -> None:
 
     store = CreditStore(aioredis.Redis(), Settings())
     assert (
-        store._charge_sha
-        == hashlib.sha1(store._charge_lua.encode(), usedforsecurity=False).hexdigest()
+        store._charge.sha
+        == hashlib.sha1(store._charge.text.encode(), usedforsecurity=False).hexdigest()
     )
-    assert len(store._command_sha) == 40
+    assert len(store._command.sha) == 40

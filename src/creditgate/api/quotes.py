@@ -17,7 +17,8 @@ from creditgate.domain.charges import ChargeRequest, Outcome, Reason
 from creditgate.domain.decisions import ChargeRecord, RequestView, charge_message
 from creditgate.domain.ids import rfc3339
 from creditgate.errors import CreditgateError
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 
 DEFAULT_MAX_ITEMS = 10_000
 DAY_MS = 86_400_000

@@ -1,15 +1,16 @@
 """Read-side reports: team usage, a user's charge history, one decision.
 
 Plain async functions over a ``CreditStore`` returning JSON-ready dicts; the views
-and the CLI both call them. Every report reads only what the charge script keeps up
-to date, by key, never by scanning the keyspace:
+and the CLI both call them. Every report reads, through the store, only what the
+charge script keeps up to date, by key, never by scanning the keyspace (the layout is
+the store's: ``store/keys.py``, ``store/reads.py``):
 
-- usage: one hash per organisation (``HGETALL``), fields ``period|user|action|metric``:
-  O(users x actions) for each period the hash holds (it keeps past periods too);
-- history: one sorted set per user and action, paged by rank, then the page's stored
-  decisions (``HMGET`` of ``rec`` and ``req``), one pipeline: O(page), each entry
-  O(its items) to read since a stored decision lists its items' outcomes;
-- one decision: its request hash.
+- usage: the period's counters, O(users x actions) whatever the number of past
+  periods the organisation's usage keeps;
+- history: a page of the user's decisions of one action, paged by rank, then the
+  page's stored decisions in one pipeline: O(page), each entry O(its items) to read
+  since a stored decision lists its items' outcomes;
+- one decision: its stored decision.
 
 Decisions are rendered with ``charge_result``, the function that renders the message
 published on ``credits.charge.results``: the API shows exactly the decision.
@@ -22,15 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from creditgate.api.errors import InvalidInput
 from creditgate.domain.charges import Action, Outcome
 from creditgate.domain.decisions import ChargeRecord, RequestView, charge_result
 from creditgate.domain.ids import is_identifier, rfc3339
-from creditgate.store.gateway import CreditStore
+from creditgate.store.gateway import USAGE_METRICS, CreditStore
 
-USAGE_METRICS = ("credits", "requests", "saved", "rejected")
 DEFAULT_HISTORY_LIMIT = 50
 MAX_HISTORY_LIMIT = 500
 # GET /v1/orgs/{org}/requests/{id} pages a decision's items: this many at most a page
@@ -39,8 +37,7 @@ MAX_ITEMS_PAGE = 1000
 
 async def org_exists(store: CreditStore, org_id: str) -> bool:
     """An organisation is known once a command gave it a license or a member."""
-    keys = store.keys.org(org_id)
-    return bool(await store.redis.exists(keys.license, keys.members))
+    return await store.org_exists(org_id)
 
 
 # ---- usage -------------------------------------------------------------------------
@@ -68,29 +65,12 @@ async def usage_report(
     organisation without a license. ``requests`` counts approved requests; rejected
     ones are counted apart.
     """
-    keys = store.keys.org(org_id)
-    current = await store.redis.hget(keys.license, "period_id")
+    current = await store.current_period(org_id)
     if current is None:
         return None
-    period = period_id or str(current)
-    # the charge script lists the period's users in one field: O(users) reads, whatever
-    # the number of past periods
-    listed = await store.redis.hget(keys.usage, f"{period}|*users")
-    period_users = [] if listed is None else str(listed).split(",")
-    fields = [
-        (user, action.value, metric)
-        for user in period_users
-        for action in Action
-        for metric in USAGE_METRICS
-    ]
-    names = [f"{period}|{u}|{a}|{m}" for u, a, m in fields]
-    values = await store.redis.hmget(keys.usage, names) if names else []
-
-    users: dict[str, dict[str, dict[str, int]]] = {}
-    for (user, action, metric), value in zip(fields, values, strict=True):
-        by_action = users.setdefault(user, {})
-        if value is not None:
-            by_action.setdefault(action, _empty_counts())[metric] += int(value)
+    period = period_id or current
+    # O(users x actions) reads, whatever the number of past periods
+    users = await store.period_usage(org_id, period, [action.value for action in Action])
 
     totals_by_action: dict[str, dict[str, int]] = {a.value: _empty_counts() for a in Action}
     rows: list[dict[str, Any]] = []
@@ -209,27 +189,6 @@ def history_entry(result: dict[str, Any], record: ChargeRecord) -> dict[str, Any
     }
 
 
-async def _page(
-    store: CreditStore, key: str, limit: int, before: Cursor | None
-) -> list[tuple[str, int]]:
-    """Up to ``limit + 1`` members of a history set, newest first, after the cursor."""
-    redis = store.redis
-    if before is None:
-        found: Any = await redis.zrevrange(key, 0, limit, withscores=True)
-        return [(str(member), int(score)) for member, score in found]
-    found = None
-    if before.request_id is not None:
-        rank = await redis.zrevrank(key, before.request_id)
-        if isinstance(rank, int):
-            found = await redis.zrevrange(key, rank + 1, rank + limit + 1, withscores=True)
-    if found is None:
-        # only a time was given, or the cursor's entry has expired: go by time
-        found = await redis.zrevrangebyscore(
-            key, f"({before.before_ms}", "-inf", start=0, num=limit + 1, withscores=True
-        )
-    return [(str(member), int(score)) for member, score in found]
-
-
 async def charge_history(
     store: CreditStore,
     org_id: str,
@@ -243,21 +202,25 @@ async def charge_history(
     """
     if not await org_exists(store, org_id):
         return None
-    keys = store.keys.org(org_id)
-    found = await _page(store, keys.history(user_id, query.action.value), query.limit, query.before)
+    before = query.before
+    found = await store.history_page(
+        org_id,
+        user_id,
+        query.action.value,
+        query.limit,
+        None if before is None else before.before_ms,
+        None if before is None else before.request_id,
+    )
     members, more = found[: query.limit], len(found) > query.limit
-    pipe = store.redis.pipeline(transaction=False)
-    for request_id, _ in members:
-        pipe.hmget(keys.request(request_id), "rec", "req")
-    stored = await pipe.execute() if members else []
+    stored = await store.stored_decisions(org_id, [request_id for request_id, _ in members])
     entries = []
-    for (request_id, _), (raw, summary) in zip(members, stored, strict=True):
-        if raw is None:  # the decision expired before its history entry was trimmed
+    for (request_id, _), decision in zip(members, stored, strict=True):
+        if decision is None:  # the decision expired before its history entry was trimmed
             continue
-        record = ChargeRecord.from_script(orjson.loads(raw))
+        record = decision.record
         # without its items: an entry shows their counts, taken from the record
         view = dataclasses.replace(
-            _view(org_id, request_id, summary, user_id, query.action), items=[]
+            _view(org_id, request_id, decision.summary, user_id, query.action), items=[]
         )
         entries.append(history_entry(charge_result(view, record, window_days), record))
     last = members[-1] if members else None
@@ -329,14 +292,12 @@ async def one_decision(
     """
     if not is_identifier(request_id):
         return None
-    raw, summary = await store.redis.hmget(
-        store.keys.org(org_id).request(request_id), ["rec", "req"]
-    )
-    if not isinstance(raw, str) or not isinstance(summary, str):
+    decision = await store.stored_decision(org_id, request_id)
+    if decision is None or decision.summary is None:
         return None
     page = page or ItemsPage()
-    view = RequestView.from_summary(org_id, request_id, summary)
-    found = charge_result(view, ChargeRecord.from_script(orjson.loads(raw)), window_days, None)
+    view = RequestView.from_summary(org_id, request_id, decision.summary)
+    found = charge_result(view, decision.record, window_days, None)
     items = found["items"]
     end = page.offset + page.limit
     found["items"] = items[page.offset : end]

@@ -20,8 +20,6 @@ from aiohttp import web
 from faust.web import Request, Response, View
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from faust.web.exceptions import WebError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from creditgate.api import quotes, reports
 from creditgate.api.access import Access, Caller
@@ -40,8 +38,8 @@ from creditgate.store.gateway import CreditStore
 
 log = logging.getLogger("creditgate.api")
 
-# the reports read Redis directly: its connection errors mean "try later" too
-_UNAVAILABLE = (StoreUnavailable, RedisConnectionError, RedisTimeoutError, OSError)
+# the store turns every Redis failure into StoreUnavailable: "try later"
+_UNAVAILABLE = (StoreUnavailable,)
 
 
 class Clock(Protocol):

@@ -23,7 +23,7 @@ from creditgate.cli.root import _fail, _registry, _settings, main
 
 
 def _publish_command(body: dict[str, Any], wait: float) -> None:
-    from creditgate.connections import check_kafka
+    from creditgate.connection_checks import check_kafka
     from creditgate.stream.client import CreditgateClient, Timeout
 
     body = {"command_id": f"cli-{uuid.uuid4().hex[:12]}", **body}

@@ -13,7 +13,7 @@ Users:
            outsider    SCRAM-SHA-512 with no ACL at all: what a missing ACL looks like
     Redis  default     off: a connection that does not log in can do nothing
            admin       everything (the stack's readiness checks, tests that look around)
-           creditgate  creditgate's key prefixes and commands only (connections.redis_acl_rules)
+           creditgate  creditgate's key prefixes and commands only (store.acl.redis_acl_rules)
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import CreateAclsRequest
 
-from creditgate.connections import redis_acl_rules
 from creditgate.devstack.errors import DevStackError
 from creditgate.devstack.kafka import SCRAM_MECHANISM, KafkaSecurity
 from creditgate.devstack.process import write_private
 from creditgate.devstack.redis import RedisLogin, RedisSecurity
 from creditgate.devstack.tls import TlsFiles, issue_tls_files
+from creditgate.store.acl import redis_acl_rules
 
 ADMIN_USER = "admin"
 APP_USER = "creditgate"

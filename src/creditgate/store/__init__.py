@@ -1,1 +1,2 @@
-"""Redis: the key builders, the Lua scripts and the gateway that calls them."""
+"""Redis: the keys, the Lua scripts and ``gateway.CreditStore`` that calls them (see
+the gateway's docstring for a map of the package)."""

@@ -1,20 +1,23 @@
-"""Every Redis key creditgate uses, built in this one module.
+"""Every Redis key creditgate uses, and the fields of its hashes, built in this module.
 
 All keys of an organisation carry the hash tag ``{org_id}``: Redis Cluster hashes only
 the part between the braces, so an organisation's keys share one slot and a Lua script
 may touch all of them in one atomic call.
+
+Python builds keys and fields only here (the store, ``store/restore.py``, the reports
+through the store). The Lua scripts receive their keys as KEYS but spell the fields
+themselves, so a change here must be mirrored there:
+
+- usage fields (``UsageFields``): ``lua/charge.lua``'s ``count_usage``, which also
+  writes the ``*users`` list and the ``<period>|<user>|*`` markers;
+- record fields (``RECORD_*``): ``lua/charge.lua`` (a request's ``fp``, ``rec``,
+  ``req``) and ``lua/command.lua`` (a command's ``fp``, ``rec``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-
-# Window kinds. Export and CRM push share one window per entity; email verification
-# has its own, per contact.
-SHARED_CONTACT = "contact"
-SHARED_COMPANY = "company"
-VERIFIED_CONTACT = "verify"
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,8 @@ class OrgKeys:
         return f"{self.base}:hist:{action}:{user_id}"
 
     def window(self, name: str) -> str:
-        """A repeat window; ``name`` is ``window_name(kind, entity_id)``."""
+        """A repeat window; ``name`` is ``domain.windows.window_name(kind, entity_id)``."""
         return f"{self.base}:win:{name}"
-
-
-def window_name(kind: str, entity_id: str) -> str:
-    return f"{kind}:{entity_id}"
 
 
 @dataclass(frozen=True)
@@ -88,3 +87,53 @@ class Keys:
     def org_pattern(self, org_id: str = "*") -> str:
         """A SCAN pattern for an organisation's keys (tests and rebuilds, not the hot path)."""
         return f"{self.prefix}:{{{org_id}}}:*"
+
+
+# ---- hash fields -------------------------------------------------------------------
+
+# The fields of a stored decision (a request's hash) or applied command (a command's):
+# the body's fingerprint, the record as the script returned it, and, for a request,
+# its summary as reports show it.
+RECORD_FINGERPRINT = "fp"
+RECORD = "rec"
+RECORD_REQUEST = "req"
+
+# Usage metrics counted per period, user and action.
+USAGE_METRICS = ("credits", "requests", "saved", "rejected")
+
+
+class UsageFields:
+    """The fields of an organisation's usage hash. Counters are
+    ``<period>|<user>|<action>|<metric>``; per period, ``<period>|*users`` lists its
+    users (comma-separated, in order of first use) and ``<period>|<user>|*`` marks a user
+    listed. ``*`` is never in an id, so no counter is taken for a list or a marker."""
+
+    USERS_SUFFIX = "|*users"
+
+    @staticmethod
+    def counter(period_id: str, user_id: str, action: str, metric: str) -> str:
+        return f"{period_id}|{user_id}|{action}|{metric}"
+
+    @staticmethod
+    def counter_prefix(period_id: str, user_id: str, action: str) -> str:
+        """A counter's field but its metric: ``counter_prefix(...) + metric``."""
+        return f"{period_id}|{user_id}|{action}|"
+
+    @classmethod
+    def users(cls, period_id: str) -> str:
+        return f"{period_id}{cls.USERS_SUFFIX}"
+
+    @staticmethod
+    def user_marker(period_id: str, user_id: str) -> str:
+        return f"{period_id}|{user_id}|*"
+
+    @staticmethod
+    def period_and_user(counter: str) -> tuple[str, str]:
+        """The period and the user of a counter's field."""
+        period, user = counter.split("|")[:2]
+        return period, user
+
+    @classmethod
+    def is_users(cls, field: str) -> bool:
+        """Whether ``field`` is a period's user list (every other field is a number)."""
+        return field.endswith(cls.USERS_SUFFIX)

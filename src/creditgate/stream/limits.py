@@ -49,7 +49,8 @@ from creditgate.domain.license_events import (
 )
 from creditgate.domain.outgoing import Outgoing, dead_letter, ledger_messages, outgoing
 from creditgate.settings import Settings
-from creditgate.store.gateway import ChargeCall, CreditStore
+from creditgate.store.calls import ChargeCall
+from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.processor import Incoming
 from creditgate.stream.publish import record_bytes
@@ -465,9 +466,7 @@ async def check_redis_query_buffer(settings: Settings, store: CreditStore) -> st
     """A sentence when one batch's payload could exceed Redis's client-query-buffer-limit
     (Redis would close the connection, and the batch would be retried for ever)."""
     try:
-        found = (await store.redis.config_get("client-query-buffer-limit")).get(
-            "client-query-buffer-limit"
-        )
+        found = await store.config_value("client-query-buffer-limit")
         limit = int(found) if found is not None else REDIS_DEFAULT_QUERY_BUFFER_LIMIT
     except Exception:  # an ACL may forbid CONFIG: Redis's default, which the settings cap keeps
         limit = REDIS_DEFAULT_QUERY_BUFFER_LIMIT

@@ -38,14 +38,14 @@ from creditgate.domain.outgoing import (
 )
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
-from creditgate.store.gateway import (
+from creditgate.store.calls import (
     ChargeAnswer,
     ChargeCall,
-    CreditStore,
     InvalidCommand,
     KnownSequences,
-    PackedCharge,
+    PreparedCall,
 )
+from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.topics import TopicRegistry
 
@@ -70,7 +70,7 @@ class PreparedCharges:
 
     dead_letters: list[Outgoing]  # the unreadable ones, already rendered
     views: list[RequestView]
-    calls: list[PackedCharge]
+    calls: list[PreparedCall]
 
     def __len__(self) -> int:
         return len(self.dead_letters) + len(self.calls)
@@ -143,7 +143,7 @@ class Processor:
         items_max = self.settings.result_items_max
 
         def render(i: int, answer: ChargeAnswer) -> None:  # while Redis runs the next ones
-            windows = calls[i].call.windows
+            windows = calls[i].windows
             record = answer.record
             out.extend(
                 charge_messages(

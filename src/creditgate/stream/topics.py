@@ -18,7 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from creditgate.connections import aiokafka_options, check_kafka
+from creditgate.connection_checks import check_kafka
+from creditgate.connections import aiokafka_options
 from creditgate.domain.charges import Action
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import Settings

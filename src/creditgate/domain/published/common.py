@@ -17,8 +17,8 @@ LedgerSequence = Annotated[
     int, Field(ge=1, description="the organisation's ledger sequence: per org, gap-free")
 ]
 Fingerprint = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
-# Window names are ``keys.window_name(kind, entity_id)``; the domain cannot import the
-# store, so the kinds are spelled out here.
+# Window names are ``windows.window_name(kind, entity_id)``, of the kinds listed in
+# ``domain.windows``.
 WindowName = Annotated[
     str, StringConstraints(pattern=r"^(contact|company|verify):[A-Za-z0-9._:@-]{1,128}$")
 ]
