@@ -1,7 +1,7 @@
 """Byte-for-byte guard for the optimisations: ``python -m bench.equivalence``.
 
 Runs a fixed input set (the benchmark's workload plus every unusual input we know of)
-through ``Processor.decide`` on a real Redis, with a fixed decision clock and a fresh key
+through ``Decider.decide`` on a real Redis, with a fixed decision clock and a fresh key
 prefix, and prints one SHA-256 over every produced message (topic, key, value,
 headers) in order. The digest must not change when the hot path does:
 
@@ -27,7 +27,7 @@ from creditgate.domain.clock import Clock
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.decider import Decider, Incoming
 from creditgate.stream.topics import TopicRegistry
 from creditgate_harness.workload import Workload, WorkloadSpec
 
@@ -143,7 +143,7 @@ async def digest(requests: int) -> tuple[str, list[bytes]]:
     settings = Settings(key_prefix=f"eq{uuid.uuid4().hex[:8]}", max_items=100)
     registry = TopicRegistry.load()
     store = CreditStore.from_settings(settings)
-    processor = Processor(store, registry, settings, FixedClock())
+    processor = Decider(store, registry, settings, FixedClock())
     spec = WorkloadSpec.bench(
         "golden", seed=7, big_export_share=0.1, orgs=40, small_plan_credits=30
     )

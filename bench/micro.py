@@ -2,7 +2,7 @@
 
 Feeds batches of the benchmark's workload through the processor's stages on a real
 Redis and prints this process's CPU microseconds per request for each stage and for
-``Processor.decide`` as a whole (CPU time, so a busy machine or Redis's own work do not
+``Decider.decide`` as a whole (CPU time, so a busy machine or Redis's own work do not
 count), then Redis's own microseconds per ``charge.lua`` call (``INFO commandstats``).
 Complements the py-spy profile of the worker (``python -m bench.run --profile``), which
 also shows faust's and aiokafka's share.
@@ -22,7 +22,7 @@ from creditgate.domain.intake import read_charge_request
 from creditgate.domain.outgoing import charge_messages
 from creditgate.settings import Settings
 from creditgate.store.gateway import ChargeCall, CreditStore
-from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.decider import Decider, Incoming
 from creditgate.stream.topics import TopicRegistry
 from creditgate_harness.workload import Workload, WorkloadSpec
 
@@ -31,7 +31,7 @@ async def measure(batches: int, size: int) -> dict[str, float]:
     settings = Settings(key_prefix=f"micro{uuid.uuid4().hex[:8]}")
     registry = TopicRegistry.load()
     store = CreditStore.from_settings(settings)
-    processor = Processor(store, registry, settings)
+    processor = Decider(store, registry, settings)
     workload = Workload(WorkloadSpec.bench("micro", seed=3))
     await license_commands_for(store, workload, int(time.time() * 1000))
     totals: dict[str, float] = {}
@@ -82,7 +82,7 @@ async def measure(batches: int, size: int) -> dict[str, float]:
             rest = messages[size // 2 :]
             t6 = time.process_time()
             await processor.decide(rest)
-            add("Processor.decide, whole", (time.process_time() - t6) / len(rest))
+            add("Decider.decide, whole", (time.process_time() - t6) / len(rest))
         script_calls, usec = await _script_stats(store)
         script_calls, usec = script_calls - scripts_before[0], usec - scripts_before[1]
     finally:

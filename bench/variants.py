@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from creditgate.domain.outgoing import Outgoing
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Incoming
+from creditgate.stream.decider import Incoming
 from creditgate.stream.topics import TopicRegistry, TopicSpec
 
 # how long a baseline waits for more input while it holds a partial batch
@@ -86,12 +86,12 @@ async def passthrough(conf: dict[str, Any]) -> None:
 
 async def naive(conf: dict[str, Any]) -> None:
     from creditgate.store.gateway import CreditStore  # noqa: PLC0415
-    from creditgate.stream.processor import Processor  # noqa: PLC0415
+    from creditgate.stream.decider import Decider  # noqa: PLC0415
 
     settings = Settings()
     registry = output_registry(settings.topic_prefix, conf["outputs_prefix"])
     store = CreditStore.from_settings(settings)
-    processor = Processor(store, registry, settings)
+    processor = Decider(store, registry, settings)
     consumer = AIOKafkaConsumer(
         *conf["inputs"],
         bootstrap_servers=settings.kafka_bootstrap,

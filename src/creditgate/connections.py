@@ -1,8 +1,9 @@
 """How creditgate reaches Kafka and Redis: settings in, client arguments out.
 
 Every client takes its security arguments from here, so that a protocol means the
-same thing everywhere: the worker's faust app (`faust_options`), the aiokafka
-producers, consumers and admin clients of the CLI and the tests (`aiokafka_options`)
+same thing everywhere: the aiokafka producers, consumers and admin clients of the
+worker, the CLI and the tests (`aiokafka_options`; faust itself opens no Kafka
+connection, see `creditgate.worker`)
 and the store's Redis client (`redis_options`). The start-up check of those logins is
 `creditgate.connection_checks`; the Redis ACL creditgate needs, `store.acl`.
 
@@ -57,26 +58,6 @@ def aiokafka_options(settings: Settings | None = None) -> dict[str, Any]:
         options["sasl_plain_username"] = username
         options["sasl_plain_password"] = password
     return options
-
-
-def faust_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``faust.App``: its brokers' credentials and TLS context."""
-    import faust  # noqa: PLC0415 - slow to import, and only the worker needs it
-
-    context = kafka_ssl_context(settings)
-    if settings.kafka_security_protocol in SASL_PROTOCOLS:
-        username, password = _sasl_login(settings)
-        # faust picks SASL_SSL when given a context and SASL_PLAINTEXT without one.
-        credentials: Any = faust.SASLCredentials(
-            username=username,
-            password=password,
-            ssl_context=context,
-            mechanism=settings.kafka_sasl_mechanism,
-        )
-        return {"broker_credentials": credentials}
-    if context is not None:
-        return {"broker_credentials": faust.SSLCredentials(context)}
-    return {}
 
 
 def _sasl_login(settings: Settings) -> tuple[str, str]:

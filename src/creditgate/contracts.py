@@ -51,7 +51,7 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 PAYLOAD_FORMAT = "application/schema+json;version=draft-2020-12"
 SCHEMAS_DIR = "topics/schemas"
 ASYNCAPI_FILE = "asyncapi.json"
-DEAD_LETTER_TYPE = "deadletter"  # the ce_type of dead letters (stream/processor.py)
+DEAD_LETTER_TYPE = "deadletter"  # the ce_type of dead letters (stream/decider.py)
 REGENERATE = "python -m creditgate.contracts  (or: creditgate contracts generate)"
 
 

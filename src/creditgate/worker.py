@@ -32,9 +32,9 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.consumer import DecisionLoop
+from creditgate.stream.decider import Decider
 from creditgate.stream.healing import Healer, LedgerGuard, PublishedSequences
 from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
-from creditgate.stream.processor import Processor
 from creditgate.stream.topics import TopicRegistry, check_topics
 
 
@@ -97,7 +97,7 @@ def freeze_start_up_heap() -> None:
 
     Modules, the app, pydantic's validators: some 170,000 objects that live as long as
     the process, and that every full collection would walk again. Frozen,
-    ``Processor.decide`` used about a quarter less CPU per request (``bench.micro``-style
+    ``Decider.decide`` used about a quarter less CPU per request (``bench.micro``-style
     runs, worker heap). Garbage is collected first, so nothing collectable is frozen.
 
     A batch keeps tens of thousands of objects alive from its fetch to its publish, so
@@ -144,7 +144,7 @@ def create_app(
     # Redis is checked against the ledger, and healed from it, whenever it may have
     # forgotten decisions already published (stream/healing.py)
     published = PublishedSequences()
-    processor = Processor(store, registry, settings, clock, metrics, known=published)
+    processor = Decider(store, registry, settings, clock, metrics, known=published)
     ledger = registry.specs[t.LEDGER].max_message_bytes or BROKER_DEFAULT_MAX_MESSAGE_BYTES
     healer = Healer(
         store, settings, registry.name(t.LEDGER), published, processor.clock, metrics, ledger

@@ -6,7 +6,7 @@ requests mixing every rule (free repeats, duplicates in a request, company windo
 email verification found or not, ``max_credits``, partial and reject, disallowed
 users, non-members, an organisation without license, one whose period ends, small
 balances topped up by grants, a new period, and a clock that jumps across the 30-day
-window). Each request is quoted, then decided by the worker's ``Processor`` at the
+window). Each request is quoted, then decided by the worker's ``Decider`` at the
 same instant, and the result it would publish on ``credits.charge.results`` is
 compared with the quote. At the end the usage reports, the credits and every history
 page are compared with the sums of those results.
@@ -33,7 +33,7 @@ from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.decider import Decider, Incoming
 from creditgate.stream.topics import TopicRegistry
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ class ManualClock(Clock):
 @dataclass
 class Walk:
     store: CreditStore
-    processor: Processor
+    processor: Decider
     registry: TopicRegistry
     clock: ManualClock
     rng: random.Random
@@ -101,7 +101,7 @@ async def walk(settings: Settings) -> AsyncIterator[Walk]:
     clock = ManualClock(DAY0)
     try:
         yield Walk(
-            store, Processor(store, registry, settings, clock), registry, clock, random.Random(SEED)
+            store, Decider(store, registry, settings, clock), registry, clock, random.Random(SEED)
         )
     finally:
         await store.close()

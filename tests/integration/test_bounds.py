@@ -8,7 +8,7 @@ is checked by command.lua before its first write. Out-of-range input is answered
 any invalid input (``command.rejected`` / ``charge.rejected`` with a message saying
 what is wrong), and the balance is untouched.
 
-Input goes through the real ``Processor`` (reading, validation, the scripts on a real
+Input goes through the real ``Decider`` (reading, validation, the scripts on a real
 Redis, rendering); nothing is published.
 """
 
@@ -29,7 +29,7 @@ from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.decider import Decider, Incoming
 from creditgate.stream.topics import TopicRegistry
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ class FixedClock(Clock):
 class Org:
     """One organisation with an admin ``ana``, fed through the real processor."""
 
-    def __init__(self, processor: Processor, registry: TopicRegistry) -> None:
+    def __init__(self, processor: Decider, registry: TopicRegistry) -> None:
         self.processor = processor
         self.registry = registry
         self.org_id = f"org-{uuid4().hex[:10]}"
@@ -105,7 +105,7 @@ async def org(endpoints: tuple[str, str]) -> AsyncIterator[Org]:
     settings = Settings(redis_url=endpoints[1], key_prefix=f"t-{uuid4().hex[:12]}")
     store = CreditStore.from_settings(settings)
     registry = TopicRegistry.load()
-    organisation = Org(Processor(store, registry, settings, FixedClock()), registry)
+    organisation = Org(Decider(store, registry, settings, FixedClock()), registry)
     assert (await organisation.command("member.upsert", user_id="ana", role="admin"))["type"] == (
         "command.applied"
     )

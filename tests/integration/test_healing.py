@@ -1,6 +1,6 @@
 """Healing a Redis that forgot from ``credits.ledger``, on a real broker and Redis.
 
-The traffic and its ledger are real (``test_rebuild.Deployment``: the real ``Processor``,
+The traffic and its ledger are real (``test_rebuild.Deployment``: the real ``Decider``,
 its messages published on topics of this test's own); "Redis forgot" means this test's
 keys put back as an earlier copy had them (DUMP/RESTORE), never FLUSHALL, since the
 Redis is shared with other tests.

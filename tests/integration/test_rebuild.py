@@ -1,6 +1,6 @@
 """Rebuilding Redis from ``credits.ledger`` alone (DESIGN §6), on a real broker and Redis.
 
-Traffic goes through the real ``Processor``, and every message it returns is published
+Traffic goes through the real ``Decider``, and every message it returns is published
 on topics of this test's own, so the ledger the rebuild reads is a real one: six
 partitions, commands and charges of several organisations, and re-emitted copies of
 replayed decisions. The Redis is shared with other tests, so "Redis lost its data"
@@ -41,7 +41,7 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.store.restore import OrgState
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.decider import Decider, Incoming
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
 pytestmark = pytest.mark.integration
@@ -166,8 +166,8 @@ class Deployment:
     _offsets: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
-    def processor(self) -> Processor:
-        return Processor(self.store, self.registry, self.settings, self.clock)
+    def processor(self) -> Decider:
+        return Decider(self.store, self.registry, self.settings, self.clock)
 
     def _incoming(self, logical: str, org: str, value: bytes) -> Incoming:
         return Incoming(self.registry.name(logical), 0, next(self._offsets), org.encode(), value)

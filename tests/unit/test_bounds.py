@@ -22,6 +22,7 @@ from creditgate.domain.published import ChargeApproved, DeadLetter
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.batches import within_bytes
+from creditgate.stream.decider import Incoming
 from creditgate.stream.limits import (
     compare,
     limits_report,
@@ -30,7 +31,6 @@ from creditgate.stream.limits import (
     worst_case_request,
     worst_case_request_bytes,
 )
-from creditgate.stream.processor import Incoming
 from creditgate.stream.publish import record_bytes
 from creditgate.stream.topics import TopicRegistry
 

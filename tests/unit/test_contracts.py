@@ -1,7 +1,7 @@
 """The published contracts: the committed files match the models, and what creditgate
 publishes matches the contracts.
 
-Output is produced by the real ``Processor`` (rendering, ledger, notifications, headers,
+Output is produced by the real ``Decider`` (rendering, ledger, notifications, headers,
 dead letters); only Redis is replaced, by records shaped like the Lua scripts' answers.
 """
 
@@ -53,7 +53,7 @@ from creditgate.store.calls import (
 )
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Incoming, Processor
+from creditgate.stream.decider import Decider, Incoming
 from creditgate.stream.topics import REQUEST_ACTIONS, TopicRegistry
 
 ROOT = default_root()
@@ -400,7 +400,7 @@ COMMANDS = [
 @pytest.fixture
 async def published() -> list[Outgoing]:
     """Every message the processor publishes for the requests and commands above."""
-    processor = Processor(
+    processor = Decider(
         cast(CreditStore, ScriptedStore()), TopicRegistry.load(), Settings(), FixedClock()
     )
     return [*await processor.decide(REQUESTS), *await processor.apply(COMMANDS)]

@@ -15,7 +15,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from creditgate.domain.outgoing import Outgoing
-from creditgate.stream.processor import Incoming, PreparedCharges
+from creditgate.stream.decider import Incoming, PreparedCharges
 
 Fetched = Mapping[TopicPartition, Sequence[Any]]  # aiokafka ConsumerRecords
 

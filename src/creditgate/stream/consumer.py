@@ -63,10 +63,10 @@ from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.batches import Batch, Decided, Fetched, incoming, value_bytes, within_bytes
+from creditgate.stream.decider import Decider, Incoming
 from creditgate.stream.healing import LedgerGuard
 from creditgate.stream.limits import fetch_sizes, read_limits
 from creditgate.stream.offsets import Offsets
-from creditgate.stream.processor import Incoming, Processor
 from creditgate.stream.publish import RECORD_BATCH_BYTES, Publisher
 from creditgate.stream.retry import until_done
 from creditgate.stream.topics import TopicRegistry
@@ -107,7 +107,7 @@ class DecisionLoop(Service):
 
     def __init__(
         self,
-        processor: Processor,
+        processor: Decider,
         registry: TopicRegistry,
         settings: Settings,
         metrics: Metrics,

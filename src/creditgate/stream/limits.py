@@ -52,7 +52,7 @@ from creditgate.settings import Settings
 from creditgate.store.calls import ChargeCall
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
-from creditgate.stream.processor import Incoming
+from creditgate.stream.decider import Incoming
 from creditgate.stream.publish import record_bytes
 from creditgate.stream.topics import TopicRegistry
 

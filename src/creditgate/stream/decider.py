@@ -1,7 +1,9 @@
-"""Turns a batch of input messages into decisions and the messages that publish them.
+"""The decider: a batch of input messages read, decided through the store, and rendered
+as the messages that publish the decisions (``domain/outgoing.py``).
 
-Kafka-free and faust-free on purpose: the agents feed it batches and publish what it
-returns, so the same code serves the worker, the tests and the benchmark.
+Kafka-free and faust-free on purpose: the decision loop (``stream/consumer.py``) feeds it
+batches and publishes what it returns, so the same code serves the worker, the tests and
+the benchmark.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ class PreparedCharges:
         return len(self.dead_letters) + len(self.calls)
 
 
-class Processor:
+class Decider:
+    """Reads, decides and renders batches of charge requests and license commands."""
+
     def __init__(
         self,
         store: CreditStore,
