@@ -23,16 +23,14 @@ from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.batches import within_bytes
 from creditgate.stream.decider import Incoming
-from creditgate.stream.limits import (
-    compare,
-    limits_report,
-    too_small,
+from creditgate.stream.limits import compare, limits_report, too_small
+from creditgate.stream.publish import record_bytes
+from creditgate.stream.topics import TopicRegistry
+from creditgate.stream.worst_case import (
     worst_case_output_bytes,
     worst_case_request,
     worst_case_request_bytes,
 )
-from creditgate.stream.publish import record_bytes
-from creditgate.stream.topics import TopicRegistry
 
 REGISTRY = TopicRegistry.load()
 
