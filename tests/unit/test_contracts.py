@@ -21,17 +21,14 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from creditgate.contracts import (
+from creditgate.contracts import contracts_command, default_root, drift, generate
+from creditgate.contracts.catalog import (
     ASYNCAPI_FILE,
     REGENERATE,
     RESULT,
     SCHEMAS_DIR,
     TOPIC_MESSAGES,
     VALUES,
-    contracts_command,
-    default_root,
-    drift,
-    generate,
 )
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.clock import Clock
