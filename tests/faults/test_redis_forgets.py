@@ -33,9 +33,25 @@ CONTACTS = [{"type": "contact", "id": f"c-{n}", "company_id": f"co-{n}"} for n i
 
 
 async def healed_entries(http_port: int) -> float:
+    return await metric(http_port, "creditgate_healed_entries_total")
+
+
+async def metric(http_port: int, name: str) -> float:
     url = f"http://127.0.0.1:{http_port}/metrics"
     async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return sample(await response.text(), "creditgate_healed_entries_total")
+        return sample(await response.text(), name)
+
+
+async def forgets_and_heals(run: FaultRun, since: Path | None, timeout: float = 120.0) -> None:
+    """Redis forgets what came after ``since``; then, traffic or not, the worker checks
+    Redis against the ledger by itself (its check count goes up) within ``timeout``."""
+    port = run.rig.workers["w"].http_port
+    checks = await metric(port, "creditgate_heal_checks_total")
+    await run.rig.redis_forgets(since)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await metric(port, "creditgate_heal_checks_total") <= checks:
+        assert asyncio.get_running_loop().time() < deadline, "Redis forgot; nothing healed it"
+        await asyncio.sleep(0.2)
 
 
 def command(org: str, ident: str, **body: Any) -> Send:
@@ -88,7 +104,7 @@ async def test_contacts_exported_again_after_redis_forgot_them_are_free(
         first = await decided(run, forgotten)
         assert (first.credits, first.balance_after) == (5, 95), first
         await asyncio.sleep(1.0)
-        await run.rig.redis_forgets(before)
+        await forgets_and_heals(run, before)
 
         again = await decided(run, export(org, f"{org}-r2", CONTACTS))
         # the windows the first export paid for are still open: nothing charged
@@ -122,7 +138,7 @@ async def test_redis_restored_from_older_aof_copies_under_load(
             await run.reach_more(rng.randint(1500, 3000))
             copy = await run.rig.copy_redis()
             await asyncio.sleep(rng.uniform(0.3, 1.5))  # decisions that will be forgotten
-            await run.rig.redis_forgets(copy)
+            await forgets_and_heals(run, copy)
         healed = await healed_entries(run.rig.workers["w"].http_port)
         verdict = await run.finish()
     print(f"ledger entries restored by healing: {healed:.0f}")
@@ -146,7 +162,7 @@ async def test_redis_without_persistence_or_unsynced_heals_from_further_back(
         await asyncio.sleep(1.0)
         await run.rig.start_redis()
         await run.reach_more(3000)
-        await run.rig.redis_forgets(None)  # everything: the licenses and members too
+        await forgets_and_heals(run, None)  # everything: the licenses and members too
         await run.reach_more(2000)
         healed = await healed_entries(run.rig.workers["w"].http_port)
         verdict = await run.finish()

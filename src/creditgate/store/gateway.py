@@ -299,6 +299,12 @@ class CreditStore:
         payload = _resp(("ZADD", self.keys.ledger_checkpoint, "GT", *scores))
         await self._batches.run(payload, 1, "raising the ledger checkpoint")
 
+    async def check_batch_connection(self) -> None:
+        """A PING over the batch connection, while the worker is idle: a Redis restarted
+        meanwhile (from an older AOF, empty) is noticed now, as ``RedisMayHaveForgotten``,
+        not only when the next batch comes, so healing never waits for traffic."""
+        await self._batches.run(_resp(("PING",)), 1, "checking the batch connection")
+
     async def sequences(self, org_ids: Sequence[str]) -> dict[str, int]:
         """Each organisation's ledger sequence in Redis (0: none)."""
         async with unavailable_as("reading sequences"):

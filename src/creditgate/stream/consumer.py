@@ -75,6 +75,9 @@ log = logging.getLogger("creditgate.worker")
 
 # how long an idle getmany waits before the loop looks at whether it should stop
 _IDLE_POLL_MS = 500
+# with no batch for this long, the decide stage checks whether Redis was reached anew
+# (a restart from an older AOF, a failover) and heals it without waiting for traffic
+_IDLE_CHECK_SECONDS = 1.0
 # commits are one broker write each: at most one per interval, so small batches under a
 # light load do not each cost one (a crash re-decides at most this much, identically)
 _COMMIT_INTERVAL_SECONDS = 1.0
@@ -263,7 +266,11 @@ class DecisionLoop(Service):
     @Service.task
     async def _decide_and_publish(self) -> None:
         while not self.should_stop:
-            await self._parts_ready.wait()
+            try:
+                await asyncio.wait_for(self._parts_ready.wait(), _IDLE_CHECK_SECONDS)
+            except TimeoutError:
+                await self._while_idle()
+                continue
             parts = self._take_parts()
             async with self._in_batch:
                 if self.should_stop:
@@ -285,6 +292,20 @@ class DecisionLoop(Service):
                     if self.should_stop:
                         return  # decided but not published: decided again, identically
                     self._publishing = asyncio.ensure_future(self._publish(batch, decided))
+
+    async def _while_idle(self) -> None:
+        """No batch for a while: check Redis against the ledger now if it was reached anew
+        (healing must not wait for the next request), and raise the checkpoint if due.
+        A failure (Redis away) is met again by the next batch, which retries it."""
+        if self._guard is None:
+            return
+        async with self._in_batch:
+            if self.should_stop:
+                return
+            try:
+                await self._guard.while_idle(self._published)
+            except Exception as exc:  # noqa: BLE001 - the next batch meets it and retries
+                log.info("idle check of Redis against the ledger failed: %s", exc)
 
     def _take_parts(self) -> list[Batch]:
         """Everything prepared since the second stage last took: one batch."""

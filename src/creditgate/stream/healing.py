@@ -47,6 +47,7 @@ from typing import Any
 
 from creditgate.domain.clock import Clock
 from creditgate.domain.ledger import LedgerParts
+from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
@@ -264,6 +265,18 @@ class LedgerGuard:
 
     async def stop(self) -> None:
         await self._healer.stop()
+
+    async def while_idle(self, published: Callable[[], Awaitable[None]]) -> None:
+        """With no batch to decide: notice a Redis reached anew (restarted, failed over)
+        and heal it now, rather than when the next request comes (the API reads Redis
+        meanwhile). Raises what the store raises when Redis is away."""
+        try:
+            await self._store.check_batch_connection()
+        except RedisMayHaveForgotten as exc:
+            log.warning("%s: checking Redis against the ledger while idle", exc)
+            self.heal_due(exc.orgs)
+        if self._due or self._checkpoint_due:
+            await self.before_batch(published)
 
     def heal_due(self, stale: frozenset[str] | None = None) -> None:
         """Check Redis against the ledger before the next batch (``stale``: the
