@@ -198,7 +198,7 @@ class Seen:
             # Not modelled here: the company window a charged contact opens. With it, runs
             # of test_worker_killed_at_random_moments flagged 1-11 companies charged
             # inside such a window (never a contact or a company's own window); whether
-            # that is this model or the decisions is not settled yet (see the README).
+            # that is this model or the decisions is not settled yet.
 
 
 def _digest(key: bytes | None, value: bytes, headers: Any) -> bytes:
