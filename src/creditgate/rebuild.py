@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import click
-import orjson
 from aiokafka.errors import KafkaError
 
 from creditgate.domain.clock import Clock
@@ -39,7 +38,7 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.store.restore import OrgState
 from creditgate.stream import topics as t
-from creditgate.stream.ledger_reader import LedgerReader
+from creditgate.stream.ledger_reader import LedgerReader, ledger_entry
 from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 from creditgate.stream.topics import TopicRegistry
 
@@ -263,7 +262,7 @@ def _handler(
         if wanted is not None and key != wanted:
             return
         report.entries_read += 1
-        read = _ledger_entry(value)
+        read = ledger_entry(value)
         if read is None:
             report.unreadable += 1
             return
@@ -279,19 +278,6 @@ def _handler(
             report.duplicates += 1
 
     return handle
-
-
-def _ledger_entry(value: bytes | None) -> dict[str, Any] | None:
-    """The entry, when the message is one: a JSON object with an org_id and a sequence."""
-    try:
-        entry = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(entry, dict) or not isinstance(entry.get("org_id"), str):
-        return None
-    if not isinstance(entry.get("sequence"), int) or entry["sequence"] < 1:
-        return None
-    return entry
 
 
 # ---- the command line ----------------------------------------------------------------
