@@ -21,7 +21,7 @@ from creditgate.cli.root import DEVSTACK_DIR, _fail, _registry, _settings, main
 
 @main.group()
 def dev() -> None:
-    """A local single-node Kafka (KRaft) and Redis, without Docker."""
+    """A local Kafka (KRaft) and Redis, one node each or clusters, without Docker."""
 
 
 @dev.command("up")
@@ -38,17 +38,30 @@ def dev() -> None:
     help="with --secure: a key prefix creditgate's Redis user may use "
     "(repeatable; default CREDITGATE_KEY_PREFIX)",
 )
-def dev_up(secure: bool, key_prefixes: tuple[str, ...]) -> None:
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="three Kafka nodes (KRaft, three controllers) and a Redis Cluster of three "
+    "primaries with a replica each",
+)
+def dev_up(secure: bool, key_prefixes: tuple[str, ...], cluster: bool) -> None:
     """Start the local stack (or find it running) and print its variables."""
-    from creditgate.devstack import DevStack, DevStackError
+    from creditgate.devstack import ClusterStack, DevStack, DevStackError
 
+    if cluster and secure:
+        _fail("--cluster runs without --secure: the cluster stack has no logins or TLS")
+    if not cluster and ClusterStack.exists_in(DEVSTACK_DIR):
+        _fail(f"a cluster stack runs in {DEVSTACK_DIR}: use `dev up --cluster`, or `dev down`")
     prefixes = key_prefixes or (_settings().key_prefix,)
     try:
-        endpoints = DevStack(DEVSTACK_DIR, secure=secure, redis_key_prefixes=prefixes).up()
+        if cluster:
+            env = ClusterStack(DEVSTACK_DIR).up()
+        else:
+            env = DevStack(DEVSTACK_DIR, secure=secure, redis_key_prefixes=prefixes).up().as_env()
     except DevStackError as exc:
         _fail(str(exc))
         return
-    for name, value in endpoints.as_env().items():
+    for name, value in env.items():
         # Passwords go to the env file (0600) only, never to a terminal or a CI log.
         shown = "<in the env file>" if name.endswith("_PASSWORD") else value
         click.echo(f"{name}={shown}")
@@ -62,18 +75,23 @@ def dev_up(secure: bool, key_prefixes: tuple[str, ...]) -> None:
 @dev.command("down")
 def dev_down() -> None:
     """Stop the local stack and delete its data."""
-    from creditgate.devstack import DevStack
+    from creditgate.devstack import ClusterStack, DevStack
 
+    ClusterStack(DEVSTACK_DIR).down()
     DevStack(DEVSTACK_DIR).down()
     click.echo("local stack stopped")
 
 
 @dev.command("status")
 def dev_status() -> None:
-    """Whether the local stack runs, and where; exits 1 when it does not."""
-    from creditgate.devstack import DevStack
+    """Every node of the local stack, its role, and where; exits 1 unless all run."""
+    from creditgate.devstack import ClusterStack, ClusterStatus, DevStack, StackStatus
 
-    status = DevStack(DEVSTACK_DIR).status()
+    status: ClusterStatus | StackStatus
+    if ClusterStack.exists_in(DEVSTACK_DIR):
+        status = ClusterStack(DEVSTACK_DIR).status()
+    else:
+        status = DevStack(DEVSTACK_DIR).status()
     click.echo(str(status))
     sys.exit(0 if status.running else 1)
 

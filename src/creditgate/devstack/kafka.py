@@ -1,4 +1,4 @@
-"""Apache Kafka from Maven Central, run with `java` as one KRaft node.
+"""Apache Kafka from Maven Central, run with `java`: one KRaft node, or one of several.
 
 Layout under the stack's root folder:
 
@@ -47,24 +47,24 @@ _MAVEN_HINT = (
     "install it with `apt-get install -y maven` (it fetches the Kafka jars from Maven Central once)"
 )
 
-# Combined broker + controller on loopback. Replication factors of 1 because
-# there is one node; no initial rebalance delay so test consumers join at
-# once; 4 offsets partitions instead of 50 so the group coordinator is ready
-# sooner; topics only ever come from `creditgate topics apply`. A broker
-# restarted after a crash waits until the controller has fenced its previous
-# incarnation: a 4 s session (9 s by default) with 0.5 s heartbeats keeps
-# crash tests short.
+# Combined broker + controller on loopback. The internal topics' replication factor
+# is the number of nodes (1 alone, 3 in a cluster: see `KafkaQuorum`); no initial
+# rebalance delay so test consumers join at once; 4 offsets partitions instead of 50 so
+# the group coordinator is ready sooner; topics only ever come from `creditgate topics
+# apply`. A broker restarted after a crash waits until the controller has fenced its
+# previous incarnation: a 4 s session (9 s by default) with 0.5 s heartbeats keeps crash
+# tests short.
 _SERVER_PROPERTIES = """\
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
+node.id={node_id}
+controller.quorum.voters={voters}
 controller.listener.names=CONTROLLER
 {listeners}
 log.dirs={data_dir}
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor={replication}
 offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor={replication}
+transaction.state.log.min.isr={min_isr}
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 num.partitions=1
@@ -228,20 +228,53 @@ def kafka_answers(port: int, timeout: float = 1.0) -> bool:
     return bool(answered_id == correlation_id and error_code == 0)
 
 
-class KafkaNode:
-    """One Kafka process in KRaft combined mode (broker and controller)."""
+@dataclass(frozen=True)
+class KafkaQuorum:
+    """The nodes of a KRaft cluster, each broker and controller, as one node sees them.
 
-    def __init__(self, root: Path, *, heap: str = "512m") -> None:
-        self.home = root / "kafka"
+    A lone node is its own quorum (the default); in a cluster every node gets the same
+    voters and cluster id, and its own `node_id`.
+    """
+
+    node_id: int = 1
+    # node id -> controller port, of every voter (None: this node alone)
+    voters: Mapping[int, int] | None = None
+    cluster_id: str | None = None  # the same for all nodes of a cluster; None: a new one
+
+    def voters_line(self, controller_port: int) -> str:
+        voters = self.voters or {self.node_id: controller_port}
+        return ",".join(f"{node}@127.0.0.1:{port}" for node, port in sorted(voters.items()))
+
+    @property
+    def size(self) -> int:
+        return len(self.voters) if self.voters else 1
+
+
+class KafkaNode:
+    """One Kafka process in KRaft combined mode (broker and controller).
+
+    `name` names its folder and files under the stack's root (`kafka`, or `kafka-2` for
+    a cluster's second node)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        heap: str = "512m",
+        name: str = "kafka",
+        quorum: KafkaQuorum | None = None,
+    ) -> None:
+        self.home = root / name
         self.config_file = self.home / "server.properties"
         self.data_dir = self.home / "data"
-        self.log_file = root / "kafka.log"
+        self.log_file = root / f"{name}.log"
         self._log4j_file = self.home / "log4j2.properties"
         self._heap = heap
+        self.quorum = quorum or KafkaQuorum()
         self._daemon = Daemon(
             "Kafka",
-            pid_file=root / "kafka.pid",
-            output_log=root / "kafka.out",
+            pid_file=root / f"{name}.pid",
+            output_log=root / f"{name}.out",
             # The last argument, and unique to this stack unlike "kafka.Kafka".
             marker=str(self.config_file),
             other_logs=(self.log_file,),
@@ -278,8 +311,14 @@ class KafkaNode:
                 admin_user=security.admin_user,
                 admin_password=security.admin_password,
             )
+        replication = self.quorum.size
         properties = _SERVER_PROPERTIES.format(
-            controller_port=controller_port, listeners=listeners, data_dir=self.data_dir
+            node_id=self.quorum.node_id,
+            voters=self.quorum.voters_line(controller_port),
+            listeners=listeners,
+            data_dir=self.data_dir,
+            replication=replication,
+            min_isr=min(2, replication),
         )
         # In secure mode the file holds the admin's and the keystore's passwords.
         write_private(self.config_file, properties)
@@ -331,7 +370,7 @@ class KafkaNode:
                     "format",
                     # Not --standalone: the voters are fixed by controller.quorum.voters.
                     "--cluster-id",
-                    _new_cluster_id(),
+                    self.quorum.cluster_id or new_cluster_id(),
                     "--config",
                     str(self.config_file),
                     *scram,
@@ -391,7 +430,7 @@ def _fetch_jars(pom: bytes, home: Path, libs: Path) -> None:
     staging.rename(libs)
 
 
-def _new_cluster_id() -> str:
+def new_cluster_id() -> str:
     # The format of Kafka's Uuid.randomUuid(): URL-safe base64 of 16 random
     # bytes without padding, never starting with "-" (it would read as an
     # option). Made here rather than by `StorageTool random-uuid` to save a

@@ -81,22 +81,39 @@ def acl_file_text(users: Mapping[str, tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class RedisNode:
-    """One `redis-server` process with its data folder."""
+# A cluster node that stops answering for this long is failed over to its replica: short,
+# so that fault tests see a failover in seconds (Redis's default is 15 s).
+CLUSTER_NODE_TIMEOUT_MS = 2000
 
-    def __init__(self, root: Path, *, appendfsync: str = "everysec") -> None:
+
+class RedisNode:
+    """One `redis-server` process with its data folder.
+
+    `name` names its folder and files under the stack's root (`redis`, or `redis-7001`
+    for a cluster node); `cluster` starts it as a Redis Cluster node.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        appendfsync: str = "everysec",
+        name: str = "redis",
+        cluster: bool = False,
+    ) -> None:
         if appendfsync not in APPENDFSYNC_MODES:
             raise DevStackError(
                 f"appendfsync must be one of {', '.join(APPENDFSYNC_MODES)}, not {appendfsync!r}"
             )
-        self.data_dir = root / "redis"
-        self.log_file = root / "redis.log"
+        self.data_dir = root / name
+        self.log_file = root / f"{name}.log"
         self._appendfsync = appendfsync
+        self._cluster = cluster
         # Redis replaces its command line with a process title; the title
         # template below ends it with the data folder, which is what we look for.
         self._daemon = Daemon(
             "Redis",
-            pid_file=root / "redis.pid",
+            pid_file=root / f"{name}.pid",
             output_log=self.log_file,
             marker=str(self.data_dir),
         )
@@ -160,7 +177,19 @@ class RedisNode:
                 "yes",
                 "--proc-title-template",
                 f"{{title}} {{listen-addr}} {self.data_dir}",
+                *(self._cluster_arguments() if self._cluster else ()),
             ]
+        )
+
+    def _cluster_arguments(self) -> tuple[str, ...]:
+        return (
+            "--cluster-enabled",
+            "yes",
+            # Redis keeps the cluster's shape there (in --dir) and rewrites it itself
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(CLUSTER_NODE_TIMEOUT_MS),
         )
 
     def wait_ready(self, port: int, timeout: float, login: RedisLogin | None = None) -> None:
