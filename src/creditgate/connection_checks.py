@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -30,13 +29,15 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
 )
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from creditgate.connections import SASL_PROTOCOLS, aiokafka_options, redis_options
+from creditgate.connections import SASL_PROTOCOLS, aiokafka_options
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import Settings
 from creditgate.store.acl import redis_acl_rules
+from creditgate.store.client import RedisClient, redis_client
 from creditgate.store.keys import Keys
 
 _DEFAULT_KAFKA_PORT = 9092
@@ -212,18 +213,13 @@ _PROBE_ORG = "creditgate-start-check"
 async def check_redis(settings: Settings, timeout: float = _CHECK_TIMEOUT_SECONDS) -> None:
     """Log in, then run every kind of command creditgate needs on keys under its prefix."""
     who = _redis_user(settings)
-    client = aioredis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        decode_responses=True,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        **redis_options(settings),
-    )
+    client = redis_client(settings, socket_timeout=timeout, socket_connect_timeout=timeout)
     org = Keys(settings.key_prefix).org(_PROBE_ORG)
     probe_keys = [f"{org.base}:probe:{kind}" for kind in ("hash", "set", "zset", "string")]
     try:
         try:
             await client.ping()
+            await _require_cluster_mode(client)
         except AuthenticationError as exc:
             raise ConfigurationError(
                 f"Redis refused {who} ({str(exc).rstrip('.')}): check "
@@ -232,6 +228,13 @@ async def check_redis(settings: Settings, timeout: float = _CHECK_TIMEOUT_SECOND
             ) from None
         except RedisConnectionError as exc:
             raise _redis_connection_problem(exc) from None
+        except RedisClusterException as exc:
+            if "not enabled" not in str(exc):
+                raise InfrastructureError(f"the Redis Cluster did not answer: {exc}") from None
+            raise ConfigurationError(
+                "CREDITGATE_REDIS_CLUSTER is true, but the Redis at CREDITGATE_REDIS_URL is "
+                "not a cluster node: unset CREDITGATE_REDIS_CLUSTER"
+            ) from None
         try:
             sha = await client.script_load(_PROBE_LUA)
             await client.evalsha(sha, len(probe_keys), *probe_keys)
@@ -252,6 +255,23 @@ async def check_redis(settings: Settings, timeout: float = _CHECK_TIMEOUT_SECOND
         raise InfrastructureError(f"Redis did not answer the start-up check: {exc}") from exc
     finally:
         await client.aclose()
+
+
+async def _require_cluster_mode(client: RedisClient) -> None:
+    """A single-server client on a cluster node would meet MOVED for most organisations:
+    say which setting is wrong instead. (The cluster client refuses a plain server by
+    itself, with RedisClusterException.)"""
+    if isinstance(client, RedisCluster):
+        return
+    try:
+        info = await client.info("cluster")
+    except ResponseError:
+        return  # an ACL without INFO: the scripts' MOVED will say it, less kindly
+    if str(info.get("cluster_enabled", "0")) == "1":
+        raise ConfigurationError(
+            "the Redis at CREDITGATE_REDIS_URL is a Redis Cluster node: set "
+            "CREDITGATE_REDIS_CLUSTER=true"
+        )
 
 
 def _acl_refusal(exc: ResponseError) -> str | None:

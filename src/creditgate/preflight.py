@@ -45,7 +45,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
@@ -55,12 +54,14 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
     for_code,
 )
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from creditgate.connection_checks import check_connections
-from creditgate.connections import aiokafka_options, redis_options
+from creditgate.connections import aiokafka_options
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import DAY_SECONDS, Settings
+from creditgate.store.client import RedisClient, redis_client
 from creditgate.store.gateway import CreditStore
 from creditgate.stream import topics as t
 from creditgate.stream.limits import check_output_limits, check_redis_query_buffer
@@ -339,13 +340,7 @@ async def check_no_eviction(settings: Settings) -> None:
     idempotency record (a replay then charged again), the sequence. With
     ``noeviction`` a full Redis refuses writes instead, which the worker retries.
     """
-    client = aioredis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        decode_responses=True,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        **redis_options(settings),
-    )
+    client = redis_client(settings)
     try:
         policy = await eviction_policy(client)
     except RedisError as exc:
@@ -367,9 +362,18 @@ async def check_no_eviction(settings: Settings) -> None:
         )
 
 
-async def eviction_policy(client: aioredis.Redis) -> str:
+async def eviction_policy(client: RedisClient) -> str:
     """``maxmemory-policy`` by ``CONFIG GET``, else by ``INFO memory``: an ACL user (or
-    a managed Redis) may not be allowed CONFIG."""
+    a managed Redis) may not be allowed CONFIG. On a cluster, the first primary whose
+    policy is not ``noeviction``, if any: each primary evicts on its own."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # the nodes are known once it is
+        for node in client.get_primaries():
+            found = await client.config_get("maxmemory-policy", target_nodes=node)
+            policy = str(found.get("maxmemory-policy", ""))
+            if policy != REQUIRED_EVICTION_POLICY:
+                return policy
+        return REQUIRED_EVICTION_POLICY
     try:
         reply = await client.config_get("maxmemory-policy")
         if reply.get("maxmemory-policy"):

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # Whether CREDITGATE_REDIS_URL names a node of a Redis Cluster (the client learns the
+    # others from it and follows the slots as they move). Unset: asked of the server
+    # (INFO cluster) when the client is made. Checked against the server at start-up.
+    redis_cluster: bool | None = None
     http_port: int = 6066
     http_host: str = "127.0.0.1"
     # Bearer tokens of the HTTP API, each scoped to a list of organisations or to all, as

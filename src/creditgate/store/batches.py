@@ -1,5 +1,9 @@
 """The store's script calls, sent as batches: the batch connection, the reconnect
-watch, and the scripts loaded again when Redis has lost them.
+watch, and the scripts loaded again when Redis has lost them. This is one Redis
+server; ``store.cluster`` sends the same batches to a Redis Cluster.
+
+A batch is a list of ``Routed`` commands: each packed command with a key it touches, by
+which a cluster finds the node that runs it (one server ignores it).
 
 The decision loop's batches go over a connection of their own, one batch at a time:
 taking a pooled connection checks it with a socket read, and while that read waits the
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 
 import redis.asyncio as aioredis
@@ -22,6 +26,9 @@ from redis.exceptions import NoScriptError, ResponseError
 from creditgate.errors import CreditgateError, RedisMayHaveForgotten
 from creditgate.store.outages import unavailable_as
 from creditgate.store.wire import BatchConnection, OnReply, Reply
+
+# (a key the command touches, the command in the Redis protocol)
+Routed = tuple[str, bytes]
 
 
 class Script:
@@ -62,17 +69,23 @@ class Batches:
             raise CreditgateError(f"Redis named the scripts {loaded}, not by their SHA1")
         self._scripts_loaded = True
 
+    async def routes_to_every_node(self, key: str) -> list[str]:
+        """Keys named after ``key``, one on each node that holds data (primaries of a
+        cluster): a command sent once per key reaches every node. One server: ``key``."""
+        return [key]
+
     async def run(
         self,
-        payload: bytes,
-        count: int,
+        commands: Sequence[Routed],
         doing: str,
         on_reply: OnReply | None = None,
         *,
         pooled: bool = False,
     ) -> list[Reply]:
-        """Send ``payload`` (``count`` commands), return their replies; an error reply
-        raises. ``on_reply`` as in ``BatchConnection.exchange``."""
+        """Send ``commands``, return their replies in order; an error reply raises.
+        ``on_reply`` as in ``BatchConnection.exchange``."""
+        payload = b"".join(command for _, command in commands)
+        count = len(commands)
         async with unavailable_as(doing):
             for attempt in range(2):
                 if not self._scripts_loaded:

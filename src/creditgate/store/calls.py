@@ -2,7 +2,7 @@
 
 ``ChargeCall`` is one charge request as ``lua/charge.lua`` takes it; ``ChargePacker``
 turns calls into the Redis protocol ahead of their decision clock (``PackedCharge``,
-which the stream layer holds as the opaque ``PreparedCall``); ``command_payload`` does
+which the stream layer holds as the opaque ``PreparedCall``); ``command_calls`` does
 the same for license commands and ``lua/command.lua``. Nothing here talks to Redis.
 """
 
@@ -263,22 +263,22 @@ class ChargePacker:
 # ---- license commands ----------------------------------------------------------------
 
 
-def command_payload(
+def command_calls(
     commands: Sequence[LicenseCommand | InvalidCommand],
     now_ms: int,
     known: KnownSequences,
     keys: Keys,
     idempotency_ttl_ms: int,
     script_sha: str,
-) -> bytes:
-    """command.lua's calls for ``commands``, in the Redis protocol, one after another."""
+) -> list[bytes]:
+    """command.lua's calls for ``commands``, each in the Redis protocol."""
     head = ("EVALSHA", script_sha)
-    return b"".join(
+    return [
         _resp((*head, len(command_keys), *command_keys, *args))
         for command_keys, args in (
             _command_keys_args(c, now_ms, known, keys, idempotency_ttl_ms) for c in commands
         )
-    )
+    ]
 
 
 def _command_keys_args(

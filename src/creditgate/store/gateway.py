@@ -22,9 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
 import orjson
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
-from creditgate.connections import redis_options
 from creditgate.domain.commands import LicenseCommand
 from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.license_events import CommandRecord
@@ -41,8 +40,10 @@ from creditgate.store.calls import (
     KnownSequences,
     PreparedCall,
     _resp,
-    command_payload,
+    command_calls,
 )
+from creditgate.store.client import RedisClient, redis_client
+from creditgate.store.cluster import ClusterBatches
 from creditgate.store.keys import USAGE_METRICS, Keys
 from creditgate.store.outages import unavailable_as
 from creditgate.store.reads import PeriodUsage, StoredDecision
@@ -78,28 +79,29 @@ _STALE = ("behind", "unknown")
 class CreditStore:
     """creditgate's only writer of credit state."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: RedisClient, settings: Settings) -> None:
         self._redis = client
         self._settings = settings
         self.keys = Keys(settings.key_prefix)
         self._charge, self._command = Script("charge.lua"), Script("command.lua")
         self._packer = ChargePacker(self.keys, settings, self._charge.sha)
-        self._batches = Batches(client, (self._charge, self._command))
+        scripts = (self._charge, self._command)
+        self._batches = (
+            ClusterBatches(client, scripts)
+            if isinstance(client, RedisCluster)
+            else Batches(client, scripts)
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CreditStore:
-        client = aioredis.Redis.from_url(
-            settings.redis_url.get_secret_value(),
-            decode_responses=True,
-            socket_timeout=10,
-            socket_connect_timeout=5,
-            health_check_interval=15,
-            **redis_options(settings),
-        )
-        return cls(client, settings)
+        return cls(redis_client(settings), settings)
 
     @property
-    def client_for_tests(self) -> aioredis.Redis:
+    def is_cluster(self) -> bool:
+        return isinstance(self._redis, RedisCluster)
+
+    @property
+    def client_for_tests(self) -> RedisClient:
         """The Redis client, for tests and benchmarks that look at or clear keys
         directly. creditgate itself goes through the methods below."""
         return self._redis
@@ -164,7 +166,8 @@ class CreditStore:
         once the batch's replies are read it raises ``RedisMayHaveForgotten`` naming those
         organisations (the others were decided: sent again, they are replays).
         """
-        answers: list[ChargeAnswer] = []
+        # by position: a cluster's nodes answer in their own order
+        answers: list[ChargeAnswer | None] = [None] * len(packed)
         stale: set[str] = set()
 
         def answer(i: int, reply: Reply) -> None:
@@ -173,21 +176,22 @@ class CreditStore:
                 stale.add(packed[i].call.org_id)
                 return
             found = ChargeAnswer(status, ChargeRecord.from_script(orjson.loads(raw)))
-            answers.append(found)
+            answers[i] = found
             if each is not None and not stale:
                 each(i, found)
 
         if packed:
-            payload = b"".join(p.command(now_ms, known) for p in packed)
-            await self._batches.run(payload, len(packed), "deciding charge requests", answer)
+            commands = [(self.keys.route(p.call.org_id), p.command(now_ms, known)) for p in packed]
+            await self._batches.run(commands, "deciding charge requests", answer)
         if stale:
             raise RedisMayHaveForgotten("its sequence is behind the ledger", frozenset(stale))
-        return answers
+        return cast(list[ChargeAnswer], answers)
 
     async def quote(self, call: ChargeCall, now_ms: int) -> ChargeRecord:
         """The decision the charge script would take now, computed without writing."""
         (packed,) = self.pack_charges([call], "quote")  # no sequence check: writes nothing
-        ((_, raw),) = await self._batches.run(packed.command(now_ms), 1, "quoting", pooled=True)
+        command = (self.keys.route(call.org_id), packed.command(now_ms))
+        ((_, raw),) = await self._batches.run([command], "quoting", pooled=True)
         return ChargeRecord.from_script(orjson.loads(raw))
 
     # ---- license commands ------------------------------------------------------
@@ -202,7 +206,7 @@ class CreditStore:
         ``charge_packed``."""
         if not commands:
             return []
-        payload = command_payload(
+        calls = command_calls(
             commands,
             now_ms,
             known,
@@ -210,7 +214,10 @@ class CreditStore:
             self._settings.idempotency_ttl_ms,
             self._command.sha,
         )
-        replies = await self._batches.run(payload, len(commands), "applying license commands")
+        routed = [
+            (self.keys.route(c.org_id), call) for c, call in zip(commands, calls, strict=True)
+        ]
+        replies = await self._batches.run(routed, "applying license commands")
         stale = {
             c.org_id for c, (status, _) in zip(commands, replies, strict=True) if status in _STALE
         }
@@ -275,35 +282,53 @@ class CreditStore:
 
     async def ledger_checkpoint(self, topic: str) -> dict[int, int]:
         """Per partition of the ledger ``topic``: the offset below which every entry is
-        known to be in Redis (none for a partition never checkpointed, or forgotten)."""
-        async with unavailable_as("reading the ledger checkpoint"):
-            found = cast(
-                list[tuple[str, float]],
-                await self._redis.zrange(self.keys.ledger_checkpoint, 0, -1, withscores=True),
-            )
+        known to be in Redis (none for a partition never checkpointed, or forgotten).
+
+        A cluster has a copy per node, each vouching for that node's data only: a
+        partition's checkpoint is the lowest of them, and none when a node lacks it."""
         prefix = f"{topic}:"
-        return {
-            int(member[len(prefix) :]): int(score)
-            for member, score in found
-            if member.startswith(prefix)
-        }
+        found: dict[int, int] | None = None
+        for key in await self._batches.routes_to_every_node(self.keys.ledger_checkpoint):
+            async with unavailable_as("reading the ledger checkpoint"):
+                members = cast(
+                    list[tuple[str, float]], await self._redis.zrange(key, 0, -1, withscores=True)
+                )
+            here = {
+                int(member[len(prefix) :]): int(score)
+                for member, score in members
+                if member.startswith(prefix)
+            }
+            found = (
+                here
+                if found is None
+                else {p: min(o, here[p]) for p, o in found.items() if p in here}
+            )
+        return found or {}
 
     async def raise_ledger_checkpoint(self, topic: str, offsets: dict[int, int]) -> None:
         """Raise the checkpoint of each partition to its offset, never lower it (another
-        worker may have raised it further). Over the batch connection: if that connection
-        had to be made anew, Redis may have forgotten what the offsets vouch for, and this
-        raises ``RedisMayHaveForgotten`` instead of writing."""
+        worker may have raised it further). Over the batch connection, on every node: if
+        that connection had to be made anew, Redis may have forgotten what the offsets
+        vouch for, and this raises ``RedisMayHaveForgotten`` instead of writing."""
         if not offsets:
             return
         scores = [part for p, o in sorted(offsets.items()) for part in (o, f"{topic}:{p}")]
-        payload = _resp(("ZADD", self.keys.ledger_checkpoint, "GT", *scores))
-        await self._batches.run(payload, 1, "raising the ledger checkpoint")
+        commands = [
+            (key, _resp(("ZADD", key, "GT", *scores)))
+            for key in await self._batches.routes_to_every_node(self.keys.ledger_checkpoint)
+        ]
+        await self._batches.run(commands, "raising the ledger checkpoint")
 
     async def check_batch_connection(self) -> None:
-        """A PING over the batch connection, while the worker is idle: a Redis restarted
-        meanwhile (from an older AOF, empty) is noticed now, as ``RedisMayHaveForgotten``,
-        not only when the next batch comes, so healing never waits for traffic."""
-        await self._batches.run(_resp(("PING",)), 1, "checking the batch connection")
+        """A PING over the batch connection (to every node), while the worker is idle: a
+        Redis restarted meanwhile (from an older AOF, empty) is noticed now, as
+        ``RedisMayHaveForgotten``, not only when the next batch comes, so healing never
+        waits for traffic."""
+        commands = [
+            (key, _resp(("PING",)))
+            for key in await self._batches.routes_to_every_node(self.keys.ledger_checkpoint)
+        ]
+        await self._batches.run(commands, "checking the batch connection")
 
     async def sequences(self, org_ids: Sequence[str]) -> dict[str, int]:
         """Each organisation's ledger sequence in Redis (0: none)."""

@@ -77,11 +77,16 @@ class Keys:
     def org(self, org_id: str) -> OrgKeys:
         return OrgKeys(self.prefix, org_id)
 
+    def route(self, org_id: str) -> str:
+        """A key of the organisation's slot: where a Redis Cluster runs its scripts."""
+        return f"{self.prefix}:{{{org_id}}}"
+
     @property
     def ledger_checkpoint(self) -> str:
-        """The ledger checkpoint (a hash, ``<ledger topic>:<partition>`` -> offset): every
-        ledger entry below the offset is known to be in Redis (``stream.healing``). It
-        belongs to no organisation, so it has no hash tag."""
+        """The ledger checkpoint (a sorted set, ``<ledger topic>:<partition>`` scored by
+        offset): every ledger entry below the offset is known to be in Redis
+        (``stream.healing``). It belongs to no organisation, so it has no hash tag; a Redis
+        Cluster keeps one copy per node, each named after this one (``store.cluster``)."""
         return f"{self.prefix}:ledger-checkpoint"
 
     def org_pattern(self, org_id: str = "*") -> str:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.ids import rfc3339
+from creditgate.store.client import RedisClient
 from creditgate.store.keys import RECORD, RECORD_REQUEST, USAGE_METRICS, OrgKeys, UsageFields
 
 # per user of a period, in order of first use: per action, its metrics' counts (a user
@@ -32,18 +32,18 @@ class StoredDecision:
     summary: str | None
 
 
-async def org_exists(client: aioredis.Redis, keys: OrgKeys) -> bool:
+async def org_exists(client: RedisClient, keys: OrgKeys) -> bool:
     """An organisation is known once a command gave it a license or a member."""
     return bool(await client.exists(keys.license, keys.members))
 
 
-async def current_period(client: aioredis.Redis, keys: OrgKeys) -> str | None:
+async def current_period(client: RedisClient, keys: OrgKeys) -> str | None:
     found = await client.hget(keys.license, "period_id")
     return None if found is None else str(found)
 
 
 async def period_usage(
-    client: aioredis.Redis, keys: OrgKeys, period_id: str, actions: Sequence[str]
+    client: RedisClient, keys: OrgKeys, period_id: str, actions: Sequence[str]
 ) -> PeriodUsage:
     """The usage counters of ``period_id``: O(users x actions) fields, whatever the
     number of past periods, since the charge script lists the period's users in one
@@ -67,7 +67,7 @@ async def period_usage(
 
 
 async def history_page(
-    client: aioredis.Redis,
+    client: RedisClient,
     key: str,
     limit: int,
     before_ms: int | None,
@@ -93,7 +93,7 @@ async def history_page(
 
 
 async def stored_decisions(
-    client: aioredis.Redis, keys: OrgKeys, request_ids: Sequence[str]
+    client: RedisClient, keys: OrgKeys, request_ids: Sequence[str]
 ) -> list[StoredDecision | None]:
     """Per request id, its stored decision (None: expired, or never decided); one
     pipeline."""
@@ -109,7 +109,7 @@ async def stored_decisions(
 
 
 async def stored_decision(
-    client: aioredis.Redis, keys: OrgKeys, request_id: str
+    client: RedisClient, keys: OrgKeys, request_id: str
 ) -> StoredDecision | None:
     """One request's stored decision (None: none)."""
     raw, summary = await client.hmget(keys.request(request_id), [RECORD, RECORD_REQUEST])
@@ -119,7 +119,7 @@ async def stored_decision(
 
 
 async def credits(
-    client: aioredis.Redis, keys: OrgKeys, org_id: str, now_ms: int
+    client: RedisClient, keys: OrgKeys, org_id: str, now_ms: int
 ) -> dict[str, Any] | None:
     """The organisation's current period: amount, grants, used and remaining."""
     raw = await client.hgetall(keys.license)

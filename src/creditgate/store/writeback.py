@@ -8,9 +8,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from creditgate.store.client import RedisClient
 from creditgate.store.keys import (
     RECORD,
     RECORD_FINGERPRINT,
@@ -61,13 +61,13 @@ def _flat(mapping: Mapping[str, str]) -> list[str]:
     return [part for pair in mapping.items() for part in pair]
 
 
-async def org_has_keys(client: aioredis.Redis, pattern: str) -> bool:
+async def org_has_keys(client: RedisClient, pattern: str) -> bool:
     async for _ in client.scan_iter(match=pattern, count=1000):
         return True
     return False
 
 
-async def delete_matching(client: aioredis.Redis, pattern: str) -> int:
+async def delete_matching(client: RedisClient, pattern: str) -> int:
     """Delete every key matching ``pattern`` (an organisation's keys before a replace)."""
     deleted = 0
     batch: list[str] = []
@@ -81,7 +81,7 @@ async def delete_matching(client: aioredis.Redis, pattern: str) -> int:
     return deleted
 
 
-async def redis_skew_ms(client: aioredis.Redis, now_ms: int) -> int:
+async def redis_skew_ms(client: RedisClient, now_ms: int) -> int:
     """How far Redis's clock runs ahead of the decision clock (0 when behind), as in
     charge.lua: window expiries are pushed out by it so no window ends early."""
     seconds, micros = await client.time()
@@ -89,7 +89,7 @@ async def redis_skew_ms(client: aioredis.Redis, now_ms: int) -> int:
 
 
 async def write_org(
-    client: aioredis.Redis, keys: OrgKeys, state: OrgState, skew_ms: int, chunk: int = 1000
+    client: RedisClient, keys: OrgKeys, state: OrgState, skew_ms: int, chunk: int = 1000
 ) -> int:
     """Write one organisation's folded state; returns the number of keys written.
 
@@ -149,7 +149,7 @@ def _heal_commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tup
 
 
 async def heal_org(
-    client: aioredis.Redis,
+    client: RedisClient,
     keys: OrgKeys,
     entries: Sequence[Mapping[str, Any]],
     ttl_ms: int,
