@@ -158,11 +158,14 @@ class DecisionLoop(Service):
         limits = await read_limits(self._settings, self._registry)
         outputs = [self._registry.name(n) for n in t.OUTPUTS]
         inputs = [self._registry.name(n) for n in (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS)]
-        # acks=all: a decision counts as published once every in-sync replica has it
+        # acks=all: a decision counts as published once every in-sync replica has it (at
+        # least min.insync.replicas of them). Idempotent: a send retried after a lost
+        # acknowledgement (a broker failing over) is written once, not twice.
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._settings.kafka_bootstrap,
             client_id=f"{self._settings.app_id}-worker",
             acks="all",
+            enable_idempotence=True,
             max_batch_size=RECORD_BATCH_BYTES,
             # a record batch is at most its topic's limit (the publisher sees to it)
             max_request_size=max(limits[name] for name in outputs) + 64 * 1024,

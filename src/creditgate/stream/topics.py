@@ -51,10 +51,26 @@ def default_topics_dir() -> Path:
 
 @dataclass(frozen=True)
 class TopicSpec:
+    """A topic as its definition states it. ``replication_factor`` and
+    ``min_insync_replicas`` are what a cluster of that many brokers or more gets; on
+    fewer brokers (a laptop's one) ``on_brokers`` scales both down."""
+
     name: str
     partitions: int
     replication_factor: int
     configs: dict[str, str] = field(default_factory=dict)
+    min_insync_replicas: int = 1
+
+    def on_brokers(self, brokers: int) -> TopicSpec:
+        """The topic as a cluster of ``brokers`` brokers can hold it: the factor is at
+        most the broker count, and ``min.insync.replicas`` keeps the definition's margin
+        (factor 3, 2 in sync: one broker may be down and writes still go on), at least 1.
+        """
+        factor = max(1, min(self.replication_factor, brokers))
+        margin = self.replication_factor - self.min_insync_replicas
+        in_sync = max(1, min(self.min_insync_replicas, factor - margin))
+        configs = {**self.configs, "min.insync.replicas": str(in_sync)}
+        return TopicSpec(self.name, self.partitions, factor, configs, self.min_insync_replicas)
 
     @property
     def max_message_bytes(self) -> int | None:
@@ -81,6 +97,7 @@ class TopicRegistry:
                 partitions=int(data["partitions"]),
                 replication_factor=int(data["replication_factor"]),
                 configs={k: str(v) for k, v in data.get("configs", {}).items()},
+                min_insync_replicas=int(data.get("min_insync_replicas", 1)),
             )
         if not specs:
             raise ConfigurationError(f"no topic definitions found in {directory}")
@@ -93,7 +110,9 @@ class TopicRegistry:
         """The same topics with another partition count (tests and benchmarks)."""
         return TopicRegistry(
             {
-                k: TopicSpec(s.name, partitions, s.replication_factor, s.configs)
+                k: TopicSpec(
+                    s.name, partitions, s.replication_factor, s.configs, s.min_insync_replicas
+                )
                 for k, s in self.specs.items()
             },
             self.prefix,
@@ -132,7 +151,8 @@ async def apply_topics(
     admin = await admin_client(bootstrap, settings)
     try:
         existing = set(await admin.list_topics())
-        missing = [s for s in registry.specs.values() if s.name not in existing]
+        brokers = await broker_count(admin)
+        missing = [s.on_brokers(brokers) for s in registry.specs.values() if s.name not in existing]
         created = []
         for spec in missing:
             try:
@@ -154,6 +174,11 @@ async def apply_topics(
         return created
     finally:
         await admin.close()
+
+
+async def broker_count(admin: AIOKafkaAdminClient) -> int:
+    """How many brokers the cluster has now (a broker that is down is not counted)."""
+    return len((await admin.describe_cluster())["brokers"])
 
 
 # how long a created topic may take to be served before `apply_topics` gives up
@@ -197,11 +222,16 @@ async def check_topics(
             for s in registry.specs.values()
             if s.name not in existing
         ]
-        present = [s for s in registry.specs.values() if s.name in existing]
+        brokers = await broker_count(admin)
+        present = [s.on_brokers(brokers) for s in registry.specs.values() if s.name in existing]
         if not present:
             return problems
         described = await admin.describe_topics([s.name for s in present])
         partitions = {d["topic"]: len(d["partitions"]) for d in described}
+        factors = {
+            d["topic"]: min((len(p["replicas"]) for p in d["partitions"]), default=0)
+            for d in described
+        }
         resources = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
         configs: dict[str, dict[str, str]] = {}
         for response in await admin.describe_configs(resources):
@@ -212,6 +242,11 @@ async def check_topics(
                 problems.append(
                     f"topic {spec.name} has {partitions.get(spec.name)} partitions, "
                     f"its definition says {spec.partitions}"
+                )
+            if factors.get(spec.name) != spec.replication_factor:
+                problems.append(
+                    f"topic {spec.name} has replication factor {factors.get(spec.name)}, its "
+                    f"definition says {spec.replication_factor} on {brokers} brokers"
                 )
             for key, want in spec.configs.items():
                 have = configs.get(spec.name, {}).get(key)
