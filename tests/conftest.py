@@ -1,8 +1,12 @@
-"""Shared fixtures: a real Kafka broker and a real Redis server for the whole session.
+"""Shared fixtures: a real Kafka and a real Redis for the whole session, twice.
 
-An explicit ``CREDITGATE_KAFKA_BOOTSTRAP`` / ``CREDITGATE_REDIS_URL`` always wins; else,
-where a Docker engine answers, testcontainers could provide them; on our machines
-(no Docker) the project's own devstack starts both in a temporary folder.
+The tests on the stack run on two stacks, one after the other: ``single`` (one broker,
+one Redis server) and ``cluster`` (three brokers, a Redis Cluster of three primaries
+with a replica each), both started by the project's own devstack in a temporary
+folder. A test marked ``single_redis`` looks at one server's own parts and runs on the
+single stack only. An explicit ``CREDITGATE_KAFKA_BOOTSTRAP`` / ``CREDITGATE_REDIS_URL``
+always wins: then every test runs once, on that stack. ``CREDITGATE_TEST_STACKS=single``
+(or ``cluster``) runs on one of the two.
 Each test gets its own Redis key prefix, and org ids of its own, so tests never see
 each other's data.
 """
@@ -24,22 +28,58 @@ os.environ[ENV_FILE_VARIABLE] = ""
 from creditgate.store.gateway import CreditStore
 
 
-@pytest.fixture(scope="session")
-def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(kafka_bootstrap, redis_url) of the stack every integration test uses."""
+def _given_stack() -> tuple[str, str] | None:
     bootstrap = os.environ.get("CREDITGATE_KAFKA_BOOTSTRAP")
     redis_url = os.environ.get("CREDITGATE_REDIS_URL")
-    if bootstrap and redis_url:
-        yield bootstrap, redis_url
-        return
-    from creditgate.devstack import DevStack
+    return (bootstrap, redis_url) if bootstrap and redis_url else None
 
-    stack = DevStack(Path(tmp_path_factory.mktemp("devstack")))
+
+def _stack_kinds() -> list[str]:
+    if _given_stack() is not None:
+        return ["given"]
+    return os.environ.get("CREDITGATE_TEST_STACKS", "single,cluster").split(",")
+
+
+@pytest.fixture(scope="session", params=_stack_kinds())
+def endpoints(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """(kafka_bootstrap, redis_url) of the stack the test runs on. The client finds out
+    by itself whether the Redis is a cluster (``store.client.is_cluster``)."""
+    given = _given_stack()
+    if given is not None:
+        yield given
+        return
+    from creditgate.devstack import ClusterStack, DevStack
+
+    root = Path(tmp_path_factory.mktemp(f"devstack-{request.param}"))
+    if request.param == "cluster":
+        cluster = ClusterStack(root)
+        env = cluster.up()
+        try:
+            yield env["CREDITGATE_KAFKA_BOOTSTRAP"], env["CREDITGATE_REDIS_URL"]
+        finally:
+            cluster.down()
+        return
+    stack = DevStack(root)
     found = stack.up()
     try:
         yield found.kafka_bootstrap, found.redis_url
     finally:
         stack.down()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``single_redis`` are left out on the cluster stack."""
+    kept: list[pytest.Item] = []
+    left_out: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_cluster = callspec is not None and callspec.params.get("endpoints") == "cluster"
+        (left_out if on_cluster and item.get_closest_marker("single_redis") else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
 
 
 @pytest.fixture

@@ -51,6 +51,7 @@ class FaultRun:
         batch_size: int = 1000,
         rate: float | None = None,
         shared_stack: DevStack | None = None,
+        cluster: bool = False,
     ) -> None:
         self.spec = spec
         self.workload = Workload(spec)
@@ -60,6 +61,7 @@ class FaultRun:
             redis_appendfsync=redis_appendfsync,
             batch_size=batch_size,
             shared_stack=shared_stack,
+            cluster=cluster,
         )
         self.rate = rate
         self.timings = Timings()

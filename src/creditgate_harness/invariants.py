@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from creditgate.settings import Settings
+from creditgate.store.client import redis_client
 from creditgate.store.keys import Keys
 from creditgate_harness.traffic import Decision, Seen, Sent
 
@@ -46,7 +46,7 @@ class StoreState:
 async def read_store(settings: Settings, sent: Sent, seen: Seen) -> StoreState:
     """The Redis side of the invariants, read in pipelined chunks."""
     keys = Keys(settings.key_prefix)
-    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    client = redis_client(settings)
     try:
         orgs = sorted({org for org, _ in sent.requests.values()} | set(sent.commands.values()))
         pipe = client.pipeline(transaction=False)

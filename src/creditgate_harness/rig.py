@@ -2,7 +2,9 @@
 
 A rig that breaks servers runs its own ``DevStack`` in its own folder, so killing its
 broker or Redis touches nobody else's tests; rigs that only break workers may share a
-stack. Every rig has its own topic prefix, key prefix and consumer group.
+stack. A cluster rig (``cluster=True``) runs a ``ClusterStack`` of its own instead:
+three brokers and a Redis Cluster, whose nodes it kills, fails over and reshards.
+Every rig has its own topic prefix, key prefix and consumer group.
 Workers are started exactly as an operator would start them (``python -m creditgate
 worker`` with ``CREDITGATE_*`` variables) and are only ever signalled by their pid.
 """
@@ -19,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from creditgate.devstack import DevStack, find_free_port
+from creditgate.devstack import ClusterStack, DevStack, find_free_port
 from creditgate.settings import Settings
 from creditgate.stream.topics import TopicRegistry, apply_topics
 
@@ -49,6 +51,7 @@ class Rig:
     worker_loglevel: str = "warning"  # "info" shows faust's rebalance flight recorder
     # a stack shared with other rigs (never broken by this one); None: a stack of its own
     shared_stack: DevStack | None = None
+    cluster: bool = False  # a ClusterStack of its own instead of a DevStack
     faults: Counter[str] = field(default_factory=Counter)
     workers: dict[str, Worker] = field(default_factory=dict)
     retired: list[Worker] = field(default_factory=list)
@@ -64,6 +67,7 @@ class Rig:
             # million keys take far longer than the 10 s default on a busy machine
             redis_timeout=120.0,
         )
+        self.cluster_stack = ClusterStack(self.root / "cluster", redis_timeout=120.0)
         self.registry = TopicRegistry.load(prefix=f"{self.run}.")
         self._logs = self.root / "workers"
         self.bootstrap = ""
@@ -72,11 +76,16 @@ class Rig:
     # ---- the stack -------------------------------------------------------------
 
     async def up(self) -> None:
-        if self.shared_stack is not None:
-            found = self.stack.endpoints()
+        if self.cluster:
+            env = await asyncio.to_thread(self.cluster_stack.up)
+            self.bootstrap = env["CREDITGATE_KAFKA_BOOTSTRAP"]
+            self.redis_url = env["CREDITGATE_REDIS_URL"]
         else:
-            found = await asyncio.to_thread(self.stack.up)
-        self.bootstrap, self.redis_url = found.kafka_bootstrap, found.redis_url
+            if self.shared_stack is not None:
+                found = self.stack.endpoints()
+            else:
+                found = await asyncio.to_thread(self.stack.up)
+            self.bootstrap, self.redis_url = found.kafka_bootstrap, found.redis_url
         await apply_topics(self.bootstrap, self.registry)
         self._logs.mkdir(parents=True, exist_ok=True)
 
@@ -85,7 +94,9 @@ class Rig:
             if worker.paused:
                 self.resume_worker(worker.name)
             self.kill_worker(worker.name, count=False)
-        if self.shared_stack is None:
+        if self.cluster:
+            await asyncio.to_thread(self.cluster_stack.down)
+        elif self.shared_stack is None:
             await asyncio.to_thread(self.stack.down)
 
     def settings(self) -> Settings:
@@ -229,6 +240,38 @@ class Rig:
         self.faults["broker_crash" if crash else "broker_restart"] += 1
         await asyncio.sleep(down_for)  # the outage itself is the fault schedule
         await asyncio.to_thread(self.stack.start_kafka)
+
+    # ---- cluster nodes (cluster=True) ----------------------------------------------
+
+    async def kill_redis_primary(self, port: int) -> float:
+        """SIGKILL one Redis primary; its replica takes over after the node timeout.
+        Returns the moment it was dead."""
+        await asyncio.to_thread(self.cluster_stack.kill_redis, port)
+        self.faults["redis_primary_kill"] += 1
+        return time.time()
+
+    async def failed_over(self, dead: int, timeout: float = 60.0) -> float:
+        """Until the slots of the primary on port ``dead`` have a new primary (its replica)
+        and the cluster is whole again; returns the moment it was."""
+        await asyncio.to_thread(self.cluster_stack.wait_failover, dead, timeout)
+        return time.time()
+
+    async def start_redis_node(self, port: int) -> None:
+        """Start a killed node again: it comes back as a replica of its successor."""
+        await asyncio.to_thread(self.cluster_stack.start_redis, port)
+
+    async def kill_broker(self, index: int) -> None:
+        """SIGKILL Kafka node ``index`` (0-based), a broker and controller."""
+        await asyncio.to_thread(self.cluster_stack.kill_kafka, index)
+        self.faults["broker_crash"] += 1
+
+    async def start_broker(self, index: int) -> None:
+        await asyncio.to_thread(self.cluster_stack.start_kafka, index)
+
+    async def reshard(self, source: int, target: int, slots: int) -> None:
+        """Move ``slots`` slots from one primary to another while traffic goes on."""
+        await asyncio.to_thread(self.cluster_stack.reshard, source, target, slots)
+        self.faults["slot_migration"] += 1
 
 
 def _tail(path: Path, size: int = 3000) -> str:

@@ -199,6 +199,7 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
     assert _resp(command) == b"".join(Connection().pack_command(*command))
 
 
+@pytest.mark.single_redis  # the one server's batch connection, used directly
 async def test_pipeline_replies_in_order_with_errors_in_place(store: CreditStore) -> None:
     key = f"{uuid.uuid4().hex}:n"
     payload = b"".join(

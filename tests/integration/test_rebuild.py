@@ -29,15 +29,15 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from creditgate.connections import aiokafka_options, redis_options
+from creditgate.connections import aiokafka_options
 from creditgate.domain.clock import Clock
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.outgoing import Outgoing
 from creditgate.rebuild import LedgerSequencer, RebuildRefused, rebuild
 from creditgate.settings import Settings
+from creditgate.store.client import RedisClient, redis_client
 from creditgate.store.gateway import CreditStore
 from creditgate.store.restore import OrgState
 from creditgate.stream import topics as t
@@ -238,7 +238,7 @@ async def deployment(endpoints: tuple[str, str]) -> AsyncIterator[Deployment]:
         await store.close()
 
 
-async def delete_prefix(client: aioredis.Redis, prefix: str) -> None:
+async def delete_prefix(client: RedisClient, prefix: str) -> None:
     keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
     if keys:
         await client.delete(*keys)
@@ -254,7 +254,7 @@ class KeyState:
     ttl_ms: int  # -1: no expiry
 
 
-async def snapshot(client: aioredis.Redis, prefix: str) -> dict[str, KeyState]:
+async def snapshot(client: RedisClient, prefix: str) -> dict[str, KeyState]:
     """Every key under ``prefix`` (named without it): type, value and time to live."""
     found: dict[str, KeyState] = {}
     async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
@@ -309,7 +309,7 @@ def assert_same_keys(actual: dict[str, KeyState], expected: dict[str, KeyState])
 async def shadow_copy(settings: Settings, prefix: str, copy: str) -> None:
     """Copy every key under ``prefix`` to ``copy`` with DUMP/RESTORE, expiries included."""
     # DUMP payloads are bytes, not text: a client that does not decode
-    raw = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), **redis_options(settings))
+    raw = redis_client(settings, decode_responses=False)
     try:
         async for key in raw.scan_iter(match=f"{prefix}:*".encode(), count=1000):
             ttl, payload = await raw.pttl(key), await raw.dump(key)

@@ -63,3 +63,26 @@ def test_docker_compose_accepts_the_file() -> None:
         env={"CREDITGATE_API_TOKENS": '{"x":"*"}', "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_the_production_profile_has_three_brokers_a_redis_cluster_and_two_workers(
+    services: dict[str, Any],
+) -> None:
+    production = {name for name, s in services.items() if "production" in s.get("profiles", [])}
+    brokers = {name for name in production if name.startswith("kafka-")}
+    assert len(brokers) == 3
+    voters = services["kafka-1"]["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+    assert voters.count("@") == 3
+    for broker in brokers:
+        assert services[broker]["environment"]["KAFKA_MIN_INSYNC_REPLICAS"] == 2
+    redis_nodes = [name for name in production if name.startswith("redis-") and name[-1].isdigit()]
+    assert len(redis_nodes) == 6
+    for node in redis_nodes:
+        command = services[node]["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes"
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--cluster-replicas 1" in " ".join(services["redis-cluster"]["command"])
+    worker = services["cluster-worker"]
+    assert worker["deploy"]["replicas"] == 2
+    assert worker["environment"]["CREDITGATE_REDIS_CLUSTER"] == "true"
+    assert worker["environment"]["CREDITGATE_KAFKA_BOOTSTRAP"].count(",") == 2
