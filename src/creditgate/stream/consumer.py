@@ -161,19 +161,27 @@ class DecisionLoop(Service):
         # acks=all: a decision counts as published once every in-sync replica has it (at
         # least min.insync.replicas of them). Idempotent: a send retried after a lost
         # acknowledgement (a broker failing over) is written once, not twice.
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka_bootstrap,
-            client_id=f"{self._settings.app_id}-worker",
-            acks="all",
-            enable_idempotence=True,
-            max_batch_size=RECORD_BATCH_BYTES,
+        producer_options: dict[str, Any] = {
+            "bootstrap_servers": self._settings.kafka_bootstrap,
+            "client_id": f"{self._settings.app_id}-worker",
+            "acks": "all",
+            "enable_idempotence": True,
+            "max_batch_size": RECORD_BATCH_BYTES,
             # a record batch is at most its topic's limit (the publisher sees to it)
-            max_request_size=max(limits[name] for name in outputs) + 64 * 1024,
+            "max_request_size": max(limits[name] for name in outputs) + 64 * 1024,
             **security,
-        )
-        await self._producer.start()
+        }
+
+        async def new_producer() -> AIOKafkaProducer:
+            """A started producer, in place of the one before (stream.publish says why)."""
+            if self._producer is not None:
+                await _at_most(_STOP_STEP_SECONDS, "closing the producer", self._producer.stop())
+            self._producer = AIOKafkaProducer(**producer_options)
+            await self._producer.start()
+            return self._producer
+
         self._publisher = Publisher(
-            self._producer,
+            await new_producer(),
             self._settings,
             self._metrics,
             limits={name: limits[name] for name in outputs},
@@ -181,6 +189,7 @@ class DecisionLoop(Service):
             results_topic=self._registry.name(t.CHARGE_RESULTS),
             deadletter_topic=self._registry.name(t.DEADLETTER),
             ledger_topic=self._ledger,
+            renew=new_producer,
         )
         if self._guard is not None:
             await self._guard.start()

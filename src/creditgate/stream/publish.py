@@ -21,6 +21,12 @@ is never out (a result, a notification) without its ledger entry, from which a R
 that forgot it is healed (``stream.healing``). Were a worker and its Redis lost together
 between the two, the request is decided again, and nobody has seen the first decision.
 Where the ledger's entries landed is noted for the ledger checkpoint.
+
+The worker's producer is idempotent, and aiokafka's idempotent producer does not get
+over a refused batch: the partition's sequence number has moved on without the broker,
+which then answers every later batch there with OutOfOrderSequenceNumber. So after a
+refusal (and on that error) the producer is replaced by a new one (``renew``), which
+the broker knows by a new producer id whose sequences start again.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, OutOfOrderSequenceNumber
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -84,8 +90,10 @@ class Publisher:
         results_topic: str | None = None,
         deadletter_topic: str | None = None,
         ledger_topic: str | None = None,
+        renew: Callable[[], Awaitable[AIOKafkaProducer]] | None = None,
     ) -> None:
         self._producer = producer
+        self._renew = renew
         # where the ledger's entries landed, per partition: (first offset, next offset),
         # since the last take_ledger_written (for the ledger checkpoint, stream/healing.py)
         self._ledger = ledger_topic
@@ -131,8 +139,18 @@ class Publisher:
                 "the broker refused a message as too large (%s): reading the limits again", exc
             )
             await self._refresh_limits()
+            await self._fresh_producer()
             for part in self._ledger_first(await self._within_limits(messages)):
                 await self._send_one_by_one(part)
+        except OutOfOrderSequenceNumber:
+            await self._fresh_producer()
+            raise  # the batch is published again, by the new producer
+
+    async def _fresh_producer(self) -> None:
+        """A new producer in place of one whose sequence numbers a refusal put out of
+        step (see the module); nothing to do for a producer that is not idempotent."""
+        if self._renew is not None:
+            self._producer = await self._renew()
 
     def _ledger_first(self, messages: Sequence[Outgoing]) -> list[Sequence[Outgoing]]:
         """The ledger's entries, then the rest (both in their order)."""
@@ -210,22 +228,24 @@ class Publisher:
             self._metrics.oversized.labels(gone.topic, "nothing").inc()
 
     async def _refused(self, messages: Sequence[Outgoing]) -> list[Outgoing]:
-        """Send each message on its own; those the broker refused as too large."""
-        sent = []
+        """Send each message on its own, one after the other (a refusal renews the
+        producer before the next); those the broker refused as too large. Anything else
+        that fails raises: the batch is retried as a whole. A rare path: after a refusal.
+        """
+        refused = []
         for m in messages:
             batch = self._producer.create_batch()
             batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
             partition = await self._partition(m.topic, m.key)
-            sent.append(await self._producer.send_batch(batch, m.topic, partition=partition))
-        outcomes = await asyncio.gather(*sent, return_exceptions=True)
-        refused = []
-        for m, outcome in zip(messages, outcomes, strict=True):
-            if isinstance(outcome, MessageSizeTooLargeError):
+            try:
+                outcome = await (
+                    await self._producer.send_batch(batch, m.topic, partition=partition)
+                )
+            except MessageSizeTooLargeError:
                 refused.append(m)
-            elif isinstance(outcome, BaseException):
-                raise outcome  # anything else: the batch is retried as a whole
-            else:
-                self._note_delivered(m.topic, outcome.partition, outcome.offset, 1)
+                await self._fresh_producer()
+                continue
+            self._note_delivered(m.topic, outcome.partition, outcome.offset, 1)
         return refused
 
     async def _within_limits(self, messages: Sequence[Outgoing]) -> Sequence[Outgoing]:
