@@ -900,6 +900,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--profile-seconds", type=float, default=15.0)
     parser.add_argument("--label", default="", help="a word for the report's file name")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: the single-node stack against the cluster stack, 1 to --max-workers "
+        "workers on each, CPU per decision by process (bench/cluster.py)",
+    )
+    parser.add_argument("--max-workers", type=int, default=3, help="with --cluster")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -911,6 +918,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.cluster:
+        from bench import cluster  # noqa: PLC0415  # matplotlib and both stacks: only then
+
+        cluster.main(args, argv)
+        return
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_id = stamp[2:].replace("T", "").replace("Z", "").lower()
     logs = Path(tempfile.mkdtemp(prefix=f"creditgate-bench-{run_id}-"))
