@@ -95,6 +95,7 @@ async def test_a_batch_larger_than_the_socket_buffers_is_decided_whole_and_in_or
     assert credits["remaining"] == 1_000_000 - 150_000
 
 
+@pytest.mark.single_redis  # kills the one server's batch connection by its client name
 async def test_a_batch_cut_off_half_way_is_decided_once_when_sent_again(
     settings: Settings,
 ) -> None:
@@ -186,6 +187,7 @@ async def test_an_error_rendering_a_reply_surfaces_as_itself(store: CreditStore)
     assert credits["remaining"] == 100_000 - len(calls)
 
 
+@pytest.mark.single_redis  # subscribes the one server's batch connection
 async def test_server_notices_in_the_middle_of_a_batch_are_not_taken_for_replies(
     store: CreditStore, settings: Settings
 ) -> None:
