@@ -281,7 +281,7 @@ async def test_a_grant_over_http_is_applied_by_the_worker(scoped_api: ScopedApi)
         ("admin", {"allowed": "no"}, "allowed"),
         ("admin", {}, "allowed"),
         ("admin", {"allowed": False, "color": "red"}, "color"),
-        ("operator", {"allowed": False}, "set_by"),
+        ("operator", {"allowed": False, "set_by": "a b"}, "set_by"),
     ],
 )
 async def test_malformed_writes_are_400(
@@ -293,6 +293,18 @@ async def test_malformed_writes_are_400(
     problem = orjson.loads(raw)
     assert status == 400, problem
     assert field in [e["field"] for e in problem["errors"]]
+
+
+async def test_a_token_without_a_user_must_name_who_acts(scoped_api: ScopedApi) -> None:
+    for path, body, field in (
+        ("/v1/orgs/acme/members/u-18/credits-allowed", {"allowed": False}, "set_by"),
+        ("/v1/orgs/acme/grants", {"credits": 1, "reason": "r"}, "granted_by"),
+    ):
+        method = "PUT" if "credits-allowed" in path else "POST"
+        status, _, raw = await send(scoped_api, method, path, scoped_api.auth("operator"), body)
+        problem = orjson.loads(raw)
+        assert (status, problem["code"]) == (403, "forbidden")
+        assert field in problem["detail"]
 
 
 async def test_an_admin_acts_as_themselves_only(scoped_api: ScopedApi) -> None:

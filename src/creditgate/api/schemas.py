@@ -381,8 +381,8 @@ class CreditsAllowedBody(Body):
     allowed: bool
     set_by: Identifier = Field(
         default=OMITTED,
-        description="the admin acting; only for a token without a user of its own "
-        "(an operator), and an admin's own user id if given",
+        description="the admin acting: required of a token without a user of its own "
+        "(an operator: 403 without it); an admin token acts as its own user",
     )
 
 
@@ -394,7 +394,8 @@ class GrantBody(Body):
     )
     granted_by: Identifier = Field(
         default=OMITTED,
-        description="who grants them; only for a token without a user of its own",
+        description="who grants them: required of a token without a user of its own "
+        "(403 without it); a token with a user grants as that user",
     )
 
 

@@ -300,13 +300,14 @@ def _fields(body: Any, allowed: set[str]) -> dict[str, Any]:
 
 def _acting_user(caller: Caller, body: dict[str, Any], field: str) -> Any:
     """Who a write is by: the token's own user; a token without one (an operator, a
-    support token without user, or an open API) names them in the body."""
+    support token without user, or an open API) must name them in the body. Not naming
+    anyone is refused like a scope (403): a write is always made by someone."""
     if caller.user is not None:
         if field in body and body[field] != caller.user:
             raise Forbidden(f"this token acts as {caller.user}, not as {body[field]}")
         return caller.user
     if field not in body:
-        raise InvalidInput.of(field, "required: this token acts for no user of its own")
+        raise Forbidden(f"this token acts for no user of its own: name one in {field}")
     return body[field]
 
 
@@ -340,7 +341,7 @@ class GrantsView(CommandView):
             {
                 "org_id": org,
                 "type": "credits.grant",
-                "grant_id": body.get("grant_id") or f"grant-{new_command_id()}",
+                "grant_id": body["grant_id"] if "grant_id" in body else f"g-{new_command_id()}",
                 "credits": body.get("credits"),
                 "reason": body.get("reason"),
                 "granted_by": _acting_user(caller, body, "granted_by"),

@@ -256,7 +256,8 @@ async function loadTeam() {
       }
       cell(row, "Credits use", m.credits_allowed ? "Allowed" : "Disallowed", m.credits_allowed ? "allowed" : "off");
       const actions = cell(row, "Action", "");
-      if (admin && m.role) {
+      // an admin is not offered to disallow themselves (the API would let an operator)
+      if (admin && m.role && m.user_id !== state.user) {
         const button = document.createElement("button");
         button.type = "button";
         button.className = m.credits_allowed ? "danger" : "allow";
