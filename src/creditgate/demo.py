@@ -5,6 +5,11 @@ prefix of its own, runs ``creditgate worker`` as a separate process, publishes
 license commands and charge requests with a plain Kafka client and prints each
 decision and the notifications it sent. To show a repeat window ending it restarts
 the worker with the decision clock 31 days ahead.
+
+The worker has API tokens of the demo's own (a member, an admin, support): the demo ends
+by printing the console's address and the tokens to sign in with. ``--keep`` leaves the
+stack and the worker running until Ctrl-C, so the screens can be looked at with the
+demo's data.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +28,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from creditgate.errors import CreditgateError
 from creditgate.settings import Settings
@@ -72,6 +81,9 @@ class _Worker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
@@ -268,7 +280,35 @@ async def _play(bootstrap: str, registry: TopicRegistry, worker: _Worker) -> _Re
     return report
 
 
-def run_demo() -> None:
+def demo_tokens() -> dict[str, tuple[str, dict[str, str]]]:
+    """Fresh tokens for the demo's worker: who -> (token, scope)."""
+    scopes = {
+        "bob (member)": {"org": ORG, "role": "member", "user": "bob"},
+        "ana (admin)": {"org": ORG, "role": "admin", "user": "ana"},
+        "customer success (support)": {"org": ORG, "role": "support"},
+    }
+    return {who: (f"demo-{secrets.token_urlsafe(18)}", scope) for who, scope in scopes.items()}
+
+
+def _wait_for_stop(worker: _Worker) -> None:
+    """Until Ctrl-C (or SIGTERM), or until the worker exits by itself."""
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop and worker.running():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(keep: bool = False) -> None:
     started = time.monotonic()
     # Fresh topics take a moment to get leaders and metadata; aiokafka logs errors
     # meanwhile, which is noise in a report for people.
@@ -287,9 +327,24 @@ def run_demo() -> None:
             "CREDITGATE_APP_ID": run_id,
             "CREDITGATE_HTTP_PORT": str(find_free_port()),
         }
+        tokens = demo_tokens()
+        env["CREDITGATE_API_TOKENS"] = orjson.dumps(dict(tokens.values())).decode()
+        console = f"http://127.0.0.1:{env['CREDITGATE_HTTP_PORT']}/console/"
         worker = _Worker(env, Path(tmp) / "worker.log")
         try:
             report = asyncio.run(_play(bootstrap, registry, worker))
+            _print_notifications(report)
+            print("\n▸ The console")
+            print(f"    {console}")
+            for who, (token, _) in tokens.items():
+                print(f"    sign in as {who + ':':<29} {token}")
+            if keep:
+                print(
+                    "\nthe stack and the worker stay up; press Ctrl-C (or send SIGTERM to "
+                    f"process {os.getpid()}) to stop them",
+                    flush=True,
+                )
+                _wait_for_stop(worker)
         except CreditgateError:
             log_file = Path(tmp) / "worker.log"
             if log_file.is_file():  # none when the stack failed before the worker started
@@ -298,6 +353,11 @@ def run_demo() -> None:
             raise
         finally:
             worker.stop()
+    kept = "" if keep else " (run `creditgate demo --keep` to look at the console)"
+    print(f"\ndemo finished in {time.monotonic() - started:.0f}s; nothing left running{kept}")
+
+
+def _print_notifications(report: _Report) -> None:
     print("\n▸ Notifications sent")
     for note in report.notifications:
         to = note["recipient"].get("user_id") or "admins"
@@ -316,4 +376,3 @@ def run_demo() -> None:
             )
         }
         print(f"    {note['type']:<27} to {to:<7} {extra}")
-    print(f"\ndemo finished in {time.monotonic() - started:.0f}s; nothing left running")

@@ -70,11 +70,15 @@ class Settings(BaseSettings):
     redis_cluster: bool | None = None
     http_port: int = 6066
     http_host: str = "127.0.0.1"
-    # Bearer tokens of the HTTP API, each scoped to a list of organisations or to all, as
-    # JSON: {"<token>": ["acme", "beta"], "<another>": "*"}. Kept whole as a secret and
-    # read by creditgate.api.access, whose errors never quote it. Empty: no tokens, and
-    # then the API has no access control, so it must listen on a loopback address.
+    # Bearer tokens of the HTTP API and the console, as JSON from token to scope:
+    # {"<token>": {"org": "acme", "role": "member" | "admin" | "support", "user": "u-17"},
+    #  "<another>": "*"} (the first form, a list of organisations, still reads). Kept whole
+    # as a secret and read by creditgate.api.access, whose errors never quote it. Empty:
+    # no tokens, and then the API has no access control, so it must listen on loopback.
     api_tokens: SecretStr = SecretStr("")
+    # how long an HTTP write (a license command) waits for its license event before it
+    # answers 504 with the command's id; the command is still applied later
+    http_command_timeout_seconds: float = Field(default=10.0, gt=0)
 
     # The decision clock is the worker's clock shifted by this many seconds: demos and
     # tests move it to reach the end of a repeat window or of a license period.

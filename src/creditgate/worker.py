@@ -154,6 +154,6 @@ def create_app(
 
     metrics.watch_lag(app.decision_loop.lag)
     register_operations(app, metrics, readiness(store, registry, settings))
-    register_views(app, store, processor.clock, settings)
+    register_views(app, store, processor.clock, settings, registry)
 
     return app

@@ -182,3 +182,120 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call" and report.failed and isinstance(found, Pipeline):
         for day, log in found.logs.items():
             report.sections.append((f"{day} worker's log (end)", tail(log)))
+
+
+# ---- a worker with scoped tokens, its state made through Kafka (the console's tests) ----
+
+
+@dataclass
+class ScopedApi:
+    """One worker of its own (topics, key prefix, group) with ``CREDITGATE_API_TOKENS``
+    of every kind, and a client on its topics. Its organisations are ``acme`` and
+    ``beta`` (names are safe: the key prefix and topics are this run's)."""
+
+    base: str
+    tokens: dict[str, str]  # token kind -> token
+    client: CreditgateClient
+    log: Path
+
+    def auth(self, kind: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[kind]}"}
+
+
+# kind -> scope; "member" is u-17 of acme, "member_other" u-18 of acme
+SCOPES: dict[str, Any] = {
+    "member": {"org": "acme", "role": "member", "user": "u-17"},
+    "member_other": {"org": "acme", "role": "member", "user": "u-18"},
+    "member_21": {"org": "acme", "role": "member", "user": "u-21"},
+    "admin": {"org": "acme", "role": "admin", "user": "ana"},
+    "admin_other_org": {"org": "beta", "role": "admin", "user": "bo"},
+    "support": {"org": "acme", "role": "support"},
+    "reader": ["acme"],
+    "operator": "*",
+}
+DAY = 86_400
+
+
+def iso(seconds: float) -> str:
+    from creditgate.domain.ids import rfc3339
+
+    return rfc3339(int(seconds * 1000))
+
+
+async def seed_through_kafka(client: CreditgateClient, now: float) -> None:
+    """acme and beta, each with a year's license, admins and members; u-17 of acme has
+    exports (one with a free repeat) and a CRM push, all decided by the worker."""
+    for org, admin in (("acme", "ana"), ("beta", "bo")):
+        commands: list[dict[str, Any]] = [
+            {
+                "type": "license.start_period",
+                "period_id": "2026",
+                "starts_at": iso(now - DAY),
+                "ends_at": iso(now + 300 * DAY),
+                "credits": 100,
+            },
+            {"type": "member.upsert", "user_id": admin, "role": "admin"},
+            *(
+                {"type": "member.upsert", "user_id": user, "role": "member"}
+                for user in ("u-17", "u-18", "u-21")
+            ),
+        ]
+        for n, fields in enumerate(commands):
+            event = await client.command({"command_id": f"seed-{org}-{n}", "org_id": org, **fields})
+            assert event["type"] == "command.applied", event
+    requests = [
+        ("exp-0001", "export", [("contact", "c-1"), ("contact", "c-2")], {"export_id": "e-1"}),
+        ("exp-0002", "export", [("contact", "c-2"), ("company", "co-9")], {"export_id": "e-2"}),
+        ("push-0001", "crm_push", [("contact", "c-3")], {"crm": "hubspot", "push_id": "p-1"}),
+    ]
+    for request_id, action, items, reference in requests:
+        result = await client.request(
+            {
+                "request_id": request_id,
+                "org_id": "acme",
+                "user_id": "u-17",
+                "action": action,
+                "items": [{"type": kind, "id": item} for kind, item in items],
+                "requested_at": iso(now),
+                "reference": reference,
+            }
+        )
+        assert result["type"] == "charge.approved", result
+
+
+@pytest.fixture(scope="session")
+async def scoped_api(
+    endpoints: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ScopedApi]:
+    import orjson
+
+    bootstrap, redis_url = endpoints
+    run = f"con{int(time.time() * 1000) % 10**9}"
+    registry = TopicRegistry.load(prefix=f"{run}.")
+    await apply_topics(bootstrap, registry)
+    tokens = {kind: f"tok-{kind}-{os.urandom(12).hex()}" for kind in SCOPES}
+    env = {
+        **os.environ,
+        "CREDITGATE_KAFKA_BOOTSTRAP": bootstrap,
+        "CREDITGATE_REDIS_URL": redis_url,
+        "CREDITGATE_TOPIC_PREFIX": registry.prefix,
+        "CREDITGATE_KEY_PREFIX": run,
+        "CREDITGATE_APP_ID": run,
+        "CREDITGATE_HTTP_PORT": str(find_free_port()),
+        "CREDITGATE_API_TOKENS": orjson.dumps(
+            {tokens[kind]: scope for kind, scope in SCOPES.items()}
+        ).decode(),
+    }
+    log = tmp_path_factory.mktemp("scoped") / "worker.log"
+    worker = start_worker(env, log)
+    base = f"http://127.0.0.1:{env['CREDITGATE_HTTP_PORT']}"
+    client = CreditgateClient(bootstrap, registry, (t.CHARGE_RESULTS, t.LICENSE_EVENTS))
+    try:
+        if not await answers(f"{base}/ready", worker):
+            pytest.fail(f"the worker did not start: {tail(log)}")
+        await client.start()
+        await seed_through_kafka(client, time.time())
+        yield ScopedApi(base, tokens, client, log)
+    finally:
+        await client.stop()
+        stop_worker(worker)

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
 
-from creditgate.api.access import EVERYONE, Access
+from creditgate.api.access import EVERYONE, Access, Need, Role
 from creditgate.api.errors import Forbidden, Unauthenticated
 from creditgate.cli import main
 from creditgate.errors import ConfigurationError
@@ -104,6 +104,12 @@ def test_without_tokens_a_non_loopback_address_is_refused(host: str) -> None:
         ("all", ACME),
         ({"acme": True}, ACME),
         (["acme"], f" {ACME}"),
+        ({"org": "acme", "role": "member"}, ACME),  # a member token needs its user
+        ({"org": "acme", "role": "admin"}, ACME),
+        ({"org": "acme", "role": "owner", "user": "u-1"}, ACME),
+        ({"org": "a b", "role": "support"}, ACME),
+        ({"org": "acme", "role": "member", "user": "u 1"}, ACME),
+        ({"org": "acme", "role": "support", "team": "cs"}, ACME),
     ],
 )
 def test_unusable_tokens_are_refused_without_showing_them(scope: Any, token: str) -> None:
@@ -129,3 +135,72 @@ def test_the_worker_refuses_to_start_open_on_the_network(monkeypatch: pytest.Mon
     assert result.exit_code == 1
     assert "no CREDITGATE_API_TOKENS are set" in result.output
     assert "loopback" in result.output
+
+
+MEMBER = "member-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef0"
+SUPPORT = "support-token-0123456789abcdef"
+
+
+def scoped() -> Access:
+    return Access.from_settings(
+        tokens(
+            {
+                MEMBER: {"org": "acme", "role": "member", "user": "u-17"},
+                ADMIN: {"org": "acme", "role": "admin", "user": "ana"},
+                SUPPORT: {"org": "acme", "role": "support"},
+                ACME: ["acme"],
+                OPS: "*",
+            }
+        ),
+        "0.0.0.0",
+    )
+
+
+@pytest.mark.parametrize(
+    ("token", "need", "org", "user", "allowed"),
+    [
+        (MEMBER, Need.CREDITS, "acme", None, True),
+        (MEMBER, Need.HISTORY, "acme", "u-17", True),
+        (MEMBER, Need.HISTORY, "acme", "u-18", False),
+        (MEMBER, Need.QUOTE, "acme", "u-18", False),
+        (MEMBER, Need.TEAM, "acme", None, False),
+        (MEMBER, Need.CREDITS, "beta", None, False),
+        (ADMIN, Need.HISTORY, "acme", "u-18", True),
+        (ADMIN, Need.TEAM, "acme", None, True),
+        (ADMIN, Need.ALLOW, "acme", "u-18", True),
+        (ADMIN, Need.GRANT, "acme", None, False),
+        (ADMIN, Need.TEAM, "beta", None, False),
+        (SUPPORT, Need.GRANT, "acme", None, True),
+        (SUPPORT, Need.CREDITS, "acme", None, True),
+        (SUPPORT, Need.HISTORY, "acme", "u-17", False),
+        (ACME, Need.TEAM, "acme", None, True),  # the list form: a reader
+        (ACME, Need.ALLOW, "acme", "u-17", False),
+        (OPS, Need.GRANT, "beta", None, True),
+        (OPS, Need.ALLOW, "beta", "u-1", True),
+    ],
+)
+def test_each_role_may_do_what_its_scope_says(
+    token: str, need: Need, org: str, user: str | None, allowed: bool
+) -> None:
+    rules = scoped()
+    caller = rules.authenticate(f"Bearer {token}")
+    assert caller.may(need, org, user) is allowed
+    if allowed:
+        rules.authorize(caller, org, need, user)
+    else:
+        with pytest.raises(Forbidden) as refused:
+            rules.authorize(caller, org, need, user)
+        assert token not in str(refused.value)
+
+
+def test_a_scoped_token_carries_its_role_and_user() -> None:
+    rules = scoped()
+    assert rules.authenticate(f"Bearer {MEMBER}").to_json() == {
+        "role": "member",
+        "orgs": ["acme"],
+        "user_id": "u-17",
+    }
+    assert rules.authenticate(f"Bearer {SUPPORT}").user is None
+    assert rules.authenticate(f"Bearer {ACME}").role is Role.READER
+    assert rules.authenticate(f"Bearer {OPS}").to_json()["orgs"] is None

@@ -1,10 +1,26 @@
-"""Who may read what over HTTP: bearer tokens, each scoped to organisations or to all.
+"""Who may do what over HTTP: bearer tokens, each scoped to an organisation and a role.
 
 Tokens come from ``CREDITGATE_API_TOKENS`` (``Settings.api_tokens``: one ``SecretStr``
-holding JSON, ``{"<token>": ["acme", "beta"], "<another>": "*"}``). Nothing here logs
-a token or quotes one in an error: a bad token is named by its position. With no token
-configured the API has no access control at all, so it may only listen on a loopback
-address; ``Access.from_settings`` refuses any other address.
+holding a JSON object from token to scope)::
+
+    {"t-1": {"org": "acme", "role": "member", "user": "u-17"},
+     "t-2": {"org": "acme", "role": "admin", "user": "ana"},
+     "t-3": {"org": "acme", "role": "support"},
+     "t-ops": "*"}
+
+The roles are the platform's (``Role``): a member sees the organisation's credits and
+their own history and quotes; an admin the team, every member's history, and allows or
+disallows credits use; support (customer success) sees the credits and grants top-ups;
+``"*"`` is an operator, who may do everything for every organisation. The first form of
+the setting, a list of organisations (``{"t": ["acme", "beta"]}``), still works: such a
+token is a *reader*, who may read everything of those organisations and write nothing.
+
+Each route names what it needs (``Need``) and ``Access.authorize`` checks it against the
+caller at the level of the object asked for: the organisation, and for a member the
+user whose history or quote it is. Nothing here logs a token or quotes one in an error:
+a bad token is named by its position. With no token configured the API has no access
+control at all, so it may only listen on a loopback address; ``Access.from_settings``
+refuses any other address.
 """
 
 from __future__ import annotations
@@ -14,6 +30,8 @@ import ipaddress
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 import orjson
 from pydantic import SecretStr
@@ -29,17 +47,68 @@ MIN_TOKEN_LENGTH = 16
 _SCHEME = "bearer"
 
 
+class Role(StrEnum):
+    MEMBER = "member"
+    ADMIN = "admin"
+    SUPPORT = "support"
+    OPERATOR = "*"
+    # a token of the first form, scoped to a list of organisations: reads only
+    READER = "reader"
+
+
+class Need(StrEnum):
+    """What a route does, as the scope check sees it."""
+
+    CREDITS = "see the credits of"  # the balance every user of the platform sees
+    HISTORY = "see the history of"  # a user's decisions (a member: their own)
+    QUOTE = "quote for"  # a quote for a user (a member: for themselves)
+    TEAM = "see the team of"  # members, their usage and permissions
+    ALLOW = "allow or disallow credits use in"
+    GRANT = "grant credits to"
+
+
+# the needs of each role; a member's HISTORY and QUOTE are for their own user only
+NEEDS: dict[Role, frozenset[Need]] = {
+    Role.MEMBER: frozenset({Need.CREDITS, Need.HISTORY, Need.QUOTE}),
+    Role.ADMIN: frozenset({Need.CREDITS, Need.HISTORY, Need.QUOTE, Need.TEAM, Need.ALLOW}),
+    Role.SUPPORT: frozenset({Need.CREDITS, Need.GRANT}),
+    Role.READER: frozenset({Need.CREDITS, Need.HISTORY, Need.QUOTE, Need.TEAM}),
+    Role.OPERATOR: frozenset(Need),
+}
+_OWN_ONLY = frozenset({Need.HISTORY, Need.QUOTE})
+
+
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated caller: the organisations it may read (None: every one)."""
+    """An authenticated caller: its role, the organisations it may act on (None: every
+    one) and, for members and admins, its user id."""
 
+    role: Role
     orgs: frozenset[str] | None
+    user: str | None = None
 
     def may_read(self, org_id: str) -> bool:
         return self.orgs is None or org_id in self.orgs
 
+    def may(self, need: Need, org_id: str, user_id: str | None = None) -> bool:
+        """Whether the caller may do ``need`` in ``org_id`` (for ``user_id``, when the
+        need is about one user)."""
+        if not self.may_read(org_id) or need not in NEEDS[self.role]:
+            return False
+        if self.role is Role.MEMBER and need in _OWN_ONLY:
+            return user_id is None or user_id == self.user
+        return True
 
-EVERYONE = Caller(None)
+    def to_json(self) -> dict[str, Any]:
+        """The scope as the console shows it (``GET /v1/me``); never the token."""
+        return {
+            "role": self.role.value,
+            "orgs": None if self.orgs is None else sorted(self.orgs),
+            "user_id": self.user,
+        }
+
+
+EVERYONE = Caller(Role.OPERATOR, None)
 
 
 def is_loopback(host: str) -> bool:
@@ -61,8 +130,35 @@ def require_safe_bind(has_tokens: bool, http_host: str) -> None:
         )
 
 
-def parse_tokens(setting: SecretStr) -> dict[bytes, frozenset[str] | None]:
-    """``CREDITGATE_API_TOKENS`` as token -> organisations (None: all of them).
+_SHAPE = (
+    'CREDITGATE_API_TOKENS must be a JSON object: {"<token>": {"org": "<org>", "role": '
+    '"member" | "admin" | "support", "user": "<user>"} or "*" (or a list of organisations)}'
+)
+
+
+def _scope(name: str, scope: Any) -> Caller:
+    if scope == ALL_ORGS:
+        return Caller(Role.OPERATOR, None)
+    if isinstance(scope, list):
+        if scope and all(is_identifier(org) for org in scope):
+            return Caller(Role.READER, frozenset(scope))
+        raise ConfigurationError(f"{name}: a list of organisations must be a non-empty list of ids")
+    if not isinstance(scope, dict) or not set(scope) <= {"org", "role", "user"}:
+        raise ConfigurationError(f'{name} must be scoped to "*" or to an object of org, role, user')
+    org, role, user = scope.get("org"), scope.get("role"), scope.get("user")
+    if not is_identifier(org):
+        raise ConfigurationError(f"{name}: org must be an organisation id")
+    if role not in (Role.MEMBER, Role.ADMIN, Role.SUPPORT):
+        raise ConfigurationError(f'{name}: role must be "member", "admin" or "support"')
+    if user is not None and not is_identifier(user):
+        raise ConfigurationError(f"{name}: user must be a user id")
+    if role in (Role.MEMBER, Role.ADMIN) and user is None:
+        raise ConfigurationError(f"{name}: a {role} token needs its user")
+    return Caller(Role(role), frozenset({org}), user)
+
+
+def parse_tokens(setting: SecretStr) -> dict[bytes, Caller]:
+    """``CREDITGATE_API_TOKENS`` as token -> the caller it authenticates.
 
     Raises ``ConfigurationError`` naming a token by its position only, never by value.
     """
@@ -74,31 +170,22 @@ def parse_tokens(setting: SecretStr) -> dict[bytes, frozenset[str] | None]:
     except orjson.JSONDecodeError:
         given = None
     if not isinstance(given, dict):
-        raise ConfigurationError(
-            'CREDITGATE_API_TOKENS must be a JSON object: {"<token>": ["org", ...] or "*"}'
-        )
-    tokens: dict[bytes, frozenset[str] | None] = {}
-    for position, (token, orgs) in enumerate(given.items(), start=1):
+        raise ConfigurationError(_SHAPE)
+    tokens: dict[bytes, Caller] = {}
+    for position, (token, scope) in enumerate(given.items(), start=1):
         name = f"CREDITGATE_API_TOKENS: token #{position}"
         if len(token) < MIN_TOKEN_LENGTH or token != token.strip():
             raise ConfigurationError(
                 f"{name} must be at least {MIN_TOKEN_LENGTH} characters without surrounding spaces"
             )
-        if orgs == ALL_ORGS:
-            tokens[token.encode()] = None
-        elif isinstance(orgs, list) and orgs and all(is_identifier(org) for org in orgs):
-            tokens[token.encode()] = frozenset(orgs)
-        else:
-            raise ConfigurationError(
-                f'{name} must be scoped to "*" or to a non-empty list of organisation ids'
-            )
+        tokens[token.encode()] = _scope(name, scope)
     return tokens
 
 
 class Access:
     """Authenticates ``Authorization: Bearer <token>`` headers and checks scopes."""
 
-    def __init__(self, tokens: Mapping[bytes, frozenset[str] | None]) -> None:
+    def __init__(self, tokens: Mapping[bytes, Caller]) -> None:
         self._tokens = list(tokens.items())
 
     @classmethod
@@ -129,15 +216,22 @@ class Access:
         presented = given.strip().encode()
         found: Caller | None = None
         # compare with every token, in constant time, so timing tells nothing of them
-        for token, orgs in self._tokens:
+        for token, caller in self._tokens:
             if hmac.compare_digest(presented, token) and found is None:
-                found = Caller(orgs)
+                found = caller
         if found is None:
             raise Unauthenticated("the bearer token is not valid")
         return found
 
     @staticmethod
-    def authorize(caller: Caller, org_id: str) -> None:
-        """Raises ``Forbidden`` when ``org_id`` is out of the caller's scope."""
+    def authorize(
+        caller: Caller, org_id: str, need: Need = Need.CREDITS, user_id: str | None = None
+    ) -> None:
+        """Raises ``Forbidden`` when ``need`` (in ``org_id``, for ``user_id``) is out of
+        the caller's scope. The message names what was asked, never the caller's own
+        organisation: a refusal tells nothing of the token's scope."""
         if not caller.may_read(org_id):
             raise Forbidden(f"this token may not read the organisation {org_id}")
+        if not caller.may(need, org_id, user_id):
+            whom = f" for {user_id}" if user_id and need in _OWN_ONLY else ""
+            raise Forbidden(f"a {caller.role.value} token may not {need.value} {org_id}{whom}")

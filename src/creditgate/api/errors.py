@@ -31,7 +31,9 @@ HTTP_ERROR = "http_error"  # a plain HTTP error (405, an unknown path): type abo
 TITLES: dict[str, str] = {
     "invalid_request": "The request is malformed",
     "unauthorized": "A valid bearer token is needed",
-    "forbidden": "The token's scope does not include this organisation",
+    "forbidden": "The token's scope does not include this organisation, user or action",
+    "command_rejected": "The license command was refused",
+    "no_answer": "The license command was published but not answered in time",
     "not_found": "Nothing found",
     "unavailable": "A service creditgate needs does not answer; try again",
     "internal_error": "The request failed",
@@ -95,6 +97,43 @@ class Forbidden(ApiError):
 class NotFound(ApiError):
     status = 404
     code = "not_found"
+
+
+class CommandRefused(ApiError):
+    """A write published as a license command and refused by the worker: the body
+    carries the command's id and its license event."""
+
+    status = 409
+    code = "command_rejected"
+
+    def __init__(self, event: dict[str, object]) -> None:
+        self.event = event
+        super().__init__(str(event.get("message") or event.get("reason") or "refused"))
+
+    def body(self) -> dict[str, object]:
+        return problem(
+            self.status,
+            self.code,
+            self.message,
+            command_id=self.event.get("command_id"),
+            reason=self.event.get("reason"),
+            event=self.event,
+        )
+
+
+class NoAnswerInTime(ApiError):
+    """A write published as a license command whose event did not come in time: the
+    command id lets the caller look for it later (it will still be applied)."""
+
+    status = 504
+    code = "no_answer"
+
+    def __init__(self, message: str, command_id: str) -> None:
+        self.command_id = command_id
+        super().__init__(message)
+
+    def body(self) -> dict[str, object]:
+        return problem(self.status, self.code, self.message, command_id=self.command_id)
 
 
 def field_errors(error: ValidationError, prefix: str = "") -> list[dict[str, str]]:

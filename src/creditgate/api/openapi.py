@@ -17,21 +17,28 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
 from creditgate.api import schemas
+from creditgate.api.csv_rows import CSV_CONTENT_TYPE
 from creditgate.api.errors import PROBLEM_CONTENT_TYPE, PROBLEM_TYPE_PREFIX, TITLES, problem
 from creditgate.api.reports import DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT, MAX_ITEMS_PAGE
 from creditgate.domain.ids import ID_PATTERN
 
 OPENAPI_FILE = "src/creditgate/api/openapi.json"
-# the API's own version: 1.1 added problem details, keeping 1.0's code and message
-API_VERSION = "1.1.0"
+# the API's own version: 1.1 added problem details, keeping 1.0's code and message; 1.2
+# scoped tokens, the team and its admin actions, ?format=csv
+API_VERSION = "1.2.0"
 JSON = "application/json"
 
 DESCRIPTION = (
     "Credits of an organisation's license: the balance, the team's usage, each user's "
     "charges, single decisions, and quotes of what a request would cost. Served by the "
-    "worker (`creditgate worker`, CREDITGATE_HTTP_PORT). Bearer tokens come from "
-    "CREDITGATE_API_TOKENS, each scoped to organisations or to all; with none configured "
-    "the API listens on loopback only and asks for no token. Errors are RFC 9457 problem "
+    "worker (`creditgate worker`, CREDITGATE_HTTP_PORT), with the team's admin actions, "
+    "which are published as license commands and answered with their license event. "
+    "Bearer tokens come from CREDITGATE_API_TOKENS, each scoped to an organisation and a "
+    "role (member, admin, support) or to all (`*`, operators); a list of organisations "
+    "(the first form) is a reader of them. Each operation lists the scopes it admits in "
+    "`x-creditgate-scopes` (a member: for their own user only, where marked `member "
+    "(self)`). With no token configured the API listens on loopback only and asks for "
+    "none. Errors are RFC 9457 problem "
     "details (`application/problem+json`: `type`, `title`, `status`, `detail`), with the "
     "extension members `code` (a stable name of the problem type: "
     + ", ".join(f"`{code}`" for code in TITLES)
@@ -93,20 +100,50 @@ def _path_id(name: str, example: str) -> dict[str, Any]:
     }
 
 
+# the scopes each operation admits (access.NEEDS, written out)
+_CREDITS = ["member", "admin", "support", "reader", "*"]
+_HISTORY = ["member (self)", "admin", "reader", "*"]
+_TEAM = ["admin", "reader", "*"]
+_ALLOW = ["admin", "*"]
+_GRANT = ["support", "*"]
+
+_FORMAT = {
+    "name": "format",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["json", "csv"], "default": "json"},
+    "description": "csv: the same rows as text/csv (RFC 4180, a header line)",
+}
+
+
+def _scoped(operation: dict[str, Any], scopes: list[str]) -> dict[str, Any]:
+    operation["x-creditgate-scopes"] = scopes
+    line = "Scopes: " + ", ".join(scopes) + "."
+    operation["description"] = (
+        f"{operation['description']} {line}" if "description" in operation else line
+    )
+    return operation
+
+
 def _read(
     operation_id: str,
     summary: str,
     parameters: list[dict[str, Any]],
     answer: tuple[str, str],
     not_found: tuple[str, str],
+    scopes: list[str],
     description: str | None = None,
+    csv: bool = False,
 ) -> dict[str, Any]:
+    ok = _ok(*answer)
+    if csv:
+        ok["content"][CSV_CONTENT_TYPE] = {"schema": {"type": "string"}}
     operation: dict[str, Any] = {
         "operationId": operation_id,
         "summary": summary,
-        "parameters": parameters,
+        "parameters": [*parameters, _FORMAT] if csv else parameters,
         "responses": {
-            "200": _ok(*answer),
+            "200": ok,
             **_ERRORS,
             "404": _not_found(*not_found),
             **_UNAVAILABLE,
@@ -114,7 +151,75 @@ def _read(
     }
     if description:
         operation["description"] = description
-    return {"get": operation}
+    return {"get": _scoped(operation, scopes)}
+
+
+def _write(
+    method: str,
+    operation_id: str,
+    summary: str,
+    parameters: list[dict[str, Any]],
+    body: tuple[str, dict[str, Any]],
+    scopes: list[str],
+    description: str,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": description,
+        "parameters": parameters,
+        "requestBody": {"required": True, "content": _content(_ref(body[0]), body[1])},
+        "responses": {
+            "200": _ok("the command was applied: its license event", "LicenseEvent"),
+            **_ERRORS,
+            "409": {
+                "description": "the worker refused the command: its license event",
+                "content": _content(_ref("CommandProblem"), _REFUSED_EXAMPLE, PROBLEM_CONTENT_TYPE),
+            },
+            "504": {
+                "description": "no license event within CREDITGATE_HTTP_COMMAND_TIMEOUT_SECONDS",
+                "content": _content(
+                    _ref("NoAnswerProblem"),
+                    problem(
+                        504,
+                        "no_answer",
+                        "command http-0123 was published, but no license event answered it",
+                        command_id="http-0123",
+                    ),
+                    PROBLEM_CONTENT_TYPE,
+                ),
+            },
+            **_UNAVAILABLE,
+        },
+    }
+    return {method: _scoped(operation, scopes)}
+
+
+_REFUSED_EVENT = {
+    "type": "command.rejected",
+    "command_id": "http-0123",
+    "command_type": "credits.grant",
+    "org_id": "acme",
+    "reason": "duplicate_grant",
+    "message": "grant g-1 was already applied",
+    "state": None,
+    "sequence": 12,
+    "decided_at": "2026-03-01T09:30:00.000Z",
+}
+_REFUSED_EXAMPLE = problem(
+    409,
+    "command_rejected",
+    "grant g-1 was already applied",
+    command_id="http-0123",
+    reason="duplicate_grant",
+    event=_REFUSED_EVENT,
+)
+
+_WRITES = (
+    "Published as a license command on credits.license.commands and answered with its "
+    "license event, matched by command_id (the worker stays the only writer of the "
+    "credit state)."
+)
 
 
 def _paths() -> dict[str, Any]:
@@ -125,6 +230,7 @@ def _paths() -> dict[str, Any]:
             [_ORG],
             ("the current period", "Credits"),
             ("the organisation has no license", "acme has no license"),
+            _CREDITS,
         ),
         "/v1/orgs/{org}/usage": _read(
             "getUsage",
@@ -141,6 +247,8 @@ def _paths() -> dict[str, Any]:
             ],
             ("per user and totals", "UsageReport"),
             ("the organisation has no license", "acme has no license"),
+            _TEAM,
+            csv=True,
         ),
         "/v1/orgs/{org}/users/{user}/charges": _read(
             "getCharges",
@@ -174,6 +282,11 @@ def _paths() -> dict[str, Any]:
             ],
             ("one page", "ChargeHistory"),
             ("unknown organisation", "acme is not a known organisation"),
+            _HISTORY,
+            description="The whole license period's decisions, kept until the period ends "
+            "(plus the idempotency lifetime). As CSV, the next page's cursor is in the Link "
+            'header (rel="next").',
+            csv=True,
         ),
         "/v1/orgs/{org}/requests/{request_id}": _read(
             "getDecision",
@@ -208,6 +321,7 @@ def _paths() -> dict[str, Any]:
             ],
             ("the decision", "Decision"),
             ("no such decision", "acme has no decision for exp-0001"),
+            _HISTORY,
             description="Every item of the decision, a page at a time (the published result "
             "lists at most result_items_max of them): page on with offset=next_offset.",
         ),
@@ -240,8 +354,48 @@ def _paths() -> dict[str, Any]:
                     ),
                 },
                 "responses": {"200": _ok("the quote", "Quote"), **_ERRORS, **_UNAVAILABLE},
+                "x-creditgate-scopes": _HISTORY,
             }
         },
+        "/v1/me": {
+            "get": {
+                "operationId": "me",
+                "summary": "The token's scope: role, organisations, user (the console's sign-in)",
+                "x-creditgate-scopes": ["any token"],
+                "responses": {
+                    "200": _ok("the caller", "Me"),
+                    "401": {"$ref": "#/components/responses/Unauthorized"},
+                },
+            }
+        },
+        "/v1/orgs/{org}/members": _read(
+            "getMembers",
+            "My team: each member's role, whether they may use credits, and their usage "
+            "this period by action",
+            [_ORG],
+            ("the team", "TeamReport"),
+            ("unknown organisation", "acme is not a known organisation"),
+            _TEAM,
+            csv=True,
+        ),
+        "/v1/orgs/{org}/members/{user}/credits-allowed": _write(
+            "put",
+            "setCreditsAllowed",
+            "Allow or disallow a member's credits use (member.set_credits_allowed)",
+            [_ORG, _path_id("user", "u-17")],
+            ("CreditsAllowedBody", {"allowed": False}),
+            _ALLOW,
+            _WRITES + " set_by is the admin token's user; an operator names one.",
+        ),
+        "/v1/orgs/{org}/grants": _write(
+            "post",
+            "grant",
+            "Top up the current period (credits.grant)",
+            [_ORG],
+            ("GrantBody", {"credits": 500, "reason": "extra credits for the Q3 campaign"}),
+            _GRANT,
+            _WRITES + " granted_by is the token's user; a token without one names it.",
+        ),
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -296,7 +450,7 @@ def _responses() -> dict[str, Any]:
         ),
         "Unauthorized": unauthorized,
         "Forbidden": _problem_response(
-            "the token's scope does not include the organisation",
+            "the token's scope does not include the organisation, the user or the action",
             403,
             "forbidden",
             "this token may not read the organisation acme",

@@ -105,6 +105,39 @@ async def usage_report(
     }
 
 
+# ---- the team ------------------------------------------------------------------------
+
+
+async def team_report(store: CreditStore, org_id: str, now_ms: int) -> dict[str, Any] | None:
+    """The admin's *My team*: per member, their role, whether they may use credits, and
+    their usage of the current period by action (``usage_report``'s rows).
+
+    Users with usage who are no longer members are listed too (role None): their
+    credits were used this period. None for an unknown organisation.
+    """
+    if not await org_exists(store, org_id):
+        return None
+    roles, disallowed = await store.members(org_id)
+    usage = await usage_report(store, org_id, None, now_ms)
+    rows = {row["user_id"]: row for row in (usage or {}).get("users", [])}
+    empty = {**_usage_row(_empty_counts()), "by_action": {}}
+    members = [
+        {
+            "user_id": user,
+            "role": roles.get(user),
+            "credits_allowed": user not in disallowed,
+            **{k: v for k, v in rows.get(user, empty).items() if k != "user_id"},
+        }
+        for user in sorted(set(roles) | set(rows))
+    ]
+    return {
+        "org_id": org_id,
+        "period_id": usage["period_id"] if usage else None,
+        "generated_at": rfc3339(now_ms),
+        "members": members,
+    }
+
+
 # ---- history -------------------------------------------------------------------------
 
 
@@ -177,6 +210,12 @@ def history_entry(result: dict[str, Any], record: ChargeRecord) -> dict[str, Any
     counts = {outcome.value: 0 for outcome in Outcome}
     for outcome in record.outcomes:
         counts[outcome.value] += 1
+    # "free repeats with their end": the latest end of the windows that made items free
+    free_ends = [
+        until
+        for outcome, until in zip(record.outcomes, record.free_until_ms, strict=False)
+        if outcome is Outcome.FREE_REPEAT and until
+    ]
     return {
         **{
             name: value
@@ -186,6 +225,7 @@ def history_entry(result: dict[str, Any], record: ChargeRecord) -> dict[str, Any
         "item_count": len(record.outcomes),
         "items_by_outcome": counts,
         "credits_saved": record.saved,
+        "free_repeats_until": rfc3339(max(free_ends)) if free_ends else None,
     }
 
 

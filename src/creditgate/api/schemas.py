@@ -88,7 +88,8 @@ class Problem(Body):
     detail: str = Field(description="this occurrence, in one sentence a person can read")
     code: str = Field(
         description="the problem type's stable name: invalid_request, unauthorized, "
-        "forbidden, not_found, unavailable, internal_error, http_error"
+        "forbidden, not_found, command_rejected, no_answer, unavailable, internal_error, "
+        "http_error"
     )
     message: str = Field(description="the same text as detail (kept for older clients)")
 
@@ -255,6 +256,10 @@ class HistoryEntry(_DecidedTail, _Decided):
     item_count: Count
     items_by_outcome: OutcomeCounts
     credits_saved: Count = Field(description="items free within their repeat window")
+    free_repeats_until: Timestamp | None = Field(
+        description="the latest end of the repeat windows that made items free; null "
+        "when no item was a free repeat"
+    )
 
 
 class ChargeHistory(Body):
@@ -353,6 +358,85 @@ class Quote(Body):
     message: str = Field(description="the message the decision would carry")
 
 
+# ---- the team and its admin actions ------------------------------------------------------
+
+
+class TeamMember(UsageCounts):
+    """A member and their usage this period (a former member with usage: role null)."""
+
+    user_id: Identifier
+    role: Literal["admin", "member"] | None
+    credits_allowed: bool = Field(description="false once an admin disallowed credits use")
+    by_action: ByAction
+
+
+class TeamReport(Body):
+    org_id: Identifier
+    period_id: str | None = Field(description="the current period; null without a license")
+    generated_at: Timestamp
+    members: list[TeamMember] = Field(description="by user id")
+
+
+class CreditsAllowedBody(Body):
+    allowed: bool
+    set_by: Identifier = Field(
+        default=OMITTED,
+        description="the admin acting: required of a token without a user of its own "
+        "(an operator: 403 without it); an admin token acts as its own user",
+    )
+
+
+class GrantBody(Body):
+    credits: int = Field(gt=0, le=MAX_CREDITS)
+    reason: str = Field(min_length=1, max_length=500, description="as the admins will read it")
+    grant_id: Identifier = Field(
+        default=OMITTED, description="the grant's idempotency id; default a new one"
+    )
+    granted_by: Identifier = Field(
+        default=OMITTED,
+        description="who grants them: required of a token without a user of its own "
+        "(403 without it); a token with a user grants as that user",
+    )
+
+
+class LicenseEvent(Body):
+    """The license event that answered the command (as on credits.license.events)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["command.applied", "command.rejected"]
+    command_id: Identifier
+    command_type: str
+    org_id: Identifier
+    reason: str | None
+    message: str
+    state: dict[str, Any] | None
+    decided_at: Timestamp
+
+
+class CommandProblem(Problem):
+    """A 409: the worker refused the license command; its event is included."""
+
+    command_id: Identifier
+    reason: str | None
+    event: LicenseEvent
+
+
+class NoAnswerProblem(Problem):
+    """A 504: the command was published but not answered in time; it will still be
+    applied, and its license event will carry command_id."""
+
+    command_id: Identifier
+
+
+class Me(Body):
+    """The caller's scope, as the console reads it at sign-in."""
+
+    role: Literal["member", "admin", "support", "reader", "*"]
+    orgs: list[Identifier] | None = Field(description="null: every organisation")
+    user_id: Identifier | None
+
+
 # ---- operators' endpoints --------------------------------------------------------------
 
 
@@ -384,5 +468,13 @@ MODELS: tuple[type[BaseModel], ...] = (
     VerificationQuoteRequest,
     QuoteItem,
     Quote,
+    TeamMember,
+    TeamReport,
+    CreditsAllowedBody,
+    GrantBody,
+    LicenseEvent,
+    CommandProblem,
+    NoAnswerProblem,
+    Me,
     Health,
 )

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import click
+
 from creditgate.cli import licensing, local, reads  # noqa: F401 - registers their commands
 from creditgate.cli.root import main
 
@@ -16,11 +18,17 @@ __all__ = ["main"]
 
 
 @main.command()
-def demo() -> None:
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="keep the stack and the worker up afterwards, to look at the console with the "
+    "demo's data (Ctrl-C stops them)",
+)
+def demo(keep: bool) -> None:
     """Play a scenario through the real pipeline and print what happened."""
     from creditgate.demo import run_demo
 
-    run_demo()
+    run_demo(keep=keep)
 
 
 def _register_commands() -> None:

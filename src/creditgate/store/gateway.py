@@ -240,6 +240,11 @@ class CreditStore:
         async with unavailable_as("reading the organisation"):
             return await reads.org_exists(self._redis, self.keys.org(org_id))
 
+    async def members(self, org_id: str) -> tuple[dict[str, str], set[str]]:
+        """The members (user id -> role) and the users disallowed credits use."""
+        async with unavailable_as("reading the members"):
+            return await reads.members(self._redis, self.keys.org(org_id))
+
     async def current_period(self, org_id: str) -> str | None:
         """The id of the license's current period (None: no license)."""
         async with unavailable_as("reading the license"):

@@ -37,6 +37,15 @@ async def org_exists(client: RedisClient, keys: OrgKeys) -> bool:
     return bool(await client.exists(keys.license, keys.members))
 
 
+async def members(client: RedisClient, keys: OrgKeys) -> tuple[dict[str, str], set[str]]:
+    """The organisation's members (user id -> role) and those disallowed credits use."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.members)
+    pipe.smembers(keys.disallowed)
+    roles, disallowed = await pipe.execute()
+    return {str(u): str(r) for u, r in roles.items()}, {str(u) for u in disallowed}
+
+
 async def current_period(client: RedisClient, keys: OrgKeys) -> str | None:
     found = await client.hget(keys.license, "period_id")
     return None if found is None else str(found)

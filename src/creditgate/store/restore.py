@@ -19,8 +19,10 @@ run before and after a rebuild, so a key a script starts writing without this mo
 learning it fails that test.
 
 Expiry, like the scripts set it:
-- idempotency records (``req:``, ``cmd:``) and a user's history live
-  ``idempotency_ttl_ms`` after their last write; the scripts use a relative
+- command records (``cmd:``) live ``idempotency_ttl_ms`` after their write; a
+  request's stored decision (``req:``) and a user's history live until the end of the
+  period they were decided in plus ``idempotency_ttl_ms``, and at least
+  ``idempotency_ttl_ms`` (``charge.lua``'s ``finish``); the scripts use a relative
   ``PEXPIRE``, so the rebuild sets what is left of it by the decision clock;
 - windows expire at their end (``PXAT``), pushed out by how far Redis's clock runs
   ahead of the decision clock, as ``charge.lua`` does.
@@ -48,6 +50,8 @@ class StoredRecord:
     record: str
     summary: str | None
     decided_ms: int
+    # when the script's PEXPIRE ends it (None: decided_ms + the idempotency lifetime)
+    expires_ms: int | None = None
 
 
 @dataclass
@@ -56,19 +60,20 @@ class History:
 
     scores: dict[str, int] = field(default_factory=dict)
     last_write_ms: int = 0
+    expires_ms: int = 0
     # (score, request_id) of every ZADD, oldest first, to trim like ZREMRANGEBYSCORE
     _by_score: list[tuple[int, str]] = field(default_factory=list)
 
-    def add(self, request_id: str, at: int, ttl_ms: int) -> None:
-        # charge.lua: ZADD now id; ZREMRANGEBYSCORE -inf (now - ttl; PEXPIRE ttl
+    def add(self, request_id: str, at: int, floor: int, expires_ms: int) -> None:
+        # charge.lua: ZADD now id; ZREMRANGEBYSCORE -inf (floor; PEXPIRE (expires - now)
         self.scores[request_id] = at
         heapq.heappush(self._by_score, (at, request_id))
-        floor = at - ttl_ms
         while self._by_score and self._by_score[0][0] < floor:
             score, old = heapq.heappop(self._by_score)
             if self.scores.get(old) == score:
                 del self.scores[old]
         self.last_write_ms = at
+        self.expires_ms = expires_ms
 
 
 @dataclass
@@ -121,7 +126,9 @@ class OrgState:
         user, action = entry.get("user_id") or "", entry["action"]
         period = decision.get("period") or ""
         summary = entry.get("request")
-        # finish(): the stored decision beside the request summary, and the history
+        # finish(): the stored decision beside the request summary, and the history,
+        # kept for the period the script read from the license before deciding
+        floor, expires = self._kept_for_period(at)
         self._remember(
             self.requests,
             request_id,
@@ -130,9 +137,10 @@ class OrgState:
                 _json(decision),
                 None if summary is None else _json(summary),
                 at,
+                expires,
             ),
         )
-        self.history.setdefault((user, action), History()).add(request_id, at, self.ttl_ms)
+        self.history.setdefault((user, action), History()).add(request_id, at, floor, expires)
         usage = UsageFields.counter_prefix(period, user, action)
         if decision["status"] != "approved":
             # reject(): counted against the period the request was decided in, if any
@@ -209,9 +217,23 @@ class OrgState:
 
     # ---- helpers -------------------------------------------------------------------
 
+    def _kept_for_period(self, at: int) -> tuple[int, int]:
+        """charge.lua's finish(): the history's trim floor and the expiry of a decision
+        taken at ``at`` under the license as it stands."""
+        floor, expires = at - self.ttl_ms, at + self.ttl_ms
+        if self.license is not None:
+            starts, ends = int(self.license["starts_ms"]), int(self.license["ends_ms"])
+            expires = max(expires, ends + self.ttl_ms)
+            floor = min(floor, starts)
+        return floor, expires
+
+    def expiry(self, record: StoredRecord) -> int:
+        """When a stored record's PEXPIRE ends it, by the decision clock."""
+        return record.expires_ms or record.decided_ms + self.ttl_ms
+
     def _remember(self, records: dict[str, StoredRecord], key: str, record: StoredRecord) -> None:
-        # HSET …; PEXPIRE ttl: a later decision under the same id replaces the record
-        if record.decided_ms + self.ttl_ms > self.now_ms:
+        # HSET …; PEXPIRE: a later decision under the same id replaces the record
+        if self.expiry(record) > self.now_ms:
             records[key] = record
         else:
             records.pop(key, None)
@@ -265,7 +287,7 @@ class OrgState:
 
     def history_ttl(self, history: History) -> int:
         """What is left of a history's expiry by the decision clock (0: none left)."""
-        return history.last_write_ms + self.ttl_ms - self.now_ms if history.scores else 0
+        return history.expires_ms - self.now_ms if history.scores else 0
 
 
 def _json(value: Any) -> str:

@@ -41,7 +41,7 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         if stored.summary is not None:
             fields[RECORD_REQUEST] = stored.summary
         yield ("HSET", keys.request(request_id), *_flat(fields))
-        yield ("PEXPIRE", keys.request(request_id), stored.decided_ms + ttl - now)
+        yield ("PEXPIRE", keys.request(request_id), state.expiry(stored) - now)
     for command_id, stored in state.commands.items():
         fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
         yield ("HSET", keys.command(command_id), *_flat(fields))

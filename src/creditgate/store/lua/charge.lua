@@ -11,7 +11,8 @@ KEYS
   2  members      hash   user_id -> role ("admin" | "member")
   3  disallowed   set    user_ids an admin disallowed from using credits
   4  sequence     string the organisation's ledger sequence (gap-free)
-  5  request      hash   fp, rec: the stored decision of this request_id
+  5  request      hash   fp, rec: the stored decision of this request_id (kept until
+                         the period's end plus the idempotency lifetime: finish())
   6  usage        hash   "<period>|<user>|<action>|<metric>" -> count, and per period
                          "<period>|*users" (its users) and "<period>|<user>|*" markers
   7  history      zset   request_ids of this user and action, scored by decision time
@@ -104,15 +105,25 @@ local record = {
   outcomes = {}, ["until"] = {}, opened = {}, notes = {}, saved = 0,
 }
 
+-- A user's history (and the stored decisions it lists) is the platform's "My exports"
+-- and "My CRM pushes" for the whole license period, which runs far longer than the
+-- idempotency window: a decision is kept until its period ends plus the idempotency
+-- lifetime (so last period's history stays readable for a while after a renewal), and
+-- never less than the idempotency lifetime. The history keeps every entry of the
+-- current period and, beyond it, those within the idempotency lifetime.
 local function finish()
   if quote then return {"decided", cjson.encode(record)} end
   record.seq = redis.call("INCR", sequence_key)
   local encoded = cjson.encode(record)
+  local keep_ms, floor = idempotency_ttl_ms, now - idempotency_ttl_ms
+  local starts, ends = tonumber(license[2]), tonumber(license[3])
+  if ends and ends > now then keep_ms = ends - now + idempotency_ttl_ms end
+  if starts and starts < floor then floor = starts end
   redis.call("HSET", request_key, "fp", fingerprint, "rec", encoded, "req", request_summary)
-  redis.call("PEXPIRE", request_key, idempotency_ttl_ms)
+  redis.call("PEXPIRE", request_key, keep_ms)
   redis.call("ZADD", history_key, now, request_id)
-  redis.call("ZREMRANGEBYSCORE", history_key, "-inf", "(" .. ms(now - idempotency_ttl_ms))
-  redis.call("PEXPIRE", history_key, idempotency_ttl_ms)
+  redis.call("ZREMRANGEBYSCORE", history_key, "-inf", "(" .. ms(floor))
+  redis.call("PEXPIRE", history_key, keep_ms)
   return {"decided", encoded}
 end
 
