@@ -109,6 +109,35 @@ class StackRun(Run):
             finally:
                 await node.aclose()
 
+    async def memory(self, key_prefix: str) -> dict[str, Any]:
+        """MEMORY USAGE of what the keys of ``key_prefix`` hold, by kind: per open
+        window, per stored decision, and per organisation for the rest (license,
+        members, usage, histories, sequence), sampled node by node."""
+        sizes: dict[str, list[int]] = {"win": [], "req": [], "org": []}
+        orgs: set[str] = set()
+        for port in self.servers.redis_ports:
+            node = aioredis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+            try:
+                role = await node.execute_command("ROLE")  # type: ignore[no-untyped-call]
+                if role[0] != "master":
+                    continue
+                async for key in node.scan_iter(match=f"{key_prefix}:*", count=5000):
+                    kind = key.split(":")[2] if key.count(":") >= 2 else "org"
+                    bucket = kind if kind in ("win", "req") else "org"
+                    orgs.add(key.split(":")[1])
+                    if bucket != "org" and len(sizes[bucket]) >= 5000:
+                        continue
+                    sizes[bucket].append(int(await node.memory_usage(key) or 0))
+            finally:
+                await node.aclose()
+        return {
+            "bytes_per_open_window": round(sum(sizes["win"]) / max(len(sizes["win"]), 1), 1),
+            "bytes_per_stored_decision": round(sum(sizes["req"]) / max(len(sizes["req"]), 1), 1),
+            "bytes_per_organisation_besides": round(sum(sizes["org"]) / max(len(orgs), 1), 1),
+            "organisations": len(orgs),
+            "sampled": {k: len(v) for k, v in sizes.items()},
+        }
+
     async def measured(self, watcher: kafkaio.Watcher, workers: int) -> dict[str, Any]:
         before = self.servers.cpu()
         found = await self.fresh_workers(
@@ -135,10 +164,11 @@ async def measure_stack(args: argparse.Namespace, kind: str, run: StackRun) -> d
     try:
         passthrough = await run.baseline(watcher, "passthrough", args.requests)
         workers = [await run.measured(watcher, n) for n in range(1, args.max_workers + 1)]
+        memory = await run.memory(f"b{run.run_id}x{args.max_workers}")
     finally:
         await watcher.stop()
         await run.redis.aclose()
-    return {"passthrough": passthrough, "creditgate": workers}
+    return {"passthrough": passthrough, "creditgate": workers, "redis_memory": memory}
 
 
 def summarise(stacks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

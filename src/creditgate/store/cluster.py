@@ -209,7 +209,7 @@ class ClusterBatches(Batches):
                 return_exceptions=True,
             )
         except (RedisConnectionError, OSError, TimeoutError):
-            self._lost(connections)
+            self._lost(connections, pooled)
             raise
         finally:
             if pooled:
@@ -217,7 +217,7 @@ class ClusterBatches(Batches):
                     node.release(connection.connection)  # type: ignore[arg-type]  # its own
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
-            self._lost(connections)
+            self._lost(connections, pooled)
             raise failure
         return [
             pair for result in results if not isinstance(result, BaseException) for pair in result
@@ -250,10 +250,13 @@ class ClusterBatches(Batches):
             found = self._connections[node.name] = BatchConnection(made, self._connected)
         return found
 
-    def _lost(self, connections: dict[ClusterNode, BatchConnection]) -> None:
+    def _lost(self, connections: dict[ClusterNode, BatchConnection], pooled: bool) -> None:
         """A node failed: reload the slot map before the next batch (the node may have
-        been failed over), and forget the connections the failure dropped."""
+        been failed over), and forget the batch connections the failure dropped (pooled
+        ones go back to their node's pool)."""
         self._refresh = True
+        if pooled:
+            return
         for node, connection in connections.items():
             if not connection.connection.is_connected:
                 self._connections.pop(node.name, None)
