@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class NodeStatus:
     def row(self) -> str:
         state = "running" if self.running else ("no answer" if self.pid else "stopped")
         pid = f"pid {self.pid}" if self.pid else "-"
-        return f"{self.name:<12}{state:<11}{pid:<11}{self.role:<19}{self.address}"
+        return f"{self.name:<12}{state:<11}{pid:<11}{self.role:<22}{self.address}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ClusterStatus:
         )
 
     def __str__(self) -> str:
-        rows = [f"{'node':<12}{'state':<11}{'pid':<11}{'role':<19}address"]
+        rows = [f"{'node':<12}{'state':<11}{'pid':<11}{'role':<22}address"]
         rows += [node.row() for node in self.nodes]
         rows.append(f"redis cluster_state: {self.cluster_state}")
         return "\n".join(rows)
@@ -206,12 +207,22 @@ class ClusterStack:
             for index, port in enumerate(ports.kafka)
             for node in (self._kafka_node(index, ports),)
         ]
+        try:
+            slots = Counter(self.slot_owners().values())
+        except DevStackError:
+            slots = Counter()
         for port in ports.redis:
-            node = self._redis_node(port)
-            role = _redis_role(port) if node.pid else None
+            redis_node = self._redis_node(port)
+            role = _redis_role(port) if redis_node.pid else None
+            if role == "primary":
+                role = f"primary, {slots[port]} slots"
             nodes.append(
                 NodeStatus(
-                    f"redis-{port}", role is not None, node.pid, f"127.0.0.1:{port}", role or "-"
+                    f"redis-{port}",
+                    role is not None,
+                    redis_node.pid,
+                    f"127.0.0.1:{port}",
+                    role or "-",
                 )
             )
         return ClusterStatus(tuple(nodes), self._cluster_state(ports))
@@ -443,9 +454,7 @@ def _cluster_info(port: int) -> dict[str, str]:
     if not redis_answers(port):
         return {}
     try:
-        with redis.Redis(
-            host="127.0.0.1", port=port, socket_timeout=1.0, decode_responses=True
-        ) as client:
+        with _client(port) as client:
             text = client.execute_command("CLUSTER INFO")
     except (redis.RedisError, OSError):
         return {}
@@ -455,12 +464,12 @@ def _cluster_info(port: int) -> dict[str, str]:
 
 
 def _redis_role(port: int) -> str | None:
-    """ "primary" or "replica" (ROLE), or None when the node does not answer."""
+    """ "primary", or "replica of <port>" (ROLE), or None when the node does not answer."""
     try:
-        with redis.Redis(
-            host="127.0.0.1", port=port, socket_timeout=1.0, decode_responses=True
-        ) as client:
+        with _client(port) as client:
             role = client.execute_command("ROLE")
     except (redis.RedisError, OSError):
         return None
-    return {"master": "primary", "slave": "replica"}.get(str(role[0]), str(role[0]))
+    if role[0] == "slave":
+        return f"replica of {role[2]}"
+    return "primary" if role[0] == "master" else str(role[0])
