@@ -60,7 +60,8 @@ async def passthrough(conf: dict[str, Any]) -> None:
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=conf["group"],
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        # the latency baseline starts at the inputs' end: it times new requests only
+        auto_offset_reset="latest" if conf.get("from_end") else "earliest",
     )
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, **conf["producer"])
     await consumer.start()
@@ -71,8 +72,12 @@ async def passthrough(conf: dict[str, Any]) -> None:
     try:
         while True:
             batches = await consumer.getmany(timeout_ms=within_ms, max_records=settings.batch_size)
+            # a request's own headers go along (the latency run's ce_id names the request,
+            # as a decision's does), else the passthrough's: no value is parsed either way
             pending = [
-                await producer.send(output, _result_of(r.value), key=r.key, headers=headers)
+                await producer.send(
+                    output, _result_of(r.value), key=r.key, headers=list(r.headers) or headers
+                )
                 for records in batches.values()
                 for r in records
             ]
