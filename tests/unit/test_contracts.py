@@ -210,7 +210,12 @@ def license_state(**changes: Any) -> dict[str, Any]:
 
 
 def member_state(user_id: str, role: str | bool) -> dict[str, Any]:
-    return {"user_id": user_id, "role": role, "credits_allowed": role is not False}
+    return {
+        "user_id": user_id,
+        "role": role,
+        "credits_allowed": role is not False,
+        "credit_limit": False,
+    }
 
 
 # each command's record as command.lua writes it, less command_id, fp, at and seq

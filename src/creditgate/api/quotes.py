@@ -34,7 +34,11 @@ QUOTE_OUTCOMES = {
     Outcome.NO_VERIFIED_EMAIL: "no_charge",
 }
 # rejections decided after the windows were assessed: the items can still be itemised
-_BALANCE_REASONS = (Reason.INSUFFICIENT_CREDITS, Reason.EXCEEDS_MAX_CREDITS)
+_BALANCE_REASONS = (
+    Reason.INSUFFICIENT_CREDITS,
+    Reason.EXCEEDS_MAX_CREDITS,
+    Reason.USER_LIMIT_REACHED,
+)
 
 
 def _strip_hints(
@@ -152,6 +156,13 @@ async def quote(
         # what is left now: an approved quote's balance is the one after the charge
         "remaining": record.balance + (record.credits if record.approved else 0),
         "period_id": record.period_id,
+        # the member's credit limit of the period and what is left of it now (null: none)
+        "credit_limit": record.limit,
+        "limit_left": (
+            None
+            if record.limit_left is None
+            else record.limit_left + (record.credits if record.approved else 0)
+        ),
         "would_be_approved": record.approved,
         "reason": record.reason.value if record.reason else None,
         "message": charge_message(view, record, window_days),

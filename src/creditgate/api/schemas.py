@@ -348,6 +348,12 @@ class Quote(Body):
     credits_saved: Count
     remaining: Count = Field(description="the balance now")
     period_id: str | None
+    credit_limit: Count | None = Field(
+        description="the member's credit limit per period (null: none)"
+    )
+    limit_left: Count | None = Field(
+        description="what is left of the member's limit now (null: no limit)"
+    )
     would_be_approved: bool
     reason: Reason | None
     message: str = Field(description="the message the decision would carry")

@@ -47,6 +47,7 @@ class Reason(StrEnum):
     NO_ACTIVE_LICENSE = "no_active_license"
     LICENSE_PERIOD_ENDED = "license_period_ended"
     REQUEST_ID_CONFLICT = "request_id_conflict"
+    USER_LIMIT_REACHED = "user_limit_reached"
     INVALID_REQUEST = "invalid_request"
 
 

@@ -85,8 +85,18 @@ class SetCreditsAllowed(_Command):
     set_by: Identifier
 
 
+class SetCreditLimit(_Command):
+    """The most credits a member may use in a license period (charged + held - refunded);
+    ``None``: no limit, the whole pool. It carries over to the next period."""
+
+    type: Literal["member.set_credit_limit"]
+    user_id: Identifier
+    limit: StrictInt | None = Field(ge=0, le=MAX_CREDITS)
+    set_by: Identifier
+
+
 LicenseCommand = Annotated[
-    StartPeriod | Grant | MemberUpsert | MemberRemove | SetCreditsAllowed,
+    StartPeriod | Grant | MemberUpsert | MemberRemove | SetCreditsAllowed | SetCreditLimit,
     Field(discriminator="type"),
 ]
 license_command_adapter: TypeAdapter[LicenseCommand] = TypeAdapter(LicenseCommand)

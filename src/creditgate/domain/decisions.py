@@ -59,6 +59,10 @@ class ChargeRecord:
     saved: int
     sequence: int | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # the member's credit limit of the period and what is left of it after the
+    # decision (None: the member has no limit)
+    limit: int | None = None
+    limit_left: int | None = None
 
     @classmethod
     def from_script(cls, data: dict[str, Any]) -> ChargeRecord:
@@ -80,6 +84,8 @@ class ChargeRecord:
             saved=int(data.get("saved", 0)),
             sequence=int(data["seq"]) if data.get("seq") is not None else None,
             raw=data,
+            limit=int(data["limit"]) if data.get("limit") is not None else None,
+            limit_left=int(data["limit_left"]) if data.get("limit_left") is not None else None,
         )
 
 
@@ -157,9 +163,12 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
         if counts[Outcome.NO_VERIFIED_EMAIL]:
             parts.append("no verified email found")
         if counts[Outcome.NOT_CHARGED]:
-            parts.append(
-                f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not charged: the balance ran out"
+            ran_out = (
+                "the credit limit ran out"
+                if record.limit_left is not None and record.limit_left < record.balance
+                else "the balance ran out"
             )
+            parts.append(f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not charged: {ran_out}")
         return ", ".join(parts)
     if record.detail:
         return record.detail
@@ -173,6 +182,11 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
             return (
                 f"the request needs {_plural(record.needed, 'credit')}, more than its "
                 f"max_credits of {view.max_credits}"
+            )
+        case Reason.USER_LIMIT_REACHED:
+            return (
+                f"the request needs {_plural(record.needed, 'credit')}, {user} has "
+                f"{record.limit_left} left of a limit of {record.limit} this period"
             )
         case Reason.NOT_A_MEMBER:
             return f"{user} is not a member of {org}"
@@ -331,6 +345,14 @@ def charge_notifications(view: RequestView, record: ChargeRecord) -> list[dict[s
             figures |= {
                 "threshold_percent": note["threshold"],
                 "credits_left": record.balance,
+                "period_id": record.period_id,
+            }
+        elif kind == "credits.user_limit_reached":
+            figures |= {
+                "user_id": view.user_id,
+                "credit_limit": record.limit,
+                "credits_needed": record.needed,
+                "limit_left": record.limit_left,
                 "period_id": record.period_id,
             }
         elif kind == "credits.disallowed":

@@ -16,6 +16,7 @@ LEDGER_KINDS = {
     "member.upsert": "member_changed",
     "member.remove": "member_changed",
     "member.set_credits_allowed": "member_changed",
+    "member.set_credit_limit": "member_changed",
 }
 # every rejected command, whatever its type (an invalid one may have none)
 REJECTED_KIND = "command_rejected"
@@ -77,7 +78,8 @@ class CommandView:
 
 
 _MESSAGES = {
-    "not_an_admin": "only an admin of the organisation can allow or disallow credit use",
+    "not_an_admin": "only an admin of the organisation can allow or disallow credit use "
+    "or set a member's credit limit",
     "not_a_member": "the user is not a member of the organisation",
     "no_active_license": "the organisation has no license period to add credits to",
     "command_id_conflict": "this command_id was already used for another command; "
@@ -101,6 +103,10 @@ def command_message(view: CommandView, record: CommandRecord) -> str:
             return f"{body['user_id']} is now {body['role']}"
         case "member.remove":
             return f"{body['user_id']} is no longer a member"
+        case "member.set_credit_limit":
+            if body["limit"] is None:
+                return f"{body['user_id']} has no credit limit"
+            return f"{body['user_id']} may use {body['limit']} credits per period"
         case _:
             if body.get("allowed"):
                 return f"{body['user_id']} may use credits again"

@@ -20,6 +20,7 @@ from creditgate.domain.commands import (
     LicenseCommand,
     MemberRemove,
     MemberUpsert,
+    SetCreditLimit,
     SetCreditsAllowed,
     StartPeriod,
 )
@@ -36,7 +37,7 @@ AnswerStatus = Literal["decided", "replay", "conflict"]
 # for the scripts' check that Redis has not forgotten it. None: no check (tools, tests).
 KnownSequences = Callable[[str], int] | None
 
-_FIXED_CHARGE_KEYS = 7  # KEYS before the windows in charge.lua
+_FIXED_CHARGE_KEYS = 8  # KEYS before the windows in charge.lua
 _CHARGE_ARGS = 8  # its ARGV
 # organisations whose keys a packer keeps: building an organisation's keys and encoding
 # its fixed ones anew for every call cost a fifth of packing the call
@@ -204,6 +205,7 @@ class ChargePacker:
                     org.request(call.request_id),
                     org.usage,
                     org.history(call.user_id, call.action),
+                    org.limits,
                     *(org.window(name) for name in call.windows),
                 )
             )
@@ -296,6 +298,7 @@ def _command_keys_args(
         org.sequence,
         org.command(command.command_id),
         org.grants,
+        org.limits,
     ]
     sequence = "" if known is None else known(command.org_id)
     if isinstance(command, InvalidCommand):
@@ -332,6 +335,9 @@ def _command_keys_args(
             tail = [command.user_id]
         case SetCreditsAllowed():
             tail = [command.user_id, "1" if command.allowed else "0", command.set_by]
+        case SetCreditLimit():
+            limit = "" if command.limit is None else command.limit
+            tail = [command.user_id, limit, command.set_by]
     return command_keys, head + tail
 
 

@@ -56,6 +56,11 @@ class OrgKeys:
     def grants(self) -> str:
         return f"{self.base}:grants"
 
+    @cached_property
+    def limits(self) -> str:
+        """Members' credit limits per period: a hash, user_id -> credits (none: no limit)."""
+        return f"{self.base}:limits"
+
     def request(self, request_id: str) -> str:
         return f"{self.base}:req:{request_id}"
 
@@ -98,8 +103,14 @@ RECORD_FINGERPRINT = "fp"
 RECORD = "rec"
 RECORD_REQUEST = "req"
 
-# Usage metrics counted per period, user and action.
+# Usage metrics counted per period, user and action. What a member's credit limit
+# counts is credits + held - refunded over every action (``lua/charge.lua``).
 USAGE_METRICS = ("credits", "requests", "saved", "rejected")
+
+# A member's "credit limit reached" notification of the period is remembered on the
+# license hash (which a new period replaces) under this prefix and the user id, as
+# ``insufficient_notified`` is: ``lua/charge.lua``, ``store/restore.py``.
+LIMIT_NOTIFIED_PREFIX = "uln:"
 
 
 class UsageFields:

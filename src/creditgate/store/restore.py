@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 
 from creditgate.store.keys import (
+    LIMIT_NOTIFIED_PREFIX,
     UsageFields,
 )
 
@@ -87,6 +88,7 @@ class OrgState:
     members: dict[str, str] = field(default_factory=dict)
     disallowed: set[str] = field(default_factory=set)
     grants: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
     usage: dict[str, int | str] = field(default_factory=dict)
     requests: dict[str, StoredRecord] = field(default_factory=dict)
     commands: dict[str, StoredRecord] = field(default_factory=dict)
@@ -156,6 +158,8 @@ class OrgState:
                 self.license["insufficient_notified"] = "1"
             elif note.get("type") == "credits.threshold_reached":
                 self.license[f"thr:{int(note['threshold'])}"] = "1"
+            elif note.get("type") == "credits.user_limit_reached":
+                self.license[LIMIT_NOTIFIED_PREFIX + user] = "1"
 
     def _open_window(self, name: str, ends_ms: int) -> None:
         # SET <window> <end> PXAT <end>: a window that has ended is gone
@@ -199,11 +203,17 @@ class OrgState:
             case "member.remove":
                 self.members.pop(body["user_id"], None)
                 self.disallowed.discard(body["user_id"])
+                self.limits.pop(body["user_id"], None)
             case "member.set_credits_allowed":
                 if body["allowed"]:
                     self.disallowed.discard(body["user_id"])
                 else:
                     self.disallowed.add(body["user_id"])
+            case "member.set_credit_limit":
+                if body["limit"] is None:
+                    self.limits.pop(body["user_id"], None)
+                else:
+                    self.limits[body["user_id"]] = str(int(body["limit"]))
             case _:
                 self.inconsistencies.append(f"sequence {entry['sequence']}: unknown {kind}")
 
@@ -251,6 +261,7 @@ class OrgState:
             self.members,
             self.disallowed,
             self.grants,
+            self.limits,
             self.usage,
             self.sequence,
         ]

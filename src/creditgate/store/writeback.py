@@ -31,6 +31,8 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         yield ("SADD", keys.disallowed, *sorted(state.disallowed))
     if state.grants:
         yield ("HSET", keys.grants, *_flat(state.grants))
+    if state.limits:
+        yield ("HSET", keys.limits, *_flat(state.limits))
     if state.sequence:
         yield ("SET", keys.sequence, str(state.sequence))
     if state.usage:
@@ -135,6 +137,7 @@ async def _read_aggregates(client: Any, keys: OrgKeys, state: OrgState) -> None:
     state.members = dict(await client.hgetall(keys.members))
     state.disallowed = set(await client.smembers(keys.disallowed))
     state.grants = dict(await client.hgetall(keys.grants))
+    state.limits = dict(await client.hgetall(keys.limits))
     state.usage = {
         # "<period>|*users" lists users; every other field is a count (or a marker, 1)
         name: value if UsageFields.is_users(name) else int(value)
@@ -144,7 +147,7 @@ async def _read_aggregates(client: Any, keys: OrgKeys, state: OrgState) -> None:
 
 def _heal_commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[Any, ...]]:
     # a member removed or a flag cleared by a missing entry must go: the whole keys anew
-    yield ("DEL", keys.license, keys.members, keys.disallowed, keys.grants, keys.usage)
+    yield ("DEL", keys.license, keys.members, keys.disallowed, keys.grants, keys.limits, keys.usage)
     yield from _commands(keys, state, skew_ms)
 
 

@@ -14,6 +14,7 @@ from creditgate.domain.commands import (
     LicenseCommand,
     MemberRemove,
     MemberUpsert,
+    SetCreditLimit,
     SetCreditsAllowed,
     StartPeriod,
 )
@@ -41,7 +42,12 @@ class EmptyTable(Message):
 class ScriptNote(Message):
     """A notification the charge script asked for."""
 
-    type: Literal["credits.disallowed", "credits.insufficient", "credits.threshold_reached"]
+    type: Literal[
+        "credits.disallowed",
+        "credits.insufficient",
+        "credits.threshold_reached",
+        "credits.user_limit_reached",
+    ]
     to: Literal["user", "admin"]
     threshold: int | SkipJsonSchema[None] = None
 
@@ -67,6 +73,12 @@ class ChargeScriptRecord(Message):
     notes: list[ScriptNote] | EmptyTable
     saved: Count
     seq: LedgerSequence
+    limit: Count | SkipJsonSchema[None] = Field(
+        default=None, description="the member's credit limit, when they have one"
+    )
+    limit_left: Count | SkipJsonSchema[None] = Field(
+        default=None, description="what is left of the member's limit after the decision"
+    )
 
 
 class RawLicenseState(Message):
@@ -82,6 +94,7 @@ class RawMemberState(Message):
     user_id: Identifier
     role: Literal["admin", "member", False]
     credits_allowed: bool
+    credit_limit: Count | Literal[False] = Field(description="false: no limit")
 
 
 class CommandScriptRecord(Message):
@@ -212,11 +225,19 @@ class MemberChangedEntry(_Entry):
 
     kind: Literal["member_changed"]
     command_id: Identifier
-    command_type: Literal["member.upsert", "member.remove", "member.set_credits_allowed"]
+    command_type: Literal[
+        "member.upsert",
+        "member.remove",
+        "member.set_credits_allowed",
+        "member.set_credit_limit",
+    ]
     credits_delta: Literal[0]
     balance_after: None
     expired_credits: Literal[0]
-    command: Annotated[MemberUpsert | MemberRemove | SetCreditsAllowed, Field(discriminator="type")]
+    command: Annotated[
+        MemberUpsert | MemberRemove | SetCreditsAllowed | SetCreditLimit,
+        Field(discriminator="type"),
+    ]
     state: MemberState
     decision: CommandScriptRecord
 

@@ -64,6 +64,21 @@ class ThresholdNotification(_Notification):
     period_id: Identifier
 
 
+class UserLimitReachedNotification(_Notification):
+    """A member's request passed their credit limit of the period: to the member and to
+    admins, once per member and period."""
+
+    type: Literal["credits.user_limit_reached"]
+    recipient: UserRecipient | AdminRecipient
+    request_id: Identifier
+    action: Action
+    user_id: Identifier
+    credit_limit: Count
+    credits_needed: Count
+    limit_left: Count
+    period_id: Identifier
+
+
 class PeriodStartedNotification(_Notification):
     """To admins: a new license period started; what was left of the last one expired."""
 
@@ -92,6 +107,7 @@ Notification = Annotated[
     DisallowedNotification
     | InsufficientNotification
     | ThresholdNotification
+    | UserLimitReachedNotification
     | PeriodStartedNotification
     | GrantedNotification,
     Field(discriminator="type"),

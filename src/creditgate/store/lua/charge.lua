@@ -3,7 +3,7 @@ charge.lua — decide one charge request, atomically.
 
 Every check runs before the first write, because Redis does not roll a script back
 when it fails half-way: idempotency → member → credits allowed → period → repeat
-windows → max_credits → balance → writes.
+windows → max_credits → the member's credit limit → balance → writes.
 
 KEYS
   1  license      hash   period_id, starts_ms, ends_ms, credits, granted, balance,
@@ -15,7 +15,8 @@ KEYS
   6  usage        hash   "<period>|<user>|<action>|<metric>" -> count, and per period
                          "<period>|*users" (its users) and "<period>|<user>|*" markers
   7  history      zset   request_ids of this user and action, scored by decision time
-  8… windows      string window end (ms); each also expires at that time. The items
+  8  limits       hash   user_id -> the member's credit limit per period (none: no limit)
+  9… windows      string window end (ms); each also expires at that time. The items
                          below point at these keys by their index in KEYS.
 ARGV
   1 now_ms  2 known sequence: the organisation's last ledger sequence the worker has
@@ -43,6 +44,7 @@ RETURNS
 
 local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
 local sequence_key, request_key, usage_key, history_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local limits_key = KEYS[8]
 
 local now = tonumber(ARGV[1])
 local known_sequence = tonumber(ARGV[2])
@@ -59,7 +61,7 @@ local verified = request[7]  -- true, false or cjson.null (not a verification)
 local preset_reason, preset_detail = request[8], request[9]
 local item_keys = request[10]
 local n_items = #item_keys / 2
-local FIRST_WINDOW = 8
+local FIRST_WINDOW = 9
 
 local function ms(value)
   -- Lua numbers are doubles: format them as integers, never as 1.7e+12.
@@ -233,7 +235,34 @@ if max_credits and cost > max_credits then
   return reject("exceeds_max_credits", nil)
 end
 
--- 6. balance: all or nothing, or as many items as the balance covers
+-- 6. the member's credit limit of the period: what they were charged and hold, less
+-- what was refunded to them, over every action, may not pass it
+local limit = tonumber(redis.call("HGET", limits_key, user_id))
+local limit_left = math.huge
+if limit then
+  local prefix = period_id .. "|" .. user_id .. "|"
+  local used = 0
+  for _, each in ipairs({"export", "crm_push", "email_verification"}) do
+    local counts = redis.call("HMGET", usage_key,
+      prefix .. each .. "|credits", prefix .. each .. "|held", prefix .. each .. "|refunded")
+    used = used + (tonumber(counts[1]) or 0) + (tonumber(counts[2]) or 0)
+      - (tonumber(counts[3]) or 0)
+  end
+  limit_left = math.max(0, limit - used)
+  record.limit, record.limit_left = limit, limit_left
+end
+local limited = cost > limit_left
+if limited then
+  local flag = "uln:" .. user_id  -- once per period: the license hash goes with it
+  if redis.call("HEXISTS", license_key, flag) == 0 then
+    table.insert(record.notes, {type = "credits.user_limit_reached", to = "user"})
+    table.insert(record.notes, {type = "credits.user_limit_reached", to = "admin"})
+    if not quote then redis.call("HSET", license_key, flag, "1") end
+  end
+  if not partial then return reject("user_limit_reached", nil) end
+end
+
+-- 7. balance: all or nothing, or as many items as the balance (and the limit) covers
 local short = cost > balance
 if short then
   table.insert(record.notes, {type = "credits.insufficient", to = "user"})
@@ -242,15 +271,20 @@ if short then
     if not quote then redis.call("HSET", license_key, "insufficient_notified", "1") end
   end
   if not partial then return reject("insufficient_credits", nil) end
-  outcomes, untils, opened, cost, charged, free = assess(balance)
-  if charged + free == 0 then return reject("insufficient_credits", nil) end
+end
+if short or limited then
+  outcomes, untils, opened, cost, charged, free = assess(math.min(balance, limit_left))
+  if charged + free == 0 then
+    return reject(limit_left < balance and "user_limit_reached" or "insufficient_credits", nil)
+  end
 end
 
--- 7. writes
+-- 8. writes
 record.status = "approved"
 record.outcomes, record["until"] = outcomes, untils
 record.credits, record.saved = charged, free
 record.balance = balance - charged
+if limit then record.limit_left = limit_left - charged end
 
 if not quote then
   -- Redis expires keys by its own clock: when the decision clock runs behind it (a

@@ -8,6 +8,7 @@ KEYS
   4 sequence    string  the organisation's ledger sequence
   5 command     hash    fp, rec: the stored outcome of this command_id
   6 grants      hash    grant_id -> command_id, so a top-up is never added twice
+  7 limits      hash    user_id -> the member's credit limit per period
 ARGV
   1 now_ms  2 known sequence (as in charge.lua)  3 command_id  4 fingerprint  5 type
   6 idempotency_ttl_ms, then by type:
@@ -17,6 +18,7 @@ ARGV
   member.upsert               7 user_id  8 role
   member.remove               7 user_id
   member.set_credits_allowed  7 user_id  8 allowed ("1" | "0")  9 set_by
+  member.set_credit_limit     7 user_id  8 limit ("" = none)  9 set_by
   invalid                     7 detail (the command was readable but not valid)
 RETURNS
   {status, record_json}, status "decided", "replay", "conflict", "behind" or "unknown"
@@ -27,6 +29,7 @@ RETURNS
 
 local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
 local sequence_key, command_key, grants_key = KEYS[4], KEYS[5], KEYS[6]
+local limits_key = KEYS[7]
 
 local now = tonumber(ARGV[1])
 local known_sequence = tonumber(ARGV[2])
@@ -66,7 +69,8 @@ end
 local function member_state(user_id)
   local role = redis.call("HGET", members_key, user_id)
   return {user_id = user_id, role = role or false,
-          credits_allowed = role and redis.call("SISMEMBER", disallowed_key, user_id) == 0}
+          credits_allowed = role and redis.call("SISMEMBER", disallowed_key, user_id) == 0,
+          credit_limit = tonumber(redis.call("HGET", limits_key, user_id)) or false}
 end
 
 local function finish(applied, state, reason, detail)
@@ -133,6 +137,7 @@ elseif kind == "member.remove" then
   end
   redis.call("HDEL", members_key, user_id)
   redis.call("SREM", disallowed_key, user_id)
+  redis.call("HDEL", limits_key, user_id)
   return finish(true, member_state(user_id))
 
 elseif kind == "member.set_credits_allowed" then
@@ -147,6 +152,21 @@ elseif kind == "member.set_credits_allowed" then
     redis.call("SREM", disallowed_key, user_id)
   else
     redis.call("SADD", disallowed_key, user_id)
+  end
+  return finish(true, member_state(user_id))
+
+elseif kind == "member.set_credit_limit" then
+  local user_id, limit, set_by = args[1], args[2], args[3]
+  if redis.call("HGET", members_key, set_by) ~= "admin" then
+    return finish(false, member_state(user_id), "not_an_admin", set_by .. " is not an admin")
+  end
+  if redis.call("HEXISTS", members_key, user_id) == 0 then
+    return finish(false, member_state(user_id), "not_a_member")
+  end
+  if limit == "" then
+    redis.call("HDEL", limits_key, user_id)
+  else
+    redis.call("HSET", limits_key, user_id, limit)
   end
   return finish(true, member_state(user_id))
 end
