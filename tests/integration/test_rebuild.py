@@ -130,6 +130,15 @@ def allow(org: str, command_id: str, user: str, allowed: bool, by: str) -> dict[
     )
 
 
+def refund(
+    org: str, command_id: str, request_id: str, items: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {"request_id": request_id, "reason": "refused", "refunded_by": "cs-1"}
+    if items is not None:
+        fields["items"] = [{"type": i["type"], "id": i["id"]} for i in items]
+    return command(org, command_id, "charge.refund", **fields)
+
+
 def upsert(org: str, command_id: str, user: str, role: str = "member") -> dict[str, Any]:
     return command(org, command_id, "member.upsert", user_id=user, role=role)
 
@@ -420,6 +429,17 @@ async def history(d: Deployment) -> dict[str, dict[str, Any]]:
     )
     await d.commands(day(31), upsert("initech", "i-2", "zed", "admin"))
     await requests(day(31), request("initech", "n-2", "zed", [contact("c1")]))
+    # a refund of c1 (its window, and co1's, close); u4 with a limit of 2 and a partial
+    # request cut to it
+    await d.commands(
+        day(31),
+        upsert("acme", "a-16", "u4"),
+        command("acme", "a-20", "member.set_credit_limit", user_id="u4", limit=2, set_by="ana"),
+        refund("acme", "a-17", "r-12", [contact("c1", "co1")]),
+        refund("acme", "a-18", "r-9"),  # r-9 was rejected: nothing to refund
+    )
+    l_items = [contact(f"l{i}") for i in range(3)]
+    await requests(day(31), request("acme", "r-19", "u4", l_items, on_insufficient="partial"))
     return first
 
 
@@ -437,6 +457,8 @@ async def follow_up(d: Deployment) -> list[Outgoing]:
     )
     out += await d.commands(
         day(31),
+        refund("acme", "a-17", "r-12", [contact("c1", "co1")]),  # a replay
+        refund("acme", "a-19", "r-19"),
         period("acme", "a-11", "p2", 4, day(21), day(400)),  # a replay
         grant("acme", "a-13", "g1", 3),  # g1 was granted in p1 already
         upsert("acme", "a-14", "u3"),
@@ -497,10 +519,13 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
     results = d.results(rebuilt)
     assert results["r-1"] == first["r-1"]  # a replay gets the first answer
     assert results["r-8"]["reason"] == "request_id_conflict"
-    assert [i["outcome"] for i in results["r-14"]["items"]] == ["free_repeat"]
-    assert results["r-14"]["items"][0]["free_until"] == rfc3339(day(61))
+    # r-12's c1 was refunded, and its window closed: charged again
+    assert [i["outcome"] for i in results["r-14"]["items"]] == ["charged"]
     assert results["r-15"]["credits_charged"] == 1
-    assert results["r-15"]["balance_after"] == first["r-12"]["balance_after"] - 2
+    # since r-12: r-13 1, the refund +1, r-19 2 (u4's limit), r-14 1, r-15 1
+    assert results["r-15"]["balance_after"] == first["r-12"]["balance_after"] - 4
+    assert first["r-19"]["credits_charged"] == 2
+    assert first["r-19"]["reason"] is None
     assert results["q-3"]["reason"] == "insufficient_credits"
     events = {
         body["command_id"]: body
@@ -508,10 +533,12 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
         if topic == d.registry.name(t.LICENSE_EVENTS)
     }
     assert events["a-13"]["reason"] == "duplicate_grant"
-    # the ledger sequence goes on from the restored one: r-14, r-15, the rejected a-13,
-    # then a-14
-    assert events["a-13"]["sequence"] == int(before["{acme}:seq"].value) + 3
-    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 4
+    assert events["a-17"]["type"] == "command.applied"  # replayed as first applied
+    assert events["a-19"]["message"].startswith("2 credits of request r-19 refunded")
+    # the ledger sequence goes on from the restored one: r-14, r-15, the refund a-19, the
+    # rejected a-13, then a-14
+    assert events["a-13"]["sequence"] == int(before["{acme}:seq"].value) + 4
+    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 5
 
 
 async def test_replace_restores_what_a_stale_redis_lost(deployment: Deployment) -> None:

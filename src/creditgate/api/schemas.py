@@ -54,7 +54,12 @@ SCALARS: dict[str, dict[str, Any]] = {
 
 Count = Annotated[int, Field(ge=0)]
 OutcomeName = Literal[
-    "charged", "free_repeat", "duplicate_in_request", "no_verified_email", "not_charged"
+    "charged",
+    "free_repeat",
+    "duplicate_in_request",
+    "no_verified_email",
+    "not_charged",
+    "refunded",
 ]
 # the outcomes as the decision renders them, spelled as the domain's enumeration
 if set(get_args(OutcomeName)) != {o.value for o in Outcome}:
@@ -136,6 +141,7 @@ class UsageCounts(Body):
     requests: Count = Field(description="approved requests")
     credits_saved: Count = Field(description="items that were free within their repeat window")
     rejected: Count = Field(description="rejected requests")
+    credits_refunded: Count = Field(description="credits refunded (charge.refund)")
 
 
 ByAction = Annotated[
@@ -219,6 +225,7 @@ class ItemCounts(Body):
     duplicate_in_request: PositiveCount = Field(default=OMITTED)
     no_verified_email: PositiveCount = Field(default=OMITTED)
     not_charged: PositiveCount = Field(default=OMITTED)
+    refunded: PositiveCount = Field(default=OMITTED)
 
 
 class Decision(_DecidedTail, _Decided):
@@ -233,6 +240,7 @@ class Decision(_DecidedTail, _Decided):
         description="true when this page is not all of the decision's items"
     )
     items_total: Count = Field(description="how many items the decision has")
+    credits_refunded: Count = Field(description="credits of its items refunded since")
     offset: Count = Field(description="the first item of this page (0-based)")
     limit: int = Field(ge=1, le=MAX_ITEMS_PAGE, description="the page size asked for")
     next_offset: int | None = Field(
@@ -249,12 +257,14 @@ class OutcomeCounts(Body):
     duplicate_in_request: Count
     no_verified_email: Count
     not_charged: Count
+    refunded: Count
 
 
 class HistoryEntry(_DecidedTail, _Decided):
     item_count: Count
     items_by_outcome: OutcomeCounts
     credits_saved: Count = Field(description="items free within their repeat window")
+    credits_refunded: Count = Field(description="credits of its items refunded since")
 
 
 class ChargeHistory(Body):

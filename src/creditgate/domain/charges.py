@@ -35,6 +35,8 @@ class Outcome(StrEnum):
     DUPLICATE_IN_REQUEST = "duplicate_in_request"
     NO_VERIFIED_EMAIL = "no_verified_email"
     NOT_CHARGED = "not_charged"
+    # in reports only: a charged item whose credit a refund gave back
+    REFUNDED = "refunded"
 
 
 class Reason(StrEnum):

@@ -20,6 +20,7 @@ from creditgate.domain.commands import (
     LicenseCommand,
     MemberRemove,
     MemberUpsert,
+    Refund,
     SetCreditLimit,
     SetCreditsAllowed,
     StartPeriod,
@@ -27,7 +28,7 @@ from creditgate.domain.commands import (
 from creditgate.domain.decisions import ChargeRecord, RequestView, request_summary
 from creditgate.domain.ids import to_ms
 from creditgate.domain.license_events import CommandRecord
-from creditgate.domain.windows import item_windows
+from creditgate.domain.windows import item_windows, window_slots
 from creditgate.settings import Settings
 from creditgate.store.keys import Keys, OrgKeys
 
@@ -39,6 +40,7 @@ KnownSequences = Callable[[str], int] | None
 
 _FIXED_CHARGE_KEYS = 8  # KEYS before the windows in charge.lua
 _CHARGE_ARGS = 8  # its ARGV
+_FIRST_REFUND_WINDOW = 10  # command.lua's first window key of a refund, from 1
 # organisations whose keys a packer keeps: building an organisation's keys and encoding
 # its fixed ones anew for every call cost a fifth of packing the call
 _PACKED_ORGS = 100_000
@@ -69,15 +71,7 @@ class ChargeCall:
     def of(cls, request: ChargeRequest, view: RequestView | None = None) -> ChargeCall:
         """``view``: the request's ``RequestView.of`` when the caller has already built it
         (the worker renders from it too; building it costs a dump per item)."""
-        index: dict[str, int] = {}
-
-        def slot(name: str) -> int:
-            return index.setdefault(name, len(index))
-
-        items = [
-            (slot(window), None if company is None else slot(company))
-            for window, company in item_windows(request)
-        ]
+        windows, items = window_slots(item_windows(request))
         return cls(
             org_id=request.org_id,
             request_id=request.request_id,
@@ -87,8 +81,8 @@ class ChargeCall:
             partial=request.partial,
             max_credits=request.max_credits,
             verified_email_found=request.verified_email_found,
-            windows=tuple(index),
-            items=tuple(items),
+            windows=windows,
+            items=items,
             summary=request_summary(view or RequestView.of(request)),
         )
 
@@ -301,6 +295,15 @@ def _command_keys_args(
         org.limits,
     ]
     sequence = "" if known is None else known(command.org_id)
+    if isinstance(command, Refund):
+        # the refunded request's usage, its stored decision and its windows (calls.py's
+        # window slots, as charge.lua had them), after the 7 keys every command has
+        target = command.target
+        command_keys += [
+            org.usage,
+            org.request(command.request_id),
+            *(org.window(name) for name in target.windows),
+        ]
     if isinstance(command, InvalidCommand):
         return command_keys, [
             now_ms,
@@ -338,6 +341,19 @@ def _command_keys_args(
         case SetCreditLimit():
             limit = "" if command.limit is None else command.limit
             tail = [command.user_id, limit, command.set_by]
+        case Refund():
+            target = command.target
+            # KEYS indexes, from 1: the windows are KEYS 10…
+            item_keys = [
+                k + _FIRST_REFUND_WINDOW if k is not None else 0
+                for pair in target.items
+                for k in pair
+            ]
+            tail = [
+                target.fingerprint,
+                orjson.dumps(item_keys).decode(),
+                orjson.dumps([i + 1 for i in target.named]).decode(),
+            ]
     return command_keys, head + tail
 
 

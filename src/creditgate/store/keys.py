@@ -102,10 +102,13 @@ class Keys:
 RECORD_FINGERPRINT = "fp"
 RECORD = "rec"
 RECORD_REQUEST = "req"
+# a refunded request's refunded items (JSON, 1-based item indexes), written by
+# ``lua/command.lua``'s refund beside the stored decision, which stays as decided
+RECORD_REFUNDED = "ref"
 
 # Usage metrics counted per period, user and action. What a member's credit limit
 # counts is credits + held - refunded over every action (``lua/charge.lua``).
-USAGE_METRICS = ("credits", "requests", "saved", "rejected")
+USAGE_METRICS = ("credits", "requests", "saved", "rejected", "refunded")
 
 # A member's "credit limit reached" notification of the period is remembered on the
 # license hash (which a new period replaces) under this prefix and the user id, as

@@ -16,7 +16,14 @@ import redis.asyncio as aioredis
 
 from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.ids import rfc3339
-from creditgate.store.keys import RECORD, RECORD_REQUEST, USAGE_METRICS, OrgKeys, UsageFields
+from creditgate.store.keys import (
+    RECORD,
+    RECORD_REFUNDED,
+    RECORD_REQUEST,
+    USAGE_METRICS,
+    OrgKeys,
+    UsageFields,
+)
 
 # per user of a period, in order of first use: per action, its metrics' counts (a user
 # listed without counts has no actions)
@@ -30,6 +37,8 @@ class StoredDecision:
 
     record: ChargeRecord
     summary: str | None
+    # the 0-based indexes of its items refunded since (``charge.refund``)
+    refunded: tuple[int, ...] = ()
 
 
 async def org_exists(client: aioredis.Redis, keys: OrgKeys) -> bool:
@@ -101,10 +110,11 @@ async def stored_decisions(
         return []
     pipe = client.pipeline(transaction=False)
     for request_id in request_ids:
-        pipe.hmget(keys.request(request_id), RECORD, RECORD_REQUEST)
+        pipe.hmget(keys.request(request_id), RECORD, RECORD_REQUEST, RECORD_REFUNDED)
     stored = await pipe.execute()
     return [
-        None if raw is None else StoredDecision(_record(raw), summary) for raw, summary in stored
+        None if raw is None else StoredDecision(_record(raw), summary, _refunded(refunded))
+        for raw, summary, refunded in stored
     ]
 
 
@@ -112,10 +122,14 @@ async def stored_decision(
     client: aioredis.Redis, keys: OrgKeys, request_id: str
 ) -> StoredDecision | None:
     """One request's stored decision (None: none)."""
-    raw, summary = await client.hmget(keys.request(request_id), [RECORD, RECORD_REQUEST])
+    raw, summary, refunded = await client.hmget(
+        keys.request(request_id), [RECORD, RECORD_REQUEST, RECORD_REFUNDED]
+    )
     if not isinstance(raw, str):
         return None
-    return StoredDecision(_record(raw), summary if isinstance(summary, str) else None)
+    return StoredDecision(
+        _record(raw), summary if isinstance(summary, str) else None, _refunded(refunded)
+    )
 
 
 async def credits(
@@ -138,6 +152,11 @@ async def credits(
         "used": credits + granted - balance,
         "remaining": balance,
     }
+
+
+def _refunded(raw: str | bytes | None) -> tuple[int, ...]:
+    found = orjson.loads(raw) if isinstance(raw, str | bytes) else []
+    return tuple(int(i) - 1 for i in found) if isinstance(found, list) else ()
 
 
 def _record(raw: str) -> ChargeRecord:

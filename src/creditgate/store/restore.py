@@ -94,6 +94,10 @@ class OrgState:
     commands: dict[str, StoredRecord] = field(default_factory=dict)
     history: dict[tuple[str, str], History] = field(default_factory=dict)
     windows: dict[str, int] = field(default_factory=dict)
+    # refunds: per refunded request, its refunded items (the ``ref`` field, JSON), and
+    # the windows refunds closed (deleted when healing: Redis may still have them)
+    refunds: dict[str, str] = field(default_factory=dict)
+    closed_windows: set[str] = field(default_factory=set)
     # entries whose balance_after disagrees with the fold: a gap or a damaged ledger
     inconsistencies: list[str] = field(default_factory=list)
 
@@ -163,6 +167,7 @@ class OrgState:
 
     def _open_window(self, name: str, ends_ms: int) -> None:
         # SET <window> <end> PXAT <end>: a window that has ended is gone
+        self.closed_windows.discard(name)
         if ends_ms > self.now_ms:
             self.windows[name] = ends_ms
         else:
@@ -209,6 +214,20 @@ class OrgState:
                     self.disallowed.discard(body["user_id"])
                 else:
                     self.disallowed.add(body["user_id"])
+            case "charge.refund":
+                # command.lua's refund: the credits back, the request's refunded items,
+                # the windows closed and the refunded counter of the request's period
+                credits, request = int(decision["delta"]), decision["request"]
+                if self.license is not None:
+                    self._add(self.license, "balance", credits)
+                usage = UsageFields.counter_prefix(
+                    request["period"], request.get("user_id") or "", request["action"]
+                )
+                self._count(usage + "refunded", credits)
+                self.refunds[body["request_id"]] = _json(_as_list(decision["refunded_all"]))
+                for name in entry.get("windows_closed", []):
+                    self.windows.pop(name, None)
+                    self.closed_windows.add(name)
             case "member.set_credit_limit":
                 if body["limit"] is None:
                     self.limits.pop(body["user_id"], None)

@@ -14,6 +14,7 @@ from redis.exceptions import WatchError
 from creditgate.store.keys import (
     RECORD,
     RECORD_FINGERPRINT,
+    RECORD_REFUNDED,
     RECORD_REQUEST,
     OrgKeys,
     UsageFields,
@@ -42,8 +43,13 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
         if stored.summary is not None:
             fields[RECORD_REQUEST] = stored.summary
+        if request_id in state.refunds:
+            fields[RECORD_REFUNDED] = state.refunds[request_id]
         yield ("HSET", keys.request(request_id), *_flat(fields))
         yield ("PEXPIRE", keys.request(request_id), stored.decided_ms + ttl - now)
+    for request_id, refunded in state.refunds.items():
+        if request_id not in state.requests:  # healing: a record Redis kept (heal_org)
+            yield ("HSET", keys.request(request_id), RECORD_REFUNDED, refunded)
     for command_id, stored in state.commands.items():
         fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
         yield ("HSET", keys.command(command_id), *_flat(fields))
@@ -57,6 +63,8 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         yield ("PEXPIRE", keys.history(user, action), left)
     for name, ends in state.windows.items():
         yield ("SET", keys.window(name), str(ends), "PXAT", ends + skew_ms)
+    if state.closed_windows:
+        yield ("DEL", *(keys.window(name) for name in sorted(state.closed_windows)))
 
 
 def _flat(mapping: Mapping[str, str]) -> list[str]:
@@ -99,6 +107,9 @@ async def write_org(
     workers stopped, so nobody reads a half-written organisation, and a huge
     organisation never becomes one huge MULTI.
     """
+    # a refunded request whose record has expired by now: nothing to mark
+    for request_id in [r for r in state.refunds if r not in state.requests]:
+        del state.refunds[request_id]
     pipe = client.pipeline(transaction=False)
     queued = 0
     for command in _commands(keys, state, skew_ms):
@@ -181,6 +192,11 @@ async def heal_org(
                 await _read_aggregates(pipe, keys, state)
                 for entry in missing:
                     state.apply(entry)
+                # a refund of a request decided before the missing entries: its record
+                # is marked only if Redis still has it (never a record of one field)
+                for request_id in [r for r in state.refunds if r not in state.requests]:
+                    if not await pipe.exists(keys.request(request_id)):
+                        del state.refunds[request_id]
                 pipe.multi()  # type: ignore[no-untyped-call]
                 for command in _heal_commands(keys, state, skew_ms):
                     pipe.execute_command(*command)

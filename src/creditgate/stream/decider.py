@@ -8,6 +8,7 @@ the benchmark.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.clock import Clock
-from creditgate.domain.commands import LicenseCommand
+from creditgate.domain.commands import LicenseCommand, Refund
 from creditgate.domain.decisions import (
     RequestView,
 )
@@ -249,6 +250,13 @@ class Decider:
                     )
                 )
                 commands.append(read)
+        commands = await aim_refunds(self.store, commands)
+        views = [
+            dataclasses.replace(view, windows=command.target.windows)
+            if isinstance(command, Refund)
+            else view
+            for view, command in zip(views, commands, strict=True)
+        ]
         now = self.clock.now_ms()
         started = time.perf_counter()
         answers = await self.store.apply_commands(commands, now, self._known)
@@ -284,3 +292,36 @@ class Decider:
 
     def _dead_letter(self, message: Incoming, error: str) -> Outgoing:
         return dead_letter(self._topics.deadletter, message, error, rfc3339(self.clock.now_ms()))
+
+
+async def aim_refunds(
+    store: CreditStore, commands: list[LicenseCommand | InvalidCommand]
+) -> list[LicenseCommand | InvalidCommand]:
+    """Each refund with the stored request it refunds, read first (one read per
+    organisation): the script's KEYS must name the request's windows, which only its
+    stored items tell. The script checks the stored decision is still the one read;
+    a Redis that forgot is caught by its sequence check, and the batch read again."""
+    wanted: dict[str, list[str]] = {}
+    for command in commands:
+        if isinstance(command, Refund):
+            wanted.setdefault(command.org_id, []).append(command.request_id)
+    if not wanted:
+        return commands
+    found: dict[tuple[str, str], tuple[str, RequestView]] = {}
+    for org_id, request_ids in wanted.items():
+        stored = await store.stored_decisions(org_id, request_ids)
+        for request_id, decision in zip(request_ids, stored, strict=True):
+            if decision is not None and decision.summary is not None:
+                view = RequestView.from_summary(org_id, request_id, decision.summary)
+                found[(org_id, request_id)] = (decision.record.fingerprint, view)
+    aimed: list[LicenseCommand | InvalidCommand] = []
+    for command in commands:
+        target = (
+            found.get((command.org_id, command.request_id)) if isinstance(command, Refund) else None
+        )
+        if isinstance(command, Refund) and target is not None:
+            fingerprint, view = target
+            aimed.append(command.aimed(view.items, view.action.value, fingerprint))
+        else:
+            aimed.append(command)
+    return aimed

@@ -29,6 +29,7 @@ CommandType = Literal[
     "member.remove",
     "member.set_credits_allowed",
     "member.set_credit_limit",
+    "charge.refund",
 ]
 
 

@@ -14,6 +14,7 @@ from creditgate.domain.commands import (
     LicenseCommand,
     MemberRemove,
     MemberUpsert,
+    Refund,
     SetCreditLimit,
     SetCreditsAllowed,
     StartPeriod,
@@ -97,6 +98,12 @@ class RawMemberState(Message):
     credit_limit: Count | Literal[False] = Field(description="false: no limit")
 
 
+class RefundedRequest(Message):
+    user_id: Identifier
+    action: Action
+    period: Identifier
+
+
 class CommandScriptRecord(Message):
     """The command script's stored outcome of an applied command."""
 
@@ -109,6 +116,13 @@ class CommandScriptRecord(Message):
     delta: int | SkipJsonSchema[None] = None
     balance: Count | SkipJsonSchema[None] = None
     expired: Count | SkipJsonSchema[None] = None
+    # a refund's: the items refunded now, before, and all so far (1-based item indexes),
+    # the window slots closed, and the refunded request's user, action and period
+    refunded: list[Annotated[int, Field(ge=1)]] | SkipJsonSchema[None] = None
+    already: list[Annotated[int, Field(ge=1)]] | EmptyTable | SkipJsonSchema[None] = None
+    refunded_all: list[Annotated[int, Field(ge=1)]] | SkipJsonSchema[None] = None
+    closed: list[Count] | EmptyTable | SkipJsonSchema[None] = None
+    request: RefundedRequest | SkipJsonSchema[None] = None
 
 
 class RawNoLicenseState(Message):
@@ -127,6 +141,9 @@ class RejectedCommandScriptRecord(Message):
     detail: str | SkipJsonSchema[None] = None
     seq: LedgerSequence
     state: RawLicenseState | RawNoLicenseState | RawMemberState | SkipJsonSchema[None] = None
+    already: list[Annotated[int, Field(ge=1)]] | EmptyTable | SkipJsonSchema[None] = Field(
+        default=None, description="a refund's items that were refunded before"
+    )
 
 
 class WindowOpened(Message):
@@ -242,6 +259,22 @@ class MemberChangedEntry(_Entry):
     decision: CommandScriptRecord
 
 
+class RefundedEntry(_Entry):
+    """Credits of charged items of a decided request given back (``charge.refund``):
+    who, why and which items are in ``command``; the windows it closed, by name."""
+
+    kind: Literal["refunded"]
+    command_id: Identifier
+    command_type: Literal["charge.refund"]
+    credits_delta: Annotated[int, Field(ge=1)]
+    balance_after: Count
+    expired_credits: Literal[0]
+    command: Refund
+    state: LicenseState
+    decision: CommandScriptRecord
+    windows_closed: list[WindowName]
+
+
 class CommandRejectedEntry(_Entry):
     """A rejected license command: nothing changes, but a replay after a rebuild gets
     this answer. ``command`` is null for an invalid command (its fault is in the
@@ -287,6 +320,7 @@ LedgerEntry = Annotated[
     | PeriodStartedEntry
     | GrantedEntry
     | MemberChangedEntry
+    | RefundedEntry
     | CommandRejectedEntry,
     Field(discriminator="kind"),
 ]

@@ -79,6 +79,20 @@ class UserLimitReachedNotification(_Notification):
     period_id: Identifier
 
 
+class RefundedNotification(_Notification):
+    """To the user whose request was refunded: which credits came back, and why."""
+
+    type: Literal["credits.refunded"]
+    recipient: UserRecipient
+    request_id: Identifier
+    action: Action
+    credits_refunded: Annotated[int, Field(ge=1)]
+    items_refunded: Annotated[int, Field(ge=1)]
+    reason: str
+    refunded_by: Identifier
+    balance_after: Count
+
+
 class PeriodStartedNotification(_Notification):
     """To admins: a new license period started; what was left of the last one expired."""
 
@@ -108,6 +122,7 @@ Notification = Annotated[
     | InsufficientNotification
     | ThresholdNotification
     | UserLimitReachedNotification
+    | RefundedNotification
     | PeriodStartedNotification
     | GrantedNotification,
     Field(discriminator="type"),
