@@ -309,7 +309,14 @@ def expected_usage(results: list[dict[str, Any]], org: str, period: str) -> dict
             row["credits_saved"] += sum(1 for i in r["items"] if i["outcome"] == "free_repeat")
         else:
             row["rejected"] += 1
-    metrics = ("credits_used", "requests", "credits_saved", "rejected", "credits_refunded")
+    metrics = (
+        "credits_used",
+        "requests",
+        "credits_saved",
+        "rejected",
+        "credits_refunded",
+        "credits_held",
+    )
     return {
         user: {action: {m: row[m] for m in metrics} for action, row in by_action.items()}
         for user, by_action in counts.items()

@@ -311,6 +311,7 @@ async def test_usage_report_sums_the_charges_of_the_period(store: CreditStore) -
         "credits_saved": 1,
         "rejected": 1,
         "credits_refunded": 0,
+        "credits_held": 0,
     }
     assert by_user["u1"]["by_action"]["crm_push"]["credits_used"] == 0
     assert by_user["u1"]["credits_saved"] == 2

@@ -35,15 +35,17 @@ def test_usage_fields_are_spelled_as_charge_lua_spells_them() -> None:
     command = _lua("command.lua")
     for metric in USAGE_METRICS:
         # a refund's counter is command.lua's; the others are charge.lua's count_usage
-        counted = (
-            f'summary.action .. "|{metric}"' in command
-            if metric == "refunded"
-            else f'count_usage("{metric}"' in charge
-        )
+        spelled = {
+            "refunded": (command, f'summary.action .. "|{metric}"'),
+            "held": (charge, 'count_usage(hold_ms and "held" or "credits"'),
+            "credits": (charge, 'count_usage(hold_ms and "held" or "credits"'),
+        }
+        script, spelling = spelled.get(metric, (charge, f'count_usage("{metric}"'))
+        counted = spelling in script
         assert counted, metric
     # what a member's credit limit counts, spelled as charge.lua reads it
     for metric in ("credits", "held", "refunded"):
-        assert f'each .. "|{metric}"' in charge
+        assert f'prefix .. each .. "|{metric}"' in charge
 
 
 def test_record_fields_are_spelled_as_the_scripts_spell_them() -> None:

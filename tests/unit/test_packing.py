@@ -50,6 +50,8 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 f"{org}:usage",
                 f"{org}:hist:export:u-1",
                 f"{org}:limits",
+                f"{org}:holds",
+                f"{org}:hold-exp",
                 f"{org}:win:contact:c-1",
                 f"{org}:win:company:co-9",
             ]
@@ -64,7 +66,8 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 "",  # no preset reason
                 "",
                 # per item its window's KEYS index and its company's
-                [9, 10, 10, 0],
+                [11, 12, 12, 0],
+                None,  # not a hold
             ]
             args: list[Any] = [
                 1_795_000_000_123,  # the decision clock

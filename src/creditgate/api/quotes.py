@@ -8,6 +8,7 @@ instant and state, ``if_submitted_now`` of each item and ``credits_if_submitted_
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import ValidationError
@@ -122,7 +123,8 @@ async def quote(
 ) -> dict[str, Any]:
     """What a charge request would cost now, item by item; it changes nothing."""
     request, hints = parse_quote(body, now_ms, max_items)
-    call = ChargeCall.of(request)
+    # a hold is quoted as the charge it may become: what it would hold is what it costs
+    call = dataclasses.replace(ChargeCall.of(request), hold_ms=None)
     record = await store.quote(call, now_ms)
     assessed = record.approved or record.reason in _BALANCE_REASONS
     outcomes, free_until = _itemise(record)

@@ -54,6 +54,7 @@ def _usage_row(counts: Mapping[str, int]) -> dict[str, int]:
         "credits_saved": counts["saved"],
         "rejected": counts["rejected"],
         "credits_refunded": counts["refunded"],
+        "credits_held": counts["held"],
     }
 
 

@@ -58,6 +58,8 @@ OutcomeName = Literal[
     "free_repeat",
     "duplicate_in_request",
     "no_verified_email",
+    "held",
+    "released",
     "not_charged",
     "refunded",
 ]
@@ -142,6 +144,7 @@ class UsageCounts(Body):
     credits_saved: Count = Field(description="items that were free within their repeat window")
     rejected: Count = Field(description="rejected requests")
     credits_refunded: Count = Field(description="credits refunded (charge.refund)")
+    credits_held: Count = Field(description="credits held by open holds")
 
 
 ByAction = Annotated[
@@ -224,6 +227,8 @@ class ItemCounts(Body):
     free_repeat: PositiveCount = Field(default=OMITTED)
     duplicate_in_request: PositiveCount = Field(default=OMITTED)
     no_verified_email: PositiveCount = Field(default=OMITTED)
+    held: PositiveCount = Field(default=OMITTED)
+    released: PositiveCount = Field(default=OMITTED)
     not_charged: PositiveCount = Field(default=OMITTED)
     refunded: PositiveCount = Field(default=OMITTED)
 
@@ -256,6 +261,8 @@ class OutcomeCounts(Body):
     free_repeat: Count
     duplicate_in_request: Count
     no_verified_email: Count
+    held: Count
+    released: Count
     not_charged: Count
     refunded: Count
 

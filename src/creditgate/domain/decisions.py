@@ -23,6 +23,7 @@ _REASON_OF = {r.value: r for r in Reason}
 
 RESULT_APPROVED = "charge.approved"
 RESULT_REJECTED = "charge.rejected"
+RESULT_HELD = "charge.held"
 
 # How many items a result lists at most, unless a caller says otherwise (the worker
 # passes ``Settings.result_items_max``; see ``bounded_items``).
@@ -63,6 +64,11 @@ class ChargeRecord:
     # decision (None: the member has no limit)
     limit: int | None = None
     limit_left: int | None = None
+    # a hold: the credits it holds and when it expires (held is also a resolution's
+    # status: "settled", "released" or "expired", see domain/holds.py)
+    held: int = 0
+    hold_expires_ms: int | None = None
+    status: str = ""
 
     @classmethod
     def from_script(cls, data: dict[str, Any]) -> ChargeRecord:
@@ -86,7 +92,15 @@ class ChargeRecord:
             raw=data,
             limit=int(data["limit"]) if data.get("limit") is not None else None,
             limit_left=int(data["limit_left"]) if data.get("limit_left") is not None else None,
+            held=int(data.get("held", 0)),
+            hold_expires_ms=int(data["hold_exp"]) if data.get("hold_exp") is not None else None,
+            status=data["status"],
         )
+
+    @property
+    def is_hold(self) -> bool:
+        """The decision held credits (``charge.held``)."""
+        return self.status == "held"
 
 
 @dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
@@ -148,6 +162,19 @@ def _plural(count: int, word: str) -> str:
 
 def charge_message(view: RequestView, record: ChargeRecord, window_days: float) -> str:
     """One sentence a person can read: what was charged, or why nothing was."""
+    if record.is_hold:
+        counts = {o: record.outcomes.count(o) for o in _OUTCOMES}
+        parts = [
+            f"{_plural(record.held, 'credit')} held until {rfc3339(record.hold_expires_ms or 0)}"
+        ]
+        if counts[Outcome.FREE_REPEAT]:
+            parts.append(
+                f"{_plural(counts[Outcome.FREE_REPEAT], 'item')} free within "
+                f"its {window_days:g}-day window"
+            )
+        if counts[Outcome.NOT_CHARGED]:
+            parts.append(f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not held")
+        return ", ".join(parts)
     if record.approved:
         counts = {o: record.outcomes.count(o) for o in _OUTCOMES}
         parts = [f"{_plural(record.credits, 'credit')} charged"]
@@ -247,8 +274,15 @@ def charge_result(
     """
     items = _items(view, record)
     listed, truncated = (items, False) if items_max is None else bounded_items(items, items_max)
+    held = (
+        {"credits_held": record.held, "hold_expires_at": rfc3339(record.hold_expires_ms or 0)}
+        if record.is_hold
+        else {}
+    )
     return {
-        "type": RESULT_APPROVED if record.approved else RESULT_REJECTED,
+        "type": RESULT_HELD
+        if record.is_hold
+        else (RESULT_APPROVED if record.approved else RESULT_REJECTED),
         "request_id": view.request_id,
         "org_id": view.org_id,
         "user_id": view.user_id,
@@ -264,7 +298,7 @@ def charge_result(
         "decided_at": rfc3339(record.decided_ms),
         "sequence": record.sequence,
         "reference": view.reference,
-    }
+    } | held
 
 
 def conflict_result(
@@ -310,11 +344,11 @@ def charge_ledger_entry(
     return {
         "org_id": view.org_id,
         "sequence": record.sequence,
-        "kind": "charged" if record.approved else "rejected",
+        "kind": "held" if record.is_hold else ("charged" if record.approved else "rejected"),
         "request_id": view.request_id,
         "user_id": view.user_id,
         "action": view.action.value,
-        "credits_delta": -record.credits,
+        "credits_delta": -(record.held if record.is_hold else record.credits),
         "balance_after": record.balance,
         "period_id": record.period_id,
         "recorded_at": rfc3339(record.decided_ms),

@@ -98,6 +98,13 @@ class OrgState:
     # the windows refunds closed (deleted when healing: Redis may still have them)
     refunds: dict[str, str] = field(default_factory=dict)
     closed_windows: set[str] = field(default_factory=set)
+    # holds: the open ones (request_id -> JSON), those not yet expired by the sweep
+    # (request_id -> expiry), resolutions beside the hold's decision (the ``res`` field,
+    # JSON) and settlements' own records
+    holds: dict[str, str] = field(default_factory=dict)
+    hold_expiries: dict[str, int] = field(default_factory=dict)
+    resolutions: dict[str, str] = field(default_factory=dict)
+    settlements: dict[str, StoredRecord] = field(default_factory=dict)
     # entries whose balance_after disagrees with the fold: a gap or a damaged ledger
     inconsistencies: list[str] = field(default_factory=list)
 
@@ -107,6 +114,8 @@ class OrgState:
         try:
             if "command_type" in entry:
                 self._command(entry)
+            elif str(entry["kind"]).startswith("hold_"):
+                self._resolution(entry)
             else:
                 self._charge(entry)
         except (KeyError, TypeError, ValueError) as exc:
@@ -140,20 +149,30 @@ class OrgState:
         )
         self.history.setdefault((user, action), History()).add(request_id, at, self.ttl_ms)
         usage = UsageFields.counter_prefix(period, user, action)
-        if decision["status"] != "approved":
+        if decision["status"] not in ("approved", "held"):
             # reject(): counted against the period the request was decided in, if any
             if period:
                 self._count(usage + "rejected", 1)
         else:
-            charged, saved = int(decision["credits"]), int(decision.get("saved", 0))
+            held = decision["status"] == "held"
+            charged = int(decision["held"] if held else decision["credits"])
+            saved = int(decision.get("saved", 0))
             for window in entry.get("windows", []):
                 self._open_window(window["window"], int(window["ends_at_ms"]))
             if charged > 0 and self.license is not None:
                 self._add(self.license, "balance", -charged)
-            self._count(usage + "credits", charged)
+            self._count(usage + ("held" if held else "credits"), charged)
             self._count(usage + "requests", 1)
             if saved > 0:
                 self._count(usage + "saved", saved)
+            if held:
+                # HSET holds <id> {exp, credits, user, action, period}; ZADD expiries
+                expires = int(decision["hold_exp"])
+                self.holds[request_id] = _json(
+                    {"exp": expires, "credits": charged, "user": user, "action": action}
+                    | {"period": period}
+                )
+                self.hold_expiries[request_id] = expires
         # notes that the script also remembered on the license, once per period
         for note in _as_list(decision.get("notes")):
             if self.license is None:
@@ -164,6 +183,37 @@ class OrgState:
                 self.license[f"thr:{int(note['threshold'])}"] = "1"
             elif note.get("type") == "credits.user_limit_reached":
                 self.license[LIMIT_NOTIFIED_PREFIX + user] = "1"
+
+    def _resolution(self, entry: Mapping[str, Any]) -> None:
+        """charge.lua's settle, release or expire."""
+        decision, hold_id = entry["decision"], entry["request_id"]
+        at = int(decision["at"])
+        settlement_id = entry.get("settlement_id")
+        if settlement_id:
+            # the settlement's own record (HSET stl:<id> fp rec; PEXPIRE ttl)
+            stored = StoredRecord(decision["fp"], _json(decision), None, at)
+            self._remember(self.settlements, settlement_id, stored)
+        if decision["status"] == "rejected":
+            return
+        self.resolutions[hold_id] = _json(decision)
+        self.holds.pop(hold_id, None)
+        # an expiry leaves its hold there until the sweep has published it; that it is
+        # on the ledger means it was published
+        self.hold_expiries.pop(hold_id, None)
+        for window in entry.get("windows", []):
+            self._open_window(window["window"], int(window["ends_at_ms"]))
+        delta = int(decision.get("delta", 0))
+        if delta and self.license is not None:
+            self._add(self.license, "balance", delta)
+        charged, released = int(decision["credits"]), int(decision.get("released", 0))
+        usage = UsageFields.counter_prefix(
+            decision["hold_period"], decision["user"], decision["action"]
+        )
+        self._count(usage + "held", -(charged + released))
+        if charged:
+            self._count(usage + "credits", charged)
+        if int(decision.get("saved", 0)):
+            self._count(usage + "saved", int(decision["saved"]))
 
     def _open_window(self, name: str, ends_ms: int) -> None:
         # SET <window> <end> PXAT <end>: a window that has ended is gone
@@ -188,6 +238,9 @@ class OrgState:
             return  # a rejected command changed nothing else
         match kind:
             case "license.start_period":
+                # every open hold is due now (ZADD expiries now <id>)
+                for hold_id in self.hold_expiries:
+                    self.hold_expiries[hold_id] = int(decision["at"])
                 # DEL license; HSET the new period: flags of the old period go with it
                 state = decision["state"]
                 self.license = {
@@ -282,6 +335,8 @@ class OrgState:
             self.grants,
             self.limits,
             self.usage,
+            self.holds,
+            self.hold_expiries,
             self.sequence,
         ]
         live_history = sum(1 for h in self.history.values() if self.history_ttl(h) > 0)
@@ -289,6 +344,7 @@ class OrgState:
             sum(1 for s in singles if s)
             + len(self.requests)
             + len(self.commands)
+            + len(self.settlements)
             + len(self.windows)
             + live_history
         )

@@ -59,7 +59,7 @@ class ChargeScriptRecord(Message):
     request_id: Identifier
     fp: Fingerprint
     at: EpochMs
-    status: Literal["approved", "rejected"]
+    status: Literal["approved", "rejected", "held"]
     reason: Reason | SkipJsonSchema[None] = None
     detail: str | SkipJsonSchema[None] = None
     credits: Count
@@ -80,6 +80,36 @@ class ChargeScriptRecord(Message):
     limit_left: Count | SkipJsonSchema[None] = Field(
         default=None, description="what is left of the member's limit after the decision"
     )
+    held: Count | SkipJsonSchema[None] = Field(default=None, description="a hold's credits")
+    hold_exp: EpochMs | SkipJsonSchema[None] = Field(default=None, description="its expiry")
+
+
+class HoldScriptRecord(Message):
+    """The charge script's record of a hold resolved (or a settlement refused)."""
+
+    request_id: Identifier = Field(description="the hold's")
+    settlement_id: Identifier | SkipJsonSchema[None] = None
+    fp: Fingerprint | Literal[""] = Field(description='the settlement\'s; "" for an expiry')
+    at: EpochMs
+    status: Literal["settled", "released", "expired", "rejected"]
+    kind: Literal["settle", "release", "expire"]
+    reason: Reason | SkipJsonSchema[None] = None
+    detail: str | SkipJsonSchema[None] = None
+    credits: Count = Field(description="charged")
+    released: Count = Field(description="held credits not charged")
+    delta: Count = Field(description="credits back to the balance")
+    needed: Count
+    balance: Count
+    period: Identifier | Literal[""]
+    hold_period: Identifier | SkipJsonSchema[None] = None
+    user: Identifier | SkipJsonSchema[None] = None
+    action: Action | SkipJsonSchema[None] = None
+    outcomes: list[Outcome] | EmptyTable
+    until: list[EpochMs] | EmptyTable
+    opened: list[tuple[Count, EpochMs]] | EmptyTable
+    notes: EmptyTable
+    saved: Count
+    seq: LedgerSequence
 
 
 class RawLicenseState(Message):
@@ -116,6 +146,8 @@ class CommandScriptRecord(Message):
     delta: int | SkipJsonSchema[None] = None
     balance: Count | SkipJsonSchema[None] = None
     expired: Count | SkipJsonSchema[None] = None
+    # a new period's: how many open holds it ended (the sweep expires them)
+    holds_ended: Count | SkipJsonSchema[None] = None
     # a refund's: the items refunded now, before, and all so far (1-based item indexes),
     # the window slots closed, and the refunded request's user, action and period
     refunded: list[Annotated[int, Field(ge=1)]] | SkipJsonSchema[None] = None
@@ -190,6 +222,65 @@ class ChargedEntry(_Entry):
     request: RequestSummary
     part: Literal[1] | SkipJsonSchema[None] = _PART
     parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class HeldEntry(_Entry):
+    """A request with ``hold`` approved: credits taken from the balance and held."""
+
+    kind: Literal["held"]
+    request_id: Identifier
+    user_id: Identifier
+    action: Action
+    credits_delta: Annotated[int, Field(le=0)]
+    balance_after: Count
+    period_id: Identifier
+    windows: list[WindowOpened] = Field(max_length=0)
+    decision: ChargeScriptRecord
+    request: RequestSummary
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class _HoldResolvedEntry(_Entry):
+    """A hold settled, released or expired, or a settlement refused: the windows the
+    settlement opened and the credits back to the balance."""
+
+    request_id: Identifier = Field(description="the hold's")
+    settlement_id: Identifier | None
+    user_id: Identifier | None
+    action: Action | None
+    credits_delta: Count
+    balance_after: Count
+    period_id: Identifier | None
+    windows: list[WindowOpened]
+    decision: HoldScriptRecord
+    settlement: dict[str, Any] | None = Field(description="the settlement, less its items")
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class HoldSettledEntry(_HoldResolvedEntry):
+    """A hold settled: its delivered items charged, the windows they opened."""
+
+    kind: Literal["hold_settled"]
+
+
+class HoldReleasedEntry(_HoldResolvedEntry):
+    """A hold released: its credits back."""
+
+    kind: Literal["hold_released"]
+
+
+class HoldExpiredEntry(_HoldResolvedEntry):
+    """A hold expired (or ended with its period), decided by creditgate's sweep."""
+
+    kind: Literal["hold_expired"]
+
+
+class HoldRejectedEntry(_HoldResolvedEntry):
+    """A settlement or release refused: only its record, for a replay after a rebuild."""
+
+    kind: Literal["hold_rejected"]
 
 
 class RejectedEntry(_Entry):
@@ -316,6 +407,11 @@ class ContinuedEntry(_Entry):
 LedgerEntry = Annotated[
     ChargedEntry
     | RejectedEntry
+    | HeldEntry
+    | HoldSettledEntry
+    | HoldReleasedEntry
+    | HoldExpiredEntry
+    | HoldRejectedEntry
     | ContinuedEntry
     | PeriodStartedEntry
     | GrantedEntry

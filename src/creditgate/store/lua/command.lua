@@ -9,11 +9,13 @@ KEYS
   5 command     hash    fp, rec: the stored outcome of this command_id
   6 grants      hash    grant_id -> command_id, so a top-up is never added twice
   7 limits      hash    user_id -> the member's credit limit per period
+  8 holds       hash    open holds (charge.lua's)
+  9 expiries    zset    holds by expiry (charge.lua's)
   charge.refund only:
-  8 usage       hash    the usage counters (charge.lua's)
-  9 request     hash    the refunded request's stored decision (fp, rec, req) and
+  10 usage      hash    the usage counters (charge.lua's)
+  11 request    hash    the refunded request's stored decision (fp, rec, req) and
                         ref: its refunded items (JSON, 1-based item indexes)
-  10… windows   string  the request's windows, in its call's order (charge.lua's)
+  12… windows   string  the request's windows, in its call's order (charge.lua's)
 ARGV
   1 now_ms  2 known sequence (as in charge.lua)  3 command_id  4 fingerprint  5 type
   6 idempotency_ttl_ms, then by type:
@@ -38,7 +40,7 @@ RETURNS
 
 local license_key, members_key, disallowed_key = KEYS[1], KEYS[2], KEYS[3]
 local sequence_key, command_key, grants_key = KEYS[4], KEYS[5], KEYS[6]
-local limits_key = KEYS[7]
+local limits_key, holds_key, expiries_key = KEYS[7], KEYS[8], KEYS[9]
 
 local now = tonumber(ARGV[1])
 local known_sequence = tonumber(ARGV[2])
@@ -98,8 +100,14 @@ if kind == "invalid" then
   return finish(false, nil, "invalid_command", args[1])
 
 elseif kind == "license.start_period" then
-  -- no rollover: whatever was left of the old period is gone
+  -- no rollover: whatever was left of the old period is gone, and a hold does not
+  -- survive its period: every open hold is due now, for the worker's sweep to end it
   local before = license_state()
+  local open = redis.call("ZRANGE", expiries_key, 0, -1)
+  for _, hold_id in ipairs(open) do
+    redis.call("ZADD", expiries_key, now, hold_id)
+  end
+  record.holds_ended = #open
   local credits = tonumber(args[4])
   redis.call("DEL", license_key)
   redis.call("HSET", license_key, "period_id", args[1], "starts_ms", args[2],
@@ -183,7 +191,7 @@ elseif kind == "charge.refund" then
   -- the credits of charged items of a decided request of the current period go back to
   -- the balance, each item once; a window this request opened closes once no charged
   -- item of it that is not refunded used that window
-  local usage_key, request_key = KEYS[8], KEYS[9]
+  local usage_key, request_key = KEYS[10], KEYS[11]
   local expected_fp, item_keys, named = args[1], cjson.decode(args[2]), cjson.decode(args[3])
   local state = license_state()
   local stored = redis.call("HMGET", request_key, "fp", "rec", "req", "ref")
@@ -230,7 +238,7 @@ elseif kind == "charge.refund" then
   end
   local closed = {}
   for _, opened in ipairs(decided.opened) do
-    local index = opened[1] + 10  -- a 0-based window slot; windows are KEYS 10…
+    local index = opened[1] + 12  -- a 0-based window slot; windows are KEYS 12…
     if not used[index] and tonumber(redis.call("GET", KEYS[index])) == opened[2] then
       redis.call("DEL", KEYS[index])
       table.insert(closed, opened[1])
