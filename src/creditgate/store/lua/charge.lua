@@ -271,8 +271,9 @@ if resolving then
   local held = tonumber(hold.credits)
   rec.outcomes, rec["until"] = outcomes, untils
   rec.credits, rec.saved, rec.released = charged, free, held - charged
-  -- the held credits not charged go back; those of a period replaced went with it
-  rec.delta = current and rec.released or 0
+  -- the held credits not charged go back (to a period that has ended too, which keeps
+  -- its arithmetic); those of a period replaced went with it
+  rec.delta = period_id == hold.period and rec.released or 0
   rec.balance = balance + rec.delta
   open_windows(opened, rec.opened)
   if rec.delta > 0 then redis.call("HINCRBY", license_key, "balance", rec.delta) end
