@@ -108,6 +108,8 @@ class License:
     thresholds_notified: set[int] = field(default_factory=set)
     insufficient_notified: bool = False
     limit_notified: set[str] = field(default_factory=set)
+    # the license's "held" field (open holds of the period), once a hold wrote it
+    held: int | None = None
 
     @property
     def total(self) -> int:
@@ -328,6 +330,8 @@ class Model:
             license_.balance = balance
             org.windows.update(plan.opens)
             count("held" if hold_expires is not None else "credits", plan.charged)
+            if hold_expires is not None and plan.charged > 0:
+                license_.held = (license_.held or 0) + plan.charged
             count("requests", 1)
             if plan.free:
                 count("saved", plan.free)
@@ -605,6 +609,22 @@ class Model:
             org.resolutions[hold_id] = outcome
         return outcome
 
+    @staticmethod
+    def _delivered(hold: Hold, settlement: dict[str, Any] | None) -> set[int] | None:
+        """The hold's items a settlement delivers, by the first of its items each names;
+        None when one names no item the hold held."""
+        assert settlement is not None
+        first: dict[tuple[str, str], int] = {}
+        for i, item in enumerate(hold.body["items"]):
+            first.setdefault((item["type"], item["id"]), i)
+        only: set[int] = set()
+        for item in settlement["items"]:
+            index = first.get((item["type"], item["id"]))
+            if index is None or hold.outcomes[index] != "held":
+                return None
+            only.add(index)
+        return only
+
     def _resolve(
         self, org: Org, kind: str, hold_id: str, now: int, settlement: dict[str, Any] | None
     ) -> Resolution:
@@ -631,17 +651,9 @@ class Model:
                 return Resolution("notdue", "rejected", None, (), (), 0, 0, 0, balance, None)
         elif kind != "expire":
             return refuse("hold_already_resolved")
-        only: set[int] = set()
-        if kind == "settle":
-            assert settlement is not None
-            first: dict[tuple[str, str], int] = {}
-            for i, item in enumerate(hold.body["items"]):
-                first.setdefault((item["type"], item["id"]), i)
-            for item in settlement["items"]:
-                index = first.get((item["type"], item["id"]))
-                if index is None or hold.outcomes[index] != "held":
-                    return refuse("item_not_held")
-                only.add(index)
+        only = self._delivered(hold, settlement) if kind == "settle" else set()
+        if only is None:
+            return refuse("item_not_held")
         plan = self._plan(org, hold.body, now, budget=None, only=only)
         outcomes, until = [], []
         for i, outcome in enumerate(plan.outcomes):
@@ -662,6 +674,8 @@ class Model:
             balance = license_.balance
         if same_period:
             org.charged_this_period += plan.charged
+            if hold.credits > 0 and license_ is not None:
+                license_.held = (license_.held or 0) - hold.credits
         count_usage(org.usage, hold.period, hold.user, hold.action, "held", -hold.credits)
         if plan.charged:
             count_usage(org.usage, hold.period, hold.user, hold.action, "credits", plan.charged)

@@ -864,6 +864,8 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
                 if license_.insufficient_notified:
                     expected_license["insufficient_notified"] = "1"
                 expected_license.update({f"uln:{u}": "1" for u in license_.limit_notified})
+                if license_.held is not None:
+                    expected_license["held"] = str(license_.held)
                 # DESIGN §1: never below zero; credits + grants - balance = charged -
                 # refunded + held, held counting the open holds of the period
                 assert license_.balance >= 0

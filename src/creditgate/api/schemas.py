@@ -131,7 +131,8 @@ class Credits(Body):
     active: bool = Field(description="now within the period")
     period_credits: Count
     granted: Count
-    used: int
+    used: int = Field(description="charged less refunded")
+    held: Count = Field(description="held by open holds: not charged, not available")
     remaining: Count
 
 

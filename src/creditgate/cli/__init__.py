@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from creditgate.cli import licensing, local, reads  # noqa: F401 - registers their commands
+from creditgate.cli import holds, licensing, local, reads  # noqa: F401 - registers their commands
 from creditgate.cli.root import main
 
 __all__ = ["main"]

@@ -140,6 +140,7 @@ async def credits(
     if not raw:
         return None
     credits, granted, balance = int(raw["credits"]), int(raw["granted"]), int(raw["balance"])
+    held = int(raw.get("held", 0))  # by open holds: taken from the balance, not charged
     starts, ends = int(raw["starts_ms"]), int(raw["ends_ms"])
     return {
         "org_id": org_id,
@@ -149,7 +150,8 @@ async def credits(
         "active": starts <= now_ms < ends,
         "period_credits": credits,
         "granted": granted,
-        "used": credits + granted - balance,
+        "used": credits + granted - balance - held,
+        "held": held,
         "remaining": balance,
     }
 

@@ -161,6 +161,8 @@ class OrgState:
                 self._open_window(window["window"], int(window["ends_at_ms"]))
             if charged > 0 and self.license is not None:
                 self._add(self.license, "balance", -charged)
+                if held:
+                    self._add(self.license, "held", charged)
             self._count(usage + ("held" if held else "credits"), charged)
             self._count(usage + "requests", 1)
             if saved > 0:
@@ -206,6 +208,12 @@ class OrgState:
         if delta and self.license is not None:
             self._add(self.license, "balance", delta)
         charged, released = int(decision["credits"]), int(decision.get("released", 0))
+        same_period = (
+            self.license is not None and self.license["period_id"] == decision["hold_period"]
+        )
+        if same_period and charged + released > 0:
+            assert self.license is not None
+            self._add(self.license, "held", -(charged + released))
         usage = UsageFields.counter_prefix(
             decision["hold_period"], decision["user"], decision["action"]
         )

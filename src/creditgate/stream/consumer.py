@@ -49,12 +49,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from mode import Service
 
 from creditgate.connections import aiokafka_options
@@ -336,7 +337,7 @@ class DecisionLoop(Service):
                 await self._published()
                 processor = self._processor
                 processor.take_rendered_sequences()
-                out, expired = await processor.expire_due()
+                out, expired = await processor.expire_due(self._owned())
                 if not out and not any(expired.values()):
                     if expired:
                         await processor.expired_published(expired)
@@ -353,6 +354,14 @@ class DecisionLoop(Service):
                     self._guard.heal_due(exc.orgs)
             except Exception as exc:  # noqa: BLE001 - the next sweep finds the same holds
                 log.info("expiring holds while idle failed: %s", exc)
+
+    def _owned(self) -> Callable[[str], bool]:
+        """Whether an organisation's requests come to this worker: its key's partition
+        (as Kafka's default partitioner picks it) is assigned here."""
+        topic = self._registry.name(t.EXPORT_REQUESTS)
+        count = self._registry.specs[t.EXPORT_REQUESTS].partitions
+        mine = {tp.partition for tp in self._require_consumer().assignment() if tp.topic == topic}
+        return lambda org_id: (murmur2(org_id.encode()) & 0x7FFFFFFF) % count in mine
 
     def _sweep_due(self) -> bool:
         now = time.monotonic()
@@ -423,7 +432,7 @@ class DecisionLoop(Service):
                     out += await processor.settle(batch.settlements)
                 expired: dict[str, list[str]] = {}
                 if self._sweep_due():
-                    found, expired = await processor.expire_due()
+                    found, expired = await processor.expire_due(self._owned())
                     out += found
                 await processor.note_holds()
             except RedisMayHaveForgotten as exc:

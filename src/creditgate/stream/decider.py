@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from creditgate.domain.charges import Action, ChargeRequest
@@ -351,14 +351,22 @@ class Decider:
         out += await self._resolve(views, calls)
         return out
 
-    async def expire_due(self) -> tuple[list[Outgoing], dict[str, list[str]]]:
+    async def expire_due(
+        self, owned: Callable[[str], bool] | None = None
+    ) -> tuple[list[Outgoing], dict[str, list[str]]]:
         """The holds whose expiry has come, expired (or their stored expiry, when it was
         decided before but maybe not published): what to publish, and per organisation
-        the holds to take out of the sweep's index once it is published."""
+        the holds to take out of the sweep's index once it is published.
+
+        ``owned``: whether this worker decides an organisation (its partition is
+        assigned here), so that an organisation's expiries come from the worker that
+        decides its requests, in order with them; None: every organisation."""
         if self.sweep is None:
             return [], {}
         now = self.clock.now_ms()
-        due = await self.sweep.due(now, orgs=100, holds=1000)
+        due = await self.sweep.due(now, orgs=1000, holds=1000)
+        if owned is not None:
+            due = {org_id: ids for org_id, ids in due.items() if owned(org_id)}
         pairs = [(org_id, hold_id) for org_id, ids in due.items() for hold_id in ids]
         holds = await self._read_holds(pairs)
         views: list[SettlementView] = []

@@ -7,7 +7,8 @@ windows → max_credits → the member's credit limit → balance → writes.
 
 KEYS
   1  license      hash   period_id, starts_ms, ends_ms, credits, granted, balance,
-                         thr:<percent>, insufficient_notified
+                         held (by open holds), thr:<percent>, insufficient_notified,
+                         uln:<user> (limit reached, notified)
   2  members      hash   user_id -> role ("admin" | "member")
   3  disallowed   set    user_ids an admin disallowed from using credits
   4  sequence     string the organisation's ledger sequence (gap-free)
@@ -277,6 +278,9 @@ if resolving then
   rec.balance = balance + rec.delta
   open_windows(opened, rec.opened)
   if rec.delta > 0 then redis.call("HINCRBY", license_key, "balance", rec.delta) end
+  if period_id == hold.period and held > 0 then
+    redis.call("HINCRBY", license_key, "held", -held)
+  end
   local prefix = hold.period .. "|" .. hold.user .. "|" .. hold.action .. "|"
   redis.call("HINCRBY", usage_key, prefix .. "held", -held)
   if charged > 0 then redis.call("HINCRBY", usage_key, prefix .. "credits", charged) end
@@ -439,6 +443,8 @@ if not quote then
   count_usage("requests", 1)
   if free > 0 then count_usage("saved", free) end
   if hold_ms then
+    -- the period's open holds, for the credits view (the balance has them taken)
+    if charged > 0 then redis.call("HINCRBY", license_key, "held", charged) end
     redis.call("HSET", holds_key, request_id, cjson.encode({exp = record.hold_exp,
       credits = charged, user = user_id, action = action, period = period_id}))
     redis.call("ZADD", expiries_key, record.hold_exp, request_id)
