@@ -469,3 +469,21 @@ async def test_holds_limits_and_refunds_publish_every_kind_of_their_outputs(
 
     assert expire["type"] == "charge.held"
     assert kinds >= REAL_REDIS_KINDS
+
+
+async def test_a_hold_of_nothing_but_free_repeats_resolves(worker: Worker) -> None:
+    """Found by the model: a hold holding 0 credits must settle and expire too (an
+    increment of -0 is one Redis refuses, after the script's first writes)."""
+    org = await org_with(worker)
+    await worker.request(org, [contact("c1"), contact("c2")])
+    free = await worker.request(org, [contact("c1")], hold={})
+    expiring = await worker.request(org, [contact("c2")], hold={"expires_in_seconds": 1})
+
+    settled = await worker.settle(org, free["request_id"], [])
+    worker.clock.now += 1_000
+    (expired,) = await worker.sweep()
+
+    assert free["credits_held"] == 0
+    assert (settled["type"], settled["credits_charged"]) == ("hold.settled", 0)
+    assert (expired["type"], expired["credits_released"]) == ("hold.expired", 0)
+    assert await worker.balance(org) == 8

@@ -676,7 +676,8 @@ class Model:
             org.charged_this_period += plan.charged
             if hold.credits > 0 and license_ is not None:
                 license_.held = (license_.held or 0) - hold.credits
-        count_usage(org.usage, hold.period, hold.user, hold.action, "held", -hold.credits)
+        if hold.credits:
+            count_usage(org.usage, hold.period, hold.user, hold.action, "held", -hold.credits)
         if plan.charged:
             count_usage(org.usage, hold.period, hold.user, hold.action, "credits", plan.charged)
         if plan.free:

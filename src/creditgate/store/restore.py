@@ -217,7 +217,8 @@ class OrgState:
         usage = UsageFields.counter_prefix(
             decision["hold_period"], decision["user"], decision["action"]
         )
-        self._count(usage + "held", -(charged + released))
+        if charged + released:
+            self._count(usage + "held", -(charged + released))
         if charged:
             self._count(usage + "credits", charged)
         if int(decision.get("saved", 0)):

@@ -282,7 +282,9 @@ if resolving then
     redis.call("HINCRBY", license_key, "held", -held)
   end
   local prefix = hold.period .. "|" .. hold.user .. "|" .. hold.action .. "|"
-  redis.call("HINCRBY", usage_key, prefix .. "held", -held)
+  -- never an increment of -0: Lua writes it "-0", which HINCRBY refuses (the script
+  -- would fail after its first writes); a hold of nothing has its counter at 0 already
+  if held > 0 then redis.call("HINCRBY", usage_key, prefix .. "held", -held) end
   if charged > 0 then redis.call("HINCRBY", usage_key, prefix .. "credits", charged) end
   if free > 0 then redis.call("HINCRBY", usage_key, prefix .. "saved", free) end
   redis.call("HDEL", holds_key, hold_id)
