@@ -486,4 +486,5 @@ async def test_a_hold_of_nothing_but_free_repeats_resolves(worker: Worker) -> No
     assert free["credits_held"] == 0
     assert (settled["type"], settled["credits_charged"]) == ("hold.settled", 0)
     assert (expired["type"], expired["credits_released"]) == ("hold.expired", 0)
+    assert expired["request_id"] == expiring["request_id"]
     assert await worker.balance(org) == 8
