@@ -25,12 +25,15 @@ from faust.app.base import BootStrategy
 from mode import ServiceT
 
 from creditgate.api.operations import Readiness, register_operations
+from creditgate.api.refunds import register_refund_routes
 from creditgate.api.views import register_views
 from creditgate.domain.clock import Clock
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
+from creditgate.store.holds import HoldSweepIndex
 from creditgate.stream import topics as t
+from creditgate.stream.client import HttpCommands
 from creditgate.stream.consumer import DecisionLoop
 from creditgate.stream.decider import Decider
 from creditgate.stream.healing import Healer, LedgerGuard, PublishedSequences
@@ -144,7 +147,9 @@ def create_app(
     # Redis is checked against the ledger, and healed from it, whenever it may have
     # forgotten decisions already published (stream/healing.py)
     published = PublishedSequences()
-    processor = Decider(store, registry, settings, clock, metrics, known=published)
+    # the organisations with holds to expire, for the decision loop's sweep
+    sweep = HoldSweepIndex.from_settings(settings)
+    processor = Decider(store, registry, settings, clock, metrics, known=published, sweep=sweep)
     ledger = registry.specs[t.LEDGER].max_message_bytes or BROKER_DEFAULT_MAX_MESSAGE_BYTES
     healer = Healer(
         store, settings, registry.name(t.LEDGER), published, processor.clock, metrics, ledger
@@ -155,5 +160,7 @@ def create_app(
     metrics.watch_lag(app.decision_loop.lag)
     register_operations(app, metrics, readiness(store, registry, settings))
     register_views(app, store, processor.clock, settings, registry)
+    # a write over HTTP is published as its license command and answered with its event
+    register_refund_routes(app, store, processor.clock, settings, HttpCommands(settings, registry))
 
     return app

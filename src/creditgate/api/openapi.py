@@ -325,6 +325,71 @@ def _paths() -> dict[str, Any]:
             description="Every item of the decision, a page at a time (the published result "
             "lists at most result_items_max of them): page on with offset=next_offset.",
         ),
+        "/v1/orgs/{org}/refunds": {
+            "post": {
+                "operationId": "refund",
+                "summary": "Refund charged items of a request of the current period",
+                "description": "Published as the charge.refund license command and answered "
+                "with its license event (the worker is the only writer). Each item is "
+                "refunded at most once; its repeat window closes if this request opened it. "
+                "409 (license_period_ended, nothing_to_refund) and 404 (request_not_found) "
+                "carry the command.rejected event as `event`; 504: no worker answered in "
+                "time (the command stays published and is still applied).",
+                "parameters": [_ORG],
+                "requestBody": {
+                    "required": True,
+                    "content": _content(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["request_id", "reason", "refunded_by"],
+                            "properties": {
+                                "command_id": _ref("Identifier"),
+                                "request_id": _ref("Identifier"),
+                                "items": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["type", "id"],
+                                        "properties": {
+                                            "type": {"enum": ["contact", "company"]},
+                                            "id": _ref("Identifier"),
+                                        },
+                                    },
+                                },
+                                "reason": {"type": "string", "minLength": 1, "maxLength": 500},
+                                "refunded_by": _ref("Identifier"),
+                            },
+                        },
+                        {
+                            "request_id": "push-0042",
+                            "items": [{"type": "contact", "id": "c-1"}],
+                            "reason": "the CRM refused the contact",
+                            "refunded_by": "cs-mia",
+                        },
+                    ),
+                },
+                "responses": {
+                    "200": {
+                        "description": "the command.applied license event",
+                        "content": _content({"type": "object"}),
+                    },
+                    **_ERRORS,
+                    "404": _not_found("no such request", "no decided request with this id"),
+                    "409": {
+                        "description": "refused: license_period_ended or nothing_to_refund",
+                        "content": _content(
+                            _ref("Problem"),
+                            problem(409, "nothing_to_refund", "no item named was charged"),
+                            PROBLEM_CONTENT_TYPE,
+                        ),
+                    },
+                    **_UNAVAILABLE,
+                },
+            }
+        },
         "/v1/quote": {
             "post": {
                 "operationId": "quote",

@@ -133,6 +133,13 @@ class CreditgateClient:
         await self.send(t.LICENSE_COMMANDS, body)
         return await self.wait_for(t.LICENSE_EVENTS, "command_id", body["command_id"], timeout)
 
+    async def settlement(self, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Publish a hold's settlement or release and wait for its outcome."""
+        await self.send(t.HOLD_SETTLEMENTS, body)
+        return await self.wait_for(
+            t.CHARGE_RESULTS, "settlement_id", body["settlement_id"], timeout
+        )
+
     # ---- waiting -----------------------------------------------------------------
 
     async def wait_for(
@@ -157,3 +164,41 @@ class CreditgateClient:
                 f"{got} of {count} expected messages on {logical_topic} after {timeout:.0f}s"
             ) from None
         return [m for m in self.seen[logical_topic] if match(m)]
+
+
+class HttpCommands:
+    """License commands published for the HTTP API (``api.refunds.Commands``): one client,
+    started on first use, following the license events for the answers."""
+
+    # events kept between calls: a command is answered within seconds, and the client
+    # sees every organisation's events, so older ones are let go
+    _KEPT = 1000
+
+    def __init__(self, settings: Settings, registry: TopicRegistry) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._client: CreditgateClient | None = None
+        self._starting = asyncio.Lock()
+
+    async def command(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        async with self._starting:
+            if self._client is None:
+                client = CreditgateClient(
+                    self._settings.kafka_bootstrap,
+                    self._registry,
+                    (t.LICENSE_EVENTS,),
+                    settings=self._settings,
+                )
+                await client.start()
+                self._client = client
+        try:
+            return await self._client.command(body, timeout)
+        except Timeout as exc:
+            raise TimeoutError(str(exc)) from exc
+        finally:
+            del self._client.seen[t.LICENSE_EVENTS][: -self._KEPT]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.stop()
+            self._client = None
