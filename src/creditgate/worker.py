@@ -25,7 +25,6 @@ from faust.app.base import BootStrategy
 from mode import ServiceT
 
 from creditgate.api.operations import Readiness, register_operations
-from creditgate.api.refunds import register_refund_routes
 from creditgate.api.views import register_views
 from creditgate.domain.clock import Clock
 from creditgate.observability import Metrics
@@ -33,7 +32,6 @@ from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.store.holds import HoldSweepIndex
 from creditgate.stream import topics as t
-from creditgate.stream.client import HttpCommands
 from creditgate.stream.consumer import DecisionLoop
 from creditgate.stream.decider import Decider
 from creditgate.stream.healing import Healer, LedgerGuard, PublishedSequences
@@ -160,7 +158,5 @@ def create_app(
     metrics.watch_lag(app.decision_loop.lag)
     register_operations(app, metrics, readiness(store, registry, settings))
     register_views(app, store, processor.clock, settings, registry)
-    # a write over HTTP is published as its license command and answered with its event
-    register_refund_routes(app, store, processor.clock, settings, HttpCommands(settings, registry))
 
     return app
