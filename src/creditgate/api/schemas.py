@@ -423,6 +423,43 @@ class GrantBody(Body):
     )
 
 
+class CreditLimitBody(Body):
+    limit: int | None = Field(
+        ge=0, le=MAX_CREDITS, description="credits per license period; null: no limit"
+    )
+    set_by: Identifier = Field(
+        default=OMITTED,
+        description="the admin acting: required of a token without a user of its own "
+        "(an operator: 403 without it); an admin token acts as its own user",
+    )
+
+
+class RefundedItem(Body):
+    type: Literal["contact", "company"]
+    id: Identifier
+
+
+class RefundBody(Body):
+    request_id: Identifier = Field(description="the decided request, of the current period")
+    items: list[RefundedItem] = Field(
+        default=OMITTED,
+        min_length=1,
+        max_length=10_000,
+        description="the items to refund; default every charged item",
+    )
+    reason: str = Field(min_length=1, max_length=500)
+    refunded_by: Identifier = Field(
+        default=OMITTED,
+        description="who refunds: required of a token without a user of its own "
+        "(403 without it); a token with a user refunds as that user",
+    )
+    command_id: Identifier = Field(
+        default=OMITTED,
+        description="the command's idempotency id, so that a retry is the same command; "
+        "default a new one per call",
+    )
+
+
 class LicenseEvent(Body):
     """The license event that answered the command (as on credits.license.events)."""
 
@@ -496,6 +533,9 @@ MODELS: tuple[type[BaseModel], ...] = (
     TeamReport,
     CreditsAllowedBody,
     GrantBody,
+    CreditLimitBody,
+    RefundedItem,
+    RefundBody,
     LicenseEvent,
     CommandProblem,
     NoAnswerProblem,
