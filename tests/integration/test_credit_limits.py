@@ -1,7 +1,7 @@
 """Per-user credit limits (DESIGN §1 "Per-user limits"), decided by the real scripts on a
 real Redis: ``member.set_credit_limit`` by admins only, ``user_limit_reached`` on
 charges (partial honoured), a notification once per period, the quote, and the limit
-carried over to a new period.
+carried over to a new period; the team report showing each member's limit.
 
 The organisations, the decision clock and the end-of-test invariant are
 ``test_charge_rules``'s.
@@ -11,7 +11,12 @@ The organisations, the decision clock and the end-of-test invariant are
 # ruff: noqa: F811
 from __future__ import annotations
 
+import csv
+import io
+
+from creditgate.api.csv_rows import team_csv
 from creditgate.api.quotes import quote
+from creditgate.api.reports import team_report
 from creditgate.store.gateway import CreditStore
 from tests.integration.test_charge_rules import (  # noqa: F401 - fixtures used by name
     Org,
@@ -137,3 +142,24 @@ async def test_the_quote_says_the_limit_would_refuse_and_what_is_left(
         "would_charge",
     ]
     assert quoted["max_credits"] == 2
+
+
+async def test_the_team_shows_each_members_limit(orgs: OrgFactory, store: CreditStore) -> None:
+    org = await orgs(credits=100, members={"u1": "member", "u2": "member", "admin": "admin"})
+    assert await set_limit(org, "u1", 3) == "applied"
+    assert await set_limit(org, "u2", 0) == "applied"
+
+    team = await team_report(store, org.org_id, day(1))
+    assert team is not None
+    assert {m["user_id"]: m["credit_limit"] for m in team["members"]} == {
+        "admin": None,
+        "u1": 3,
+        "u2": 0,
+    }
+    rows = list(csv.DictReader(io.StringIO(team_csv(team), newline="")))
+    assert {r["user_id"]: r["credit_limit"] for r in rows} == {"admin": "", "u1": "3", "u2": "0"}
+    # lifted: no limit again
+    assert await set_limit(org, "u1", None) == "applied"
+    after = await team_report(store, org.org_id, day(1))
+    assert after is not None
+    assert {m["user_id"]: m["credit_limit"] for m in after["members"]}["u1"] is None

@@ -111,15 +111,17 @@ async def usage_report(
 
 
 async def team_report(store: CreditStore, org_id: str, now_ms: int) -> dict[str, Any] | None:
-    """The admin's *My team*: per member, their role, whether they may use credits, and
-    their usage of the current period by action (``usage_report``'s rows).
+    """The admin's *My team*: per member, their role, whether they may use credits, their
+    credit limit per period (None: none) and their usage of the current period by action
+    (``usage_report``'s rows).
 
     Users with usage who are no longer members are listed too (role None): their
     credits were used this period. None for an unknown organisation.
     """
     if not await org_exists(store, org_id):
         return None
-    roles, disallowed = await store.members(org_id)
+    found = await store.members(org_id)
+    roles, disallowed = found.roles, found.disallowed
     usage = await usage_report(store, org_id, None, now_ms)
     rows = {row["user_id"]: row for row in (usage or {}).get("users", [])}
     empty = {**_usage_row(_empty_counts()), "by_action": {}}
@@ -128,6 +130,7 @@ async def team_report(store: CreditStore, org_id: str, now_ms: int) -> dict[str,
             "user_id": user,
             "role": roles.get(user),
             "credits_allowed": user not in disallowed,
+            "credit_limit": found.limits.get(user),
             **{k: v for k, v in rows.get(user, empty).items() if k != "user_id"},
         }
         for user in sorted(set(roles) | set(rows))

@@ -391,6 +391,9 @@ class TeamMember(UsageCounts):
     user_id: Identifier
     role: Literal["admin", "member"] | None
     credits_allowed: bool = Field(description="false once an admin disallowed credits use")
+    credit_limit: int | None = Field(
+        ge=0, le=MAX_CREDITS, description="the most credits per license period; null: none"
+    )
     by_action: ByAction
 
 

@@ -46,13 +46,28 @@ async def org_exists(client: RedisClient, keys: OrgKeys) -> bool:
     return bool(await client.exists(keys.license, keys.members))
 
 
-async def members(client: RedisClient, keys: OrgKeys) -> tuple[dict[str, str], set[str]]:
-    """The organisation's members (user id -> role) and those disallowed credits use."""
+@dataclass(frozen=True)
+class Members:
+    """An organisation's members (user id -> role), those disallowed credits use, and
+    the members' credit limits per period (user id -> credits; none: no limit)."""
+
+    roles: dict[str, str]
+    disallowed: set[str]
+    limits: dict[str, int]
+
+
+async def members(client: RedisClient, keys: OrgKeys) -> Members:
+    """The organisation's members, read in one round trip (``Members``)."""
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.members)
     pipe.smembers(keys.disallowed)
-    roles, disallowed = await pipe.execute()
-    return {str(u): str(r) for u, r in roles.items()}, {str(u) for u in disallowed}
+    pipe.hgetall(keys.limits)
+    roles, disallowed, limits = await pipe.execute()
+    return Members(
+        {str(u): str(r) for u, r in roles.items()},
+        {str(u) for u in disallowed},
+        {str(u): int(c) for u, c in limits.items()},
+    )
 
 
 async def current_period(client: RedisClient, keys: OrgKeys) -> str | None:
