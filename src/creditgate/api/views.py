@@ -42,7 +42,7 @@ from creditgate.api.errors import (
     problem,
 )
 from creditgate.api.license_desk import LicenseDesk, NoAnswer, new_command_id
-from creditgate.domain.commands import CommandReason, LicenseCommand, license_command_adapter
+from creditgate.domain.commands import CommandReason, LicenseCommand, validate_command
 from creditgate.domain.ids import is_identifier
 from creditgate.errors import StoreUnavailable
 from creditgate.settings import Settings
@@ -277,9 +277,7 @@ class CommandView(ApiView):
         """``payload`` (less its ``command_id``) as the license command of its ``type``,
         checked by the domain's own model; raises ``InvalidInput`` (400)."""
         try:
-            return license_command_adapter.validate_python(
-                {"command_id": new_command_id(), **payload}
-            )
+            return validate_command({"command_id": new_command_id(), **payload})
         except ValidationError as exc:
             raise InvalidInput(field_errors(exc)) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -160,3 +161,29 @@ LicenseCommand = Annotated[
     Field(discriminator="type"),
 ]
 license_command_adapter: TypeAdapter[LicenseCommand] = TypeAdapter(LicenseCommand)
+
+_Model = (
+    type[StartPeriod]
+    | type[Grant]
+    | type[MemberUpsert]
+    | type[MemberRemove]
+    | type[SetCreditsAllowed]
+    | type[SetCreditLimit]
+    | type[Refund]
+)
+# each command type's model, from the union itself: no second list to keep
+_MODELS: dict[str, _Model] = {
+    typing.get_args(model.model_fields["type"].annotation)[0]: model
+    for model in typing.get_args(typing.get_args(LicenseCommand)[0])
+}
+
+
+def validate_command(body: dict[str, Any]) -> LicenseCommand:
+    """``body`` as the license command of its ``type``, by that type's model, so that
+    field errors name the body's fields (``allowed``, not the union's
+    ``member.set_credits_allowed.allowed``); any other type by the union, which names it
+    as not one of the types. Raises ``pydantic.ValidationError``."""
+    model = _MODELS.get(body.get("type", ""))
+    if model is None:
+        return license_command_adapter.validate_python(body)
+    return model.model_validate(body)
