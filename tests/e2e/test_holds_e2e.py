@@ -123,9 +123,14 @@ async def test_a_refund_over_http_is_the_workers_license_event(
     assert applied[0] == 200
     assert applied[1]["type"] == "command.applied"
     assert applied[1]["command_type"] == "charge.refund"
+    # refused: the console's problem of a refused command, its event included
     assert again[0] == 409
-    assert again[1]["code"] == "nothing_to_refund"
+    assert (again[1]["code"], again[1]["reason"]) == ("command_rejected", "nothing_to_refund")
+    assert again[1]["event"]["type"] == "command.rejected"
+    assert again[1]["command_id"] == again[1]["event"]["command_id"]
     assert unknown[0] == 404
+    assert (unknown[1]["code"], unknown[1]["reason"]) == ("command_rejected", "request_not_found")
+    assert unknown[1]["event"]["command_type"] == "charge.refund"
     assert invalid == 400
     view = await pipeline_store.credits(org, 0)
     assert view is not None
