@@ -117,7 +117,8 @@ def command_message(view: CommandView, record: CommandRecord) -> str:
         case "member.set_credit_limit":
             if body["limit"] is None:
                 return f"{body['user_id']} has no credit limit"
-            return f"{body['user_id']} may use {body['limit']} credits per period"
+            plural = "" if body["limit"] == 1 else "s"
+            return f"{body['user_id']} may use {body['limit']} credit{plural} per period"
         case _:
             if body.get("allowed"):
                 return f"{body['user_id']} may use credits again"
