@@ -195,6 +195,8 @@ redis.call('SISMEMBER', s, 'm')
 redis.call('SREM', s, 'm')
 redis.call('ZADD', z, 1, 'm')
 redis.call('ZREMRANGEBYSCORE', z, 0, 2)
+redis.call('ZRANGE', z, 0, -1)
+redis.call('ZREM', z, 'm')
 redis.call('SET', v, '1')
 redis.call('INCR', v)
 redis.call('GET', v)
@@ -243,6 +245,7 @@ async def check_redis(settings: Settings, timeout: float = _CHECK_TIMEOUT_SECOND
             await client.zrevrangebyscore(probe_keys[2], "+inf", "-inf", start=0, num=1)
             await client.zrevrange(probe_keys[2], 0, 1)
             await client.zrevrank(probe_keys[2], "m")
+            await client.zrangebyscore(probe_keys[2], "-inf", "+inf", start=0, num=1)
         except ResponseError as exc:
             refused = _acl_refusal(exc)
             if refused is None:

@@ -110,11 +110,19 @@ class _Report:
 
     @staticmethod
     def result(what: str, result: dict[str, Any]) -> None:
-        verdict = "approved" if result["type"] == "charge.approved" else "REJECTED"
+        verdicts = {
+            "charge.approved": "approved",
+            "charge.held": "held",
+            "hold.settled": "settled",
+            "hold.released": "released",
+            "hold.expired": "expired",
+        }
+        verdict = verdicts.get(result["type"], "REJECTED")
         reason = f" ({result['reason']})" if result["reason"] else ""
         print(f"    {what:<44} {verdict}{reason}")
+        held = f", held {result['credits_held']}" if "credits_held" in result else ""
         print(
-            f"        credits charged {result['credits_charged']}, balance after "
+            f"        credits charged {result['credits_charged']}{held}, balance after "
             f"{result['balance_after']} — {result['message']}"
         )
         for item in result["items"]:
@@ -268,6 +276,59 @@ async def _scenario(client: CreditgateClient, worker: _Worker, report: _Report) 
     )
     await charge("export c-30", request("bob", "export", [{"type": "contact", "id": "c-30"}]))
 
+    report.title("An export of only the contacts with a verified email: hold, then settle")
+    wanted = [{"type": "contact", "id": f"c-{n}"} for n in range(40, 44)]
+    held = await charge(
+        "hold the most it can cost: 4 contacts",
+        request("bob", "export", wanted, hold={"expires_in_seconds": 600}),
+    )
+    settled = await client.settlement(
+        {
+            "settlement_id": "stl-001",
+            "org_id": ORG,
+            "request_id": held["request_id"],
+            "type": "hold.settle",
+            "items": [wanted[0], wanted[2]],  # the two with a verified email
+        },
+        timeout=60,
+    )
+    report.result("settle: c-40 and c-42 were exported", settled)
+
+    report.title("ana allows cid again, with a limit of 1 credit this period")
+    for body in (
+        command("member.set_credits_allowed", user_id="cid", allowed=True, set_by="ana"),
+        command("member.set_credit_limit", user_id="cid", limit=1, set_by="ana"),
+    ):
+        report.event(await client.command(body, timeout=60))
+    two = [{"type": "contact", "id": "c-60"}, {"type": "contact", "id": "c-61"}]
+    await charge("cid exports 2 contacts", request("cid", "export", two))
+    await charge(
+        "cid exports them, on_insufficient=partial",
+        request("cid", "export", two, on_insufficient="partial"),
+    )
+
+    report.title("The CRM refuses one contact of a push: customer success refunds it")
+    pushed = await charge(
+        "push c-70 and c-71 to hubspot",
+        request(
+            "bob",
+            "crm_push",
+            [{"type": "contact", "id": "c-70"}, {"type": "contact", "id": "c-71"}],
+        ),
+    )
+    refund = command(
+        "charge.refund",
+        request_id=pushed["request_id"],
+        items=[{"type": "contact", "id": "c-71"}],
+        reason="hubspot refused c-71",
+        refunded_by="cs-mia",
+    )
+    report.event(await client.command(refund, timeout=60))
+    await charge(
+        "push c-71 again: charged again (window closed)",
+        request("bob", "crm_push", [{"type": "contact", "id": "c-71"}]),
+    )
+
 
 async def _play(bootstrap: str, registry: TopicRegistry, worker: _Worker) -> _Report:
     await apply_topics(bootstrap, registry)
@@ -373,6 +434,9 @@ def _print_notifications(report: _Report) -> None:
                 "period_id",
                 "expired_credits",
                 "balance_after",
+                "credit_limit",
+                "limit_left",
+                "credits_refunded",
             )
         }
         print(f"    {note['type']:<27} to {to:<7} {extra}")

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     # (creditgate.preflight).
     idempotency_ttl_days: float = Field(default=35.0, gt=0, le=MAX_DAYS)
     max_items: int = Field(default=10_000, ge=1)
+    # a hold expires by itself after this long unless its request says otherwise, and
+    # never later than hold_max_seconds (DESIGN: 15 minutes by default, 24 hours at most)
+    hold_default_seconds: int = Field(default=900, ge=1, le=86_400)
+    hold_max_seconds: int = Field(default=86_400, ge=1, le=86_400)
+    # how often the worker looks for holds that have expired (it publishes hold.expired
+    # whether or not traffic touches their organisation)
+    hold_sweep_seconds: float = Field(default=0.5, gt=0, le=60)
     threshold_percents: tuple[Annotated[int, Field(ge=1, le=100)], ...] = (80, 90, 100)
 
     # a charge result lists at most this many items (beyond it: only those not charged,

@@ -30,6 +30,7 @@ from creditgate.domain.clock import Clock
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
+from creditgate.store.holds import HoldSweepIndex
 from creditgate.stream import topics as t
 from creditgate.stream.consumer import DecisionLoop
 from creditgate.stream.decider import Decider
@@ -144,7 +145,9 @@ def create_app(
     # Redis is checked against the ledger, and healed from it, whenever it may have
     # forgotten decisions already published (stream/healing.py)
     published = PublishedSequences()
-    processor = Decider(store, registry, settings, clock, metrics, known=published)
+    # the organisations with holds to expire, for the decision loop's sweep
+    sweep = HoldSweepIndex.from_settings(settings)
+    processor = Decider(store, registry, settings, clock, metrics, known=published, sweep=sweep)
     ledger = registry.specs[t.LEDGER].max_message_bytes or BROKER_DEFAULT_MAX_MESSAGE_BYTES
     healer = Healer(
         store, settings, registry.name(t.LEDGER), published, processor.clock, metrics, ledger

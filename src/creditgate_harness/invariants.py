@@ -12,8 +12,11 @@ violation is recorded with a few examples; ``Verdict.ok`` is true when there is 
   and they agree; a decision charges one credit per item marked ``charged``; no item is
   charged again while the window its last charge opened is open;
 - no balance below zero, in any decision, ledger entry or in Redis;
-- per organisation: period credits + grants - balance = the credits charged by the
-  period's distinct decisions;
+- per organisation, the accounting identity of DESIGN §1 for the current period:
+  credits + grants - balance = charged - refunded + held (open holds), from the ledger;
+  and without holds or refunds, the credits charged by the period's distinct decisions
+  add up the same;
+- a hold resolves at most once: one settlement, release or expiry published per hold;
 - the ledger: per organisation gap-free sequences 1..n (n = Redis's counter), copies of
   one sequence identical, and each entry's balance = the previous one + its delta;
 - nothing acknowledged is lost: every published decision is Redis's stored decision.
@@ -139,9 +142,19 @@ def check(sent: Sent, seen: Seen, store: StoreState, *, first_body_wins: bool = 
     for rid, found in seen.decisions.items():
         decisions_by_org[found[0].org].append((rid, found[0]))
     for org in sorted({org for org, _ in sent.requests.values()} | set(sent.commands.values())):
-        _check_balance(verdict, org, decisions_by_org[org], store.licenses.get(org) or {})
+        _check_balance(verdict, org, decisions_by_org[org], store.licenses.get(org) or {}, seen)
         _check_ledger(verdict, org, seen, store, dict(decisions_by_org[org]))
+    _check_holds(verdict, seen)
     return verdict
+
+
+def _check_holds(verdict: Verdict, seen: Seen) -> None:
+    for hold_id, outcomes in seen.hold_outcomes.items():
+        if len(outcomes) > 1:
+            # copies are identical bytes: more than one digest is more than one outcome
+            # (a settlement refused as already resolved is one too; the fault tests
+            # send one resolution per hold)
+            verdict.flag("hold_resolved_twice", f"{hold_id}: {len(outcomes)} outcomes")
 
 
 def _check_decisions(
@@ -199,8 +212,31 @@ def _check_commands(verdict: Verdict, sent: Sent, seen: Seen) -> None:
             verdict.flag("command_with_two_outcomes", f"{command_id}: {dict(outcomes)}")
 
 
+def accounting(seen: Seen, org: str, period: str) -> tuple[int, int, int]:
+    """(charged, refunded, held) of ``period`` by the organisation's ledger entries."""
+    charged = refunded = held = 0
+    for copies in seen.ledger.get(org, {}).values():
+        entry = copies[0]
+        if entry.period_id != period:
+            continue
+        if entry.kind == "charged":
+            charged -= entry.delta
+        elif entry.kind == "held":
+            held -= entry.delta
+        elif entry.kind == "refunded":
+            refunded += entry.delta
+        else:  # a hold resolved (else both 0)
+            charged += entry.charged
+            held -= entry.unheld
+    return charged, refunded, held
+
+
 def _check_balance(
-    verdict: Verdict, org: str, decisions: list[tuple[str, Decision]], license: dict[str, str]
+    verdict: Verdict,
+    org: str,
+    decisions: list[tuple[str, Decision]],
+    license: dict[str, str],
+    seen: Seen,
 ) -> None:
     if not license:
         charged = sum(d.credits for _, d in decisions)
@@ -213,12 +249,20 @@ def _check_balance(
     if any(d.reason == "insufficient_credits" for _, d in decisions):
         verdict.orgs_out_of_credits += 1
     period = license["period_id"]
-    charged = sum(d.credits for _, d in decisions if d.period_id == period)
-    if credits + granted - balance != charged:
+    charged, refunded, held = accounting(seen, org, period)
+    if credits + granted - balance != charged - refunded + held:
         verdict.flag(
-            "period_arithmetic",
-            f"{org} {period}: {credits} + {granted} - {balance} != {charged} charged",
+            "accounting_identity",
+            f"{org} {period}: {credits} + {granted} - {balance} != {charged} charged - "
+            f"{refunded} refunded + {held} held",
         )
+    if not refunded and not held and not any(d.held for _, d in decisions):
+        by_decisions = sum(d.credits for _, d in decisions if d.period_id == period)
+        if by_decisions != charged:
+            verdict.flag(
+                "period_arithmetic",
+                f"{org} {period}: decisions charged {by_decisions}, the ledger {charged}",
+            )
 
 
 def _check_ledger(
@@ -252,13 +296,16 @@ def _check_ledger(
                 running = entry.balance_after  # one report per break, not per entry after it
             if entry.balance_after < 0:
                 verdict.flag("negative_balance", f"{org}#{sequence}: {entry.balance_after}")
-        if entry.kind in ("charged", "rejected"):
+        if entry.kind in ("charged", "rejected", "held"):
             causes[entry.cause] += 1
             charges[entry.cause] += entry.delta < 0
             decision = decisions.get(entry.cause)
             if decision is None or decision.sequence != sequence:
                 verdict.flag("ledger_entry_without_its_decision", f"{org}#{sequence}")
-            elif (-entry.delta, entry.balance_after) != (decision.credits, decision.balance_after):
+            elif (-entry.delta, entry.balance_after) != (
+                decision.credits + decision.held,
+                decision.balance_after,
+            ):
                 verdict.flag("ledger_disagrees_with_decision", f"{org}#{sequence} {entry.cause}")
     for rid, times in causes.items():
         if times > 1:

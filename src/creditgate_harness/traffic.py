@@ -151,6 +151,7 @@ class Decision:
     decided_ms: int
     items_sig: str
     items_charged: int  # items with outcome "charged": must equal ``credits``
+    held: int = 0  # a hold's credits (charge.held)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,10 @@ class LedgerEntry:
     delta: int
     balance_after: int | None
     period_id: str | None
+    # a hold's resolution, for the accounting identity: the credits it charged, and the
+    # held credits it ended (charged or released)
+    charged: int = 0
+    unheld: int = 0
 
 
 @dataclass
@@ -173,6 +178,9 @@ class Seen:
         default_factory=lambda: defaultdict(dict)
     )
     ledger_copies: int = 0
+    # per hold request_id, the distinct hold outcomes published (settled, released,
+    # expired, rejected: each once, by its digest)
+    hold_outcomes: dict[str, set[bytes]] = field(default_factory=lambda: defaultdict(set))
     events: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     # per (org, window): when the window opened by the last charge of it ends, and the
     # charges inside an open window (a window paid twice), with a few examples
@@ -336,6 +344,10 @@ class Observer:
         if topic == t.LICENSE_EVENTS:
             seen.events[body["command_id"]][body["type"]] += 1
         elif topic == t.CHARGE_RESULTS:
+            if body["type"].startswith("hold."):
+                # a hold's outcome, under the hold's request_id: not a second decision
+                seen.hold_outcomes[body["request_id"]].add(digest)
+                return
             if body["reason"] == CONFLICT:
                 # not a decision: the stored one stands; remember which body was refused
                 seen.conflict_answers += 1
@@ -350,7 +362,7 @@ class Observer:
                     digest=digest,
                     org=sys.intern(body["org_id"]),
                     sequence=body["sequence"],
-                    approved=body["type"] == "charge.approved",
+                    approved=body["type"] in ("charge.approved", "charge.held"),
                     reason=_shared(body["reason"]),
                     credits=body["credits_charged"],
                     balance_after=body["balance_after"],
@@ -358,6 +370,7 @@ class Observer:
                     decided_ms=_ms(body["decided_at"]),
                     items_sig=items_signature(body["items"]),
                     items_charged=sum(1 for i in body["items"] if i["outcome"] == "charged"),
+                    held=body.get("credits_held", 0),
                 )
             )
             seen.watch_windows(body, self._window_ms)
@@ -373,6 +386,21 @@ class Observer:
                     cause=body.get("request_id") or body.get("command_id") or "",
                     delta=body["credits_delta"],
                     balance_after=body["balance_after"],
-                    period_id=_shared(body.get("period_id")),
+                    period_id=_shared(body.get("period_id") or _refunded_period(body)),
+                    **_accounted(body),
                 )
             )
+
+
+def _refunded_period(entry: dict[str, Any]) -> str | None:
+    request = (entry.get("decision") or {}).get("request")
+    return request.get("period") if isinstance(request, dict) else None
+
+
+def _accounted(entry: dict[str, Any]) -> dict[str, int]:
+    """A hold resolution's figures (the others' are their kind and credits_delta)."""
+    if entry["kind"] not in ("hold_settled", "hold_released", "hold_expired"):
+        return {}
+    decision = entry.get("decision") or {}
+    charged, released = int(decision.get("credits", 0)), int(decision.get("released", 0))
+    return {"charged": charged, "unheld": charged + released}

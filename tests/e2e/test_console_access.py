@@ -3,8 +3,9 @@
 The worker (``scoped_api``, tests/e2e/conftest.py) has tokens of each kind; its state
 was made through Kafka. Each row is a route, each column a token kind, each cell the
 status the route must answer: a member reads their own history only, an admin their own
-organisation only, support grants, an operator everything. Then the CSV forms, the
-team report, and the writes' answers (applied, refused) read back.
+organisation only, support grants and refunds, an admin sets credit limits, an operator
+everything. Then the CSV forms, the team report, and the writes' answers (applied,
+refused) read back.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ QUOTE = {
 }
 ALLOW = {"allowed": True, "set_by": "ana"}  # u-17 stays allowed: safe to repeat
 GRANT = {"credits": 1, "reason": "the access table's top-up", "granted_by": "cs-1"}
+# one command (its id fixed): support's call applies it, the operator's is its replay
+REFUND = {
+    "request_id": "push-0001",
+    "reason": "the access table's refund",
+    "refunded_by": "cs-1",
+    "command_id": "refund-table-1",
+}
+LIMIT = {"limit": None, "set_by": "ana"}  # u-18 keeps no limit: safe to repeat
 
 # (method, path, body) -> status per kind, in the order of KINDS
 TABLE: list[tuple[str, str, Any, tuple[int, ...]]] = [
@@ -83,6 +92,13 @@ TABLE: list[tuple[str, str, Any, tuple[int, ...]]] = [
         (403, 403, 200, 403, 403, 403, 200, 401, 401),
     ),
     ("POST", "/v1/orgs/acme/grants", GRANT, (403, 403, 403, 403, 200, 403, 200, 401, 401)),
+    ("POST", "/v1/orgs/acme/refunds", REFUND, (403, 403, 403, 403, 200, 403, 200, 401, 401)),
+    (
+        "PUT",
+        "/v1/orgs/acme/members/u-18/credit-limit",
+        LIMIT,
+        (403, 403, 200, 403, 403, 403, 200, 401, 401),
+    ),
     ("GET", "/console/", None, (200, 200, 200, 200, 200, 200, 200, 200, 200)),
 ]
 
@@ -296,11 +312,17 @@ async def test_malformed_writes_are_400(
 
 
 async def test_a_token_without_a_user_must_name_who_acts(scoped_api: ScopedApi) -> None:
-    for path, body, field in (
-        ("/v1/orgs/acme/members/u-18/credits-allowed", {"allowed": False}, "set_by"),
-        ("/v1/orgs/acme/grants", {"credits": 1, "reason": "r"}, "granted_by"),
+    for method, path, body, field in (
+        ("PUT", "/v1/orgs/acme/members/u-18/credits-allowed", {"allowed": False}, "set_by"),
+        ("POST", "/v1/orgs/acme/grants", {"credits": 1, "reason": "r"}, "granted_by"),
+        ("PUT", "/v1/orgs/acme/members/u-18/credit-limit", {"limit": 5}, "set_by"),
+        (
+            "POST",
+            "/v1/orgs/acme/refunds",
+            {"request_id": "push-0001", "reason": "r"},
+            "refunded_by",
+        ),
     ):
-        method = "PUT" if "credits-allowed" in path else "POST"
         status, _, raw = await send(scoped_api, method, path, scoped_api.auth("operator"), body)
         problem = orjson.loads(raw)
         assert (status, problem["code"]) == (403, "forbidden")
@@ -316,3 +338,98 @@ async def test_an_admin_acts_as_themselves_only(scoped_api: ScopedApi) -> None:
         {"allowed": False, "set_by": "someone-else"},
     )
     assert (status, orjson.loads(raw)["code"]) == (403, "forbidden")
+
+
+# ---- refunds and credit limits ---------------------------------------------------------
+
+
+async def test_a_refund_over_http_is_answered_with_the_workers_event(
+    scoped_api: ScopedApi,
+) -> None:
+    support = scoped_api.auth("support")
+    # the access table's refund of push-0001, whichever runs first: applied, or its replay
+    status, _, raw = await send(scoped_api, "POST", "/v1/orgs/acme/refunds", support, REFUND)
+    event = orjson.loads(raw)
+    assert (status, event["type"], event["command_type"]) == (
+        200,
+        "command.applied",
+        "charge.refund",
+    )
+    seen = await scoped_api.client.wait_for(t.LICENSE_EVENTS, "command_id", event["command_id"])
+    assert seen["type"] == "command.applied"
+    decision = await json_of(scoped_api, "/v1/orgs/acme/requests/push-0001", "admin")
+    assert decision["credits_refunded"] == 1
+
+    # another refund of it: nothing left to refund (409); of a request never sent: 404
+    again = {k: v for k, v in REFUND.items() if k != "command_id"}
+    status, _, raw = await send(scoped_api, "POST", "/v1/orgs/acme/refunds", support, again)
+    problem = orjson.loads(raw)
+    assert (status, problem["code"], problem["reason"]) == (
+        409,
+        "command_rejected",
+        "nothing_to_refund",
+    )
+    assert problem["command_id"] == problem["event"]["command_id"]
+    status, _, raw = await send(
+        scoped_api,
+        "POST",
+        "/v1/orgs/acme/refunds",
+        support,
+        {**again, "request_id": "never-sent"},
+    )
+    problem = orjson.loads(raw)
+    assert (status, problem["code"], problem["reason"]) == (
+        404,
+        "command_rejected",
+        "request_not_found",
+    )
+    assert problem["event"]["type"] == "command.rejected"
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "body", "field"),
+    [
+        ("/v1/orgs/acme/refunds", "support", {**REFUND, "colour": "red"}, "colour"),
+        ("/v1/orgs/acme/refunds", "support", {**REFUND, "items": []}, "items"),
+        ("/v1/orgs/acme/refunds", "support", {**REFUND, "reason": ""}, "reason"),
+        ("/v1/orgs/acme/members/u-18/credit-limit", "admin", {}, "limit"),
+        ("/v1/orgs/acme/members/u-18/credit-limit", "admin", {"limit": -1}, "limit"),
+        ("/v1/orgs/acme/members/u-18/credit-limit", "admin", {"limit": "5"}, "limit"),
+    ],
+)
+async def test_malformed_refunds_and_limits_are_400(
+    scoped_api: ScopedApi, path: str, kind: str, body: Any, field: str
+) -> None:
+    method = "POST" if path.endswith("refunds") else "PUT"
+    status, _, raw = await send(scoped_api, method, path, scoped_api.auth(kind), body)
+    problem = orjson.loads(raw)
+    assert status == 400, problem
+    assert field in [e["field"] for e in problem["errors"]]
+
+
+async def test_an_admins_credit_limit_is_applied_by_the_worker(scoped_api: ScopedApi) -> None:
+    path = "/v1/orgs/acme/members/u-18/credit-limit"
+    admin = scoped_api.auth("admin")
+    quote = {**QUOTE, "user_id": "u-18", "items": [{"type": "contact", "id": "c-99"}]}
+    status, _, raw = await send(scoped_api, "PUT", path, admin, {"limit": 0})
+    event = orjson.loads(raw)
+    assert (status, event["type"], event["command_type"]) == (
+        200,
+        "command.applied",
+        "member.set_credit_limit",
+    )
+    status, _, raw = await send(scoped_api, "POST", "/v1/quote", admin, quote)
+    limited = orjson.loads(raw)
+    # no limit again: the whole pool
+    status_none, _, raw = await send(scoped_api, "PUT", path, admin, {"limit": None})
+    status_after, _, after = await send(scoped_api, "POST", "/v1/quote", admin, quote)
+
+    assert status == 200, limited
+    assert (limited["would_be_approved"], limited["reason"]) == (False, "user_limit_reached")
+    assert status_none == 200, raw
+    assert (status_after, orjson.loads(after)["would_be_approved"]) == (200, True)
+    # a user who is not a member has no limit to set: the worker refuses it
+    status, _, raw = await send(
+        scoped_api, "PUT", "/v1/orgs/acme/members/u-404/credit-limit", admin, {"limit": 3}
+    )
+    assert (status, orjson.loads(raw)["reason"]) == (409, "not_a_member")

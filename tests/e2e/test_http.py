@@ -56,6 +56,7 @@ async def test_credits_quote_and_decision_are_served_by_the_worker(pipeline: Pip
                 "offset": 0,
                 "limit": 1000,
                 "next_offset": None,
+                "credits_refunded": 0,
             }
 
 

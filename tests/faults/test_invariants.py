@@ -120,6 +120,50 @@ def command_twice(sent: Sent, seen: Seen, store: StoreState) -> None:
     seen.events["c-grant"]["command.rejected"] = 1
 
 
+def with_a_hold_and_a_refund(sent: Sent, seen: Seen, store: StoreState) -> None:
+    """r4 holds 3 (settled with 1 charged, 2 released), r5 holds 2 (still open), and
+    one credit of r1 refunded: 12 - 3 + 2 - 2 + 1 = 10."""
+    sent.requests.update({"r4": (ORG, ["s4"]), "r5": (ORG, ["s5"])})
+    seen.decisions["r4"] = [replace(decision(6, 0, 9, "s4"), approved=True, held=3)]
+    seen.decisions["r5"] = [replace(decision(8, 0, 9, "s5"), approved=True, held=2)]
+    seen.hold_outcomes["r4"] = {b"settled"}
+    seen.ledger[ORG].update(
+        {
+            6: [entry(6, "held", "r4", -3, 9)],
+            7: [replace(entry(7, "hold_settled", "r4", 2, 11), charged=1, unheld=3)],
+            8: [entry(8, "held", "r5", -2, 9)],
+            9: [replace(entry(9, "refunded", "c-refund", 1, 10))],
+        }
+    )
+    store.sequences[ORG] = 9
+    store.stored_sequence.update({"r4": 6, "r5": 8})
+    store.licenses[ORG]["balance"] = "10"
+
+
+def test_a_consistent_run_with_holds_and_refunds_holds() -> None:
+    sent, seen, store = consistent_run()
+    with_a_hold_and_a_refund(sent, seen, store)
+    verdict = check(sent, seen, store, first_body_wins=True)
+    assert verdict.ok, verdict.summary()
+
+
+def hold_not_counted(sent: Sent, seen: Seen, store: StoreState) -> None:
+    # the open hold's credits left the balance, but no ledger entry holds them
+    with_a_hold_and_a_refund(sent, seen, store)
+    seen.ledger[ORG][8] = [entry(8, "held", "r5", 0, 11)]
+    store.licenses[ORG]["balance"] = "9"
+
+
+def refund_not_given_back(sent: Sent, seen: Seen, store: StoreState) -> None:
+    with_a_hold_and_a_refund(sent, seen, store)
+    store.licenses[ORG]["balance"] = "9"
+
+
+def hold_resolved_twice(sent: Sent, seen: Seen, store: StoreState) -> None:
+    with_a_hold_and_a_refund(sent, seen, store)
+    seen.hold_outcomes["r4"].add(b"expired too")
+
+
 @pytest.mark.parametrize(
     ("corrupt", "flagged"),
     [
@@ -128,12 +172,15 @@ def command_twice(sent: Sent, seen: Seen, store: StoreState) -> None:
         (forgotten, {"forgotten_by_redis"}),
         (ledger_gap, {"ledger_gap", "decision_without_ledger_entry"}),
         (copies_differ, {"ledger_copies_differ"}),
-        (balance_off, {"period_arithmetic", "ledger_vs_redis_balance"}),
+        (balance_off, {"accounting_identity", "ledger_vs_redis_balance"}),
         (below_zero, {"negative_balance", "ledger_disagrees_with_decision"}),
         (conflict_unanswered, {"other_body_without_conflict_answer"}),
         (later_body_won, {"later_body_won"}),
         (credits_not_items, {"credits_differ_from_items_charged"}),
         (command_twice, {"command_with_two_outcomes"}),
+        (hold_not_counted, {"accounting_identity"}),
+        (refund_not_given_back, {"accounting_identity", "ledger_vs_redis_balance"}),
+        (hold_resolved_twice, {"hold_resolved_twice"}),
     ],
 )
 def test_each_corruption_is_named(

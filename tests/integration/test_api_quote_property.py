@@ -309,7 +309,14 @@ def expected_usage(results: list[dict[str, Any]], org: str, period: str) -> dict
             row["credits_saved"] += sum(1 for i in r["items"] if i["outcome"] == "free_repeat")
         else:
             row["rejected"] += 1
-    metrics = ("credits_used", "requests", "credits_saved", "rejected")
+    metrics = (
+        "credits_used",
+        "requests",
+        "credits_saved",
+        "rejected",
+        "credits_refunded",
+        "credits_held",
+    )
     return {
         user: {action: {m: row[m] for m in metrics} for action, row in by_action.items()}
         for user, by_action in counts.items()
@@ -372,6 +379,7 @@ async def assert_history_pages_are_the_results(walk: Walk) -> None:
                 "item_count": len(result["items"]),
                 "items_by_outcome": {o: counts[o] for o in entry["items_by_outcome"]},
                 "credits_saved": counts["free_repeat"],
+                "credits_refunded": 0,  # the walk refunds nothing
             }
             assert sum(entry["items_by_outcome"].values()) == len(result["items"])
             assert {o: n for o, n in entry["items_by_outcome"].items() if n} == result["counts"]

@@ -310,6 +310,8 @@ async def test_usage_report_sums_the_charges_of_the_period(store: CreditStore) -
         "requests": 2,
         "credits_saved": 1,
         "rejected": 1,
+        "credits_refunded": 0,
+        "credits_held": 0,
     }
     assert by_user["u1"]["by_action"]["crm_push"]["credits_used"] == 0
     assert by_user["u1"]["credits_saved"] == 2
@@ -458,7 +460,14 @@ async def test_one_decision_is_the_published_result(store: CreditStore) -> None:
 
     found = await reports.one_decision(store, org, "r-42", 30)
     # the published result, and where its items' page is
-    assert found == {**expected, "items_total": 2, "offset": 0, "limit": 1000, "next_offset": None}
+    assert found == {
+        **expected,
+        "items_total": 2,
+        "offset": 0,
+        "limit": 1000,
+        "next_offset": None,
+        "credits_refunded": 0,
+    }
     assert found["counts"] == {"charged": 1, "free_repeat": 1}
     assert found["items_truncated"] is False
     assert found["credits_charged"] == 1

@@ -178,7 +178,12 @@ async def test_only_an_admin_can_disallow_credit_use(org: Org) -> None:
     assert by_member.event["type"] == "command.rejected"
     assert by_member.event["reason"] == "not_an_admin"
     assert "u2" in by_member.event["message"]
-    assert by_member.record.state == {"user_id": "u1", "role": "member", "credits_allowed": True}
+    assert by_member.record.state == {
+        "user_id": "u1",
+        "role": "member",
+        "credits_allowed": True,
+        "credit_limit": None,
+    }
     assert by_stranger.record.reason == "not_an_admin"
     assert (await org.charge(1)).approved  # nothing changed for u1
 
@@ -186,7 +191,12 @@ async def test_only_an_admin_can_disallow_credit_use(org: Org) -> None:
 
     assert by_admin.record.applied
     assert by_admin.event["type"] == "command.applied"
-    assert by_admin.record.state == {"user_id": "u1", "role": "member", "credits_allowed": False}
+    assert by_admin.record.state == {
+        "user_id": "u1",
+        "role": "member",
+        "credits_allowed": False,
+        "credit_limit": None,
+    }
     refused = await org.charge(1)
     assert refused.reason is not None
     assert refused.reason.value == "credits_disallowed"
@@ -221,7 +231,12 @@ async def test_allowing_a_non_member_is_refused(org: Org) -> None:
 
     assert not allowed.record.applied
     assert allowed.record.reason == "not_a_member"
-    assert allowed.record.state == {"user_id": "stranger", "role": None, "credits_allowed": False}
+    assert allowed.record.state == {
+        "user_id": "stranger",
+        "role": None,
+        "credits_allowed": False,
+        "credit_limit": None,
+    }
 
 
 async def test_removing_a_non_member_is_refused(org: Org) -> None:

@@ -58,7 +58,7 @@ def settings_for(endpoints: tuple[str, str], registry: TopicRegistry, **fields: 
     )
 
 
-REQUEST_TOPICS = (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS)
+REQUEST_TOPICS = (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS, t.HOLD_SETTLEMENTS)
 
 
 # ---- lifetimes ----------------------------------------------------------------------

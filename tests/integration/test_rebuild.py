@@ -130,6 +130,27 @@ def allow(org: str, command_id: str, user: str, allowed: bool, by: str) -> dict[
     )
 
 
+def settle(
+    org: str, settlement_id: str, hold_id: str, items: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "settlement_id": settlement_id,
+        "org_id": org,
+        "request_id": hold_id,
+        "type": "hold.settle",
+        "items": [{"type": i["type"], "id": i["id"]} for i in items],
+    }
+
+
+def refund(
+    org: str, command_id: str, request_id: str, items: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {"request_id": request_id, "reason": "refused", "refunded_by": "cs-1"}
+    if items is not None:
+        fields["items"] = [{"type": i["type"], "id": i["id"]} for i in items]
+    return command(org, command_id, "charge.refund", **fields)
+
+
 def upsert(org: str, command_id: str, user: str, role: str = "member") -> dict[str, Any]:
     return command(org, command_id, "member.upsert", user_id=user, role=role)
 
@@ -186,6 +207,13 @@ class Deployment:
             ]
             if batch:
                 out.extend(await self.processor.decide(batch))
+        await self._publish(out)
+        return out
+
+    async def settlements(self, at: int, *bodies: dict[str, Any]) -> list[Outgoing]:
+        self.clock.now = at
+        batch = [self._incoming(t.HOLD_SETTLEMENTS, b["org_id"], orjson.dumps(b)) for b in bodies]
+        out = await self.processor.settle(batch)
         await self._publish(out)
         return out
 
@@ -264,8 +292,9 @@ async def snapshot(client: RedisClient, prefix: str) -> dict[str, KeyState]:
             value = await client.get(key)
         elif kind == "hash":
             value = await client.hgetall(key)
-            # stored records are JSON: compared as data, not as the text cjson wrote
-            value = {k: orjson.loads(v) if k in ("rec", "req") else v for k, v in value.items()}
+            # stored records (and open holds) are JSON: compared as data, not as the text
+            # cjson wrote
+            value = {k: orjson.loads(v) if v[:1] in ("{", "[") else v for k, v in value.items()}
         elif kind == "set":
             value = frozenset(await client.smembers(key))
         elif kind == "zset":
@@ -283,7 +312,7 @@ def expected_after_rebuild(before: dict[str, KeyState], now: int) -> dict[str, K
         kind = name.split("}:", 1)[1].split(":", 1)[0]  # "{org}:<kind>:…"
         if kind == "win" and int(key.value) <= now:
             continue  # the window has ended: Redis would have expired it at its end
-        if kind in ("req", "cmd", "hist"):
+        if kind in ("req", "cmd", "hist", "stl"):
             last_write = int(key.value["rec"]["at"]) if kind != "hist" else int(key.value[-1][1])
             # relative expiry: the decision clock moved on since, Redis's clock did not
             expected[name] = KeyState(key.type, key.value, key.ttl_ms - (now - last_write))
@@ -420,6 +449,30 @@ async def history(d: Deployment) -> dict[str, dict[str, Any]]:
     )
     await d.commands(day(31), upsert("initech", "i-2", "zed", "admin"))
     await requests(day(31), request("initech", "n-2", "zed", [contact("c1")]))
+    # a refund of c1 (its window, and co1's, close); u4 with a limit of 2 and a partial
+    # request cut to it
+    await d.commands(
+        day(31),
+        upsert("acme", "a-16", "u4"),
+        command("acme", "a-20", "member.set_credit_limit", user_id="u4", limit=2, set_by="ana"),
+        refund("acme", "a-17", "r-12", [contact("c1", "co1")]),
+        refund("acme", "a-18", "r-9"),  # r-9 was rejected: nothing to refund
+    )
+    l_items = [contact(f"l{i}") for i in range(3)]
+    await requests(day(31), request("acme", "r-19", "u4", l_items, on_insufficient="partial"))
+    # holds: one settled in part, one released, one still open when Redis is rebuilt
+    await requests(
+        day(31),
+        request("acme", "h-1", "u1", [contact("c30", "co30"), contact("c31")], hold={}),
+        request("acme", "h-2", "u1", [contact("c32")], hold={}),
+        request("acme", "h-3", "u1", [contact("c33")], hold={"expires_in_seconds": 3600}),
+    )
+    await d.settlements(
+        day(31),
+        settle("acme", "s-1", "h-1", [contact("c30")]),
+        {"settlement_id": "s-2", "org_id": "acme", "request_id": "h-2", "type": "hold.release"},
+        settle("acme", "s-3", "h-2", [contact("c32")]),  # rejected: already released
+    )
     return first
 
 
@@ -437,10 +490,17 @@ async def follow_up(d: Deployment) -> list[Outgoing]:
     )
     out += await d.commands(
         day(31),
+        refund("acme", "a-17", "r-12", [contact("c1", "co1")]),  # a replay
+        refund("acme", "a-19", "r-19"),
         period("acme", "a-11", "p2", 4, day(21), day(400)),  # a replay
         grant("acme", "a-13", "g1", 3),  # g1 was granted in p1 already
         upsert("acme", "a-14", "u3"),
         allow("acme", "a-15", "u2", True, by="ana"),
+    )
+    out += await d.settlements(
+        day(31),
+        settle("acme", "s-1", "h-1", [contact("c30")]),  # a replay
+        settle("acme", "s-4", "h-3", [contact("c33")]),  # the hold open at the rebuild
     )
     out += await d.requests(
         day(40),
@@ -497,10 +557,17 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
     results = d.results(rebuilt)
     assert results["r-1"] == first["r-1"]  # a replay gets the first answer
     assert results["r-8"]["reason"] == "request_id_conflict"
-    assert [i["outcome"] for i in results["r-14"]["items"]] == ["free_repeat"]
-    assert results["r-14"]["items"][0]["free_until"] == rfc3339(day(61))
+    # r-12's c1 was refunded, and its window closed: charged again
+    assert [i["outcome"] for i in results["r-14"]["items"]] == ["charged"]
     assert results["r-15"]["credits_charged"] == 1
-    assert results["r-15"]["balance_after"] == first["r-12"]["balance_after"] - 2
+    # since r-12: r-13 1, the refund +1, r-19 2 (u4's limit), h-1 1 (one of its two
+    # held credits settled), h-3 1 (held), r-14 1, r-15 1
+    assert results["r-15"]["balance_after"] == first["r-12"]["balance_after"] - 6
+    assert results["h-3"]["type"] == "hold.settled"  # the open hold survived the rebuild
+    assert results["h-3"]["credits_charged"] == 1
+    assert results["h-1"]["type"] == "hold.settled"  # s-1 replayed as first settled
+    assert first["r-19"]["credits_charged"] == 2
+    assert first["r-19"]["reason"] is None
     assert results["q-3"]["reason"] == "insufficient_credits"
     events = {
         body["command_id"]: body
@@ -508,10 +575,12 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
         if topic == d.registry.name(t.LICENSE_EVENTS)
     }
     assert events["a-13"]["reason"] == "duplicate_grant"
-    # the ledger sequence goes on from the restored one: r-14, r-15, the rejected a-13,
-    # then a-14
-    assert events["a-13"]["sequence"] == int(before["{acme}:seq"].value) + 3
-    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 4
+    assert events["a-17"]["type"] == "command.applied"  # replayed as first applied
+    assert events["a-19"]["message"].startswith("2 credits of request r-19 refunded")
+    # the ledger sequence goes on from the restored one: r-14, r-15, the refund a-19, the
+    # rejected a-13, then a-14
+    assert events["a-13"]["sequence"] == int(before["{acme}:seq"].value) + 4
+    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 5
 
 
 async def test_replace_restores_what_a_stale_redis_lost(deployment: Deployment) -> None:

@@ -5,8 +5,11 @@ with and without their company, companies, duplicates, partial and all-or-nothin
 ``max_credits``, quotes, invalid requests, replays and conflicting replays), license
 commands (periods, grants, members, allow/disallow by admins and by others, replays,
 conflicts, invalid ones) and clock moves (across windows, to their exact ends, across
-period starts and ends). Every answer of the scripts must equal the model's, and
-after every step the organisations' Redis state must equal the model's state.
+period starts and ends), holds (placed, settled with some of their items, released,
+replayed, expired by the sweep or by a new period), members' credit limits and refunds.
+Every answer of the scripts must equal the model's, and after every step the
+organisations' Redis state must equal the model's state, and the accounting identity of
+DESIGN §1 must hold: credits + grants - balance = charged - refunded + held.
 
 CI runs at least 2,000 steps; run more by hand with, e.g.,
 ``CREDITGATE_MODEL_EXAMPLES=1000 pytest tests/model``
@@ -37,11 +40,15 @@ from hypothesis.stateful import (
 
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.commands import license_command_adapter
+from creditgate.domain.decisions import RequestView
+from creditgate.domain.holds import HoldSettlement, HoldTarget, delivered_indexes
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.settings import Settings
 from creditgate.store.calls import ChargeAnswer, ChargeCall, CommandAnswer, InvalidCommand
 from creditgate.store.gateway import CreditStore
-from tests.model.reference import CommandOutcome, Decision, Model
+from creditgate.store.holds import HoldSweepIndex
+from creditgate.stream.decider import aim_refunds
+from tests.model.reference import CommandOutcome, Decision, Model, Resolution
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +106,22 @@ MUST_COVER = (
     "license.start_period replay: applied",
     "member.upsert conflict: applied",
     "invalid command",
+    "charge decided: user_limit_reached",
+    "note: credits.user_limit_reached",
+    "item outcome: held",
+    "member.set_credit_limit decided: applied",
+    "charge.refund decided: applied",
+    "charge.refund decided: nothing_to_refund",
+    "charge.refund decided: license_period_ended",
+    "window closed by a refund",
+    *(f"hold decided: {s}" for s in ("settled", "released", "expired")),
+    *(f"hold decided: {r}" for r in ("hold_already_resolved", "item_not_held")),
+    "hold decided: hold_not_found",
+    "hold replay: settled",
+    "hold notdue",
+    "hold item outcome: free_repeat",
+    "hold item outcome: released",
+    "hold ended with its period",
 )
 
 
@@ -141,6 +164,25 @@ def decision_of(answer: ChargeAnswer) -> Decision:
         tuple((n["type"], n["to"], n.get("threshold")) for n in record.notes),
         record.saved,
         record.sequence,
+        record.held,
+        record.hold_expires_ms,
+        record.limit_left,
+    )
+
+
+def resolution_of(answer: ChargeAnswer) -> Resolution:
+    record, raw = answer.record, answer.record.raw
+    return Resolution(
+        answer.status,
+        record.status,
+        record.reason.value if record.reason else None,
+        tuple(outcome.value for outcome in record.outcomes),
+        tuple(record.free_until_ms),
+        record.credits,
+        int(raw.get("released", 0)),
+        int(raw.get("delta", 0)),
+        record.balance,
+        record.sequence,
     )
 
 
@@ -176,7 +218,11 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
             threshold_percents=(80, 90, 100),
         )
         self.store = CreditStore.from_settings(self.settings)
+        self.sweep = HoldSweepIndex.from_settings(self.settings)
         self.model = Model()
+        # holds sent (org, request_id, items), and settlements sent, to replay them
+        self.holds: list[tuple[str, str, list[dict[str, Any]]]] = []
+        self.settlements: list[dict[str, Any]] = []
         self.now = DAY0
         self.ids = itertools.count()
         # what was sent, to replay it: (the body the model reads, the script's call)
@@ -193,6 +239,7 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
             if keys:
                 await self.store.client_for_tests.delete(*keys)
             await self.store.close()
+            await self.sweep.close()
 
         self.loop.run_until_complete(clean())
         self.loop.close()
@@ -204,6 +251,11 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
 
     def _send(self, body: dict[str, Any], call: ChargeCall) -> None:
         (answer,) = self.loop.run_until_complete(self.store.charge_many([call], self.now))
+        record = answer.record
+        if answer.status != "conflict" and record.is_hold and record.hold_expires_ms is not None:
+            # as the worker notes each hold it publishes, replays too
+            due = {call.org_id: record.hold_expires_ms}
+            self.loop.run_until_complete(self.sweep.note(due))
         expected = self.model.charge(body, self.now)
         actual = decision_of(answer)
         assert actual == expected, (
@@ -251,7 +303,214 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
 
     def _charge(self, request: ChargeRequest) -> None:
         # the model reads the canonical body: equal bodies are equal fingerprints
-        self._send(request.model_dump(mode="json"), ChargeCall.of(request))
+        body = request.model_dump(mode="json")
+        if body["hold"] is None:
+            del body["hold"]
+        self._send(body, ChargeCall.of(request))
+        if request.hold is not None:
+            items = [item.model_dump(exclude_none=True) for item in request.items]
+            self.holds.append((request.org_id, request.request_id, items))
+
+    @rule(
+        data=st.data(),
+        org=st.sampled_from(ORGS),
+        action=st.sampled_from(["export", "crm_push"]),
+        items=items_strategy,
+        partial=st.booleans(),
+        expires=st.sampled_from([None, None, 60, 3600, 86_400]),
+    )
+    def a_member_holds(
+        self,
+        data: st.DataObject,
+        org: str,
+        action: str,
+        items: list[Any],
+        partial: bool,
+        expires: int | None,
+    ) -> None:
+        """A request with hold: its credits reserved until it is settled."""
+        self._step()
+        members = sorted(self.model.org(org).members) or ["u1"]
+        user = data.draw(st.sampled_from(members))
+        hold = {} if expires is None else {"expires_in_seconds": expires}
+        on_insufficient = "partial" if partial else "reject"
+        request = self._request(
+            org, user, action, items, on_insufficient=on_insufficient, hold=hold
+        )
+        self._charge(request)
+
+    # ---- holds resolved -------------------------------------------------------------
+
+    def _resolve(self, org: str, hold_id: str, kind: str, body: dict[str, Any] | None) -> None:
+        stored = self.loop.run_until_complete(self.store.stored_decision(org, hold_id))
+        view = None
+        fingerprint = ""
+        if stored is not None and stored.summary is not None:
+            view = RequestView.from_summary(org, hold_id, stored.summary)
+            fingerprint = stored.record.fingerprint
+        delivered: tuple[int, ...] = ()
+        if body is not None and view is not None and kind == "settle":
+            delivered = delivered_indexes(HoldSettlement.model_validate(body), view)
+        settlement = None if body is None else HoldSettlement.model_validate(body)
+        call = ChargeCall.resolving(
+            org_id=org,
+            settlement_id=hold_id if body is None else body["settlement_id"],
+            hold_request_id=hold_id,
+            mode=kind,  # type: ignore[arg-type]
+            fingerprint="" if settlement is None else settlement.fingerprint(),
+            target=HoldTarget(fingerprint, view, delivered),
+        )
+        (answer,) = self.loop.run_until_complete(self.store.charge_many([call], self.now))
+        canonical = None if settlement is None else settlement.model_dump(mode="json")
+        expected = self.model.resolve(org, kind, hold_id, self.now, canonical)
+        actual = resolution_of(answer)
+        if expected.answer in ("gone", "notdue"):
+            assert actual.answer == expected.answer, f"{hold_id}\nLua   {actual}\nmodel {expected}"
+        else:
+            assert actual == expected, (
+                f"{kind} {hold_id} at {rfc3339(self.now)}: {body}\nLua   {actual}\nmodel {expected}"
+            )
+        label = expected.reason or expected.status
+        covered(
+            f"hold {expected.answer}: {label}" if expected.answer != "notdue" else "hold notdue"
+        )
+        for outcome in set(expected.outcomes):
+            covered(f"hold item outcome: {outcome}")
+        if expected.status == "expired" and expected.delta < expected.released:
+            covered("hold ended with its period")
+
+    @precondition(lambda self: self.holds)
+    @rule(data=st.data(), release=st.booleans(), stranger=st.booleans())
+    def a_hold_is_settled_or_released(
+        self, data: st.DataObject, release: bool, stranger: bool
+    ) -> None:
+        self._step()
+        org, hold_id, items = data.draw(st.sampled_from(self.holds))
+        body: dict[str, Any] = {
+            "settlement_id": f"s{next(self.ids)}",
+            "org_id": org,
+            "request_id": hold_id if not stranger or release else f"r{next(self.ids)}",
+            "type": "hold.release" if release else "hold.settle",
+        }
+        if not release:
+            delivered = data.draw(st.lists(st.sampled_from(items), max_size=len(items)))
+            if stranger and data.draw(st.booleans()):
+                delivered.append({"type": "contact", "id": "never-held"})
+                body["request_id"] = hold_id
+            body["items"] = [{"type": i["type"], "id": i["id"]} for i in delivered]
+        self.settlements.append(body)
+        self._resolve(org, body["request_id"], "release" if release else "settle", body)
+
+    @rule(
+        data=st.data(),
+        org=st.sampled_from(ORGS),
+        items=items_strategy,
+        limit=st.none() | st.integers(0, 4),
+    )
+    def a_member_holds_then_settles(
+        self, data: st.DataObject, org: str, items: list[Any], limit: int | None
+    ) -> None:
+        """The common case of a hold: held, then settled with what was delivered (under
+        a credit limit the admin may have just set)."""
+        self._step()
+        members = sorted(self.model.org(org).members) or ["u1"]
+        user = data.draw(st.sampled_from(members))
+        if limit is not None:
+            self._command(
+                self._new(org, "member.set_credit_limit", user_id=user, limit=limit, set_by="admin")
+            )
+        request = self._request(org, user, "export", items, hold={})
+        self._charge(request)
+        held = [item.model_dump(exclude_none=True) for item in request.items]
+        delivered = data.draw(st.lists(st.sampled_from(held), max_size=len(held)))
+        body = {
+            "settlement_id": f"s{next(self.ids)}",
+            "org_id": org,
+            "request_id": request.request_id,
+            "type": "hold.settle",
+            "items": [{"type": i["type"], "id": i["id"]} for i in delivered],
+        }
+        self.settlements.append(body)
+        self._resolve(org, request.request_id, "settle", body)
+
+    @precondition(lambda self: self.settlements)
+    @rule(data=st.data(), other=st.booleans())
+    def a_settlement_again(self, data: st.DataObject, other: bool) -> None:
+        """A settlement redelivered, or its id used for another body."""
+        self._step()
+        body = dict(data.draw(st.sampled_from(self.settlements)))
+        if other:
+            body["reason"] = "another body"
+        kind = "release" if body["type"] == "hold.release" else "settle"
+        self._resolve(body["org_id"], body["request_id"], kind, body)
+
+    @rule()
+    def the_sweep_expires_what_is_due(self) -> None:
+        """The worker's sweep: its index names what the model says is due."""
+        self._step()
+        due = self.loop.run_until_complete(self.sweep.due(self.now, orgs=10, holds=1000))
+        for org_id in ORGS:
+            org = self.model.org(org_id)
+            expected = sorted(h for h, at in org.hold_expiries.items() if at <= self.now)
+            assert sorted(due.get(org_id, [])) == expected, f"{org_id} at {rfc3339(self.now)}"
+        done: dict[str, list[str]] = {}
+        for org_id, hold_ids in due.items():
+            for hold_id in hold_ids:
+                self._resolve(org_id, hold_id, "expire", None)
+                self.model.org(org_id).hold_expiries.pop(hold_id, None)
+            done[org_id] = hold_ids
+        self.loop.run_until_complete(self.sweep.expired(done))
+
+    @precondition(lambda self: self.holds)
+    @rule(data=st.data())
+    def an_expiry_too_early_or_again(self, data: st.DataObject) -> None:
+        """The expire call for any hold: not due yet, resolved already, or due."""
+        self._step()
+        org, hold_id, _ = data.draw(st.sampled_from(self.holds))
+        model_org = self.model.org(org)
+        hold = model_org.holds.get(hold_id)
+        license_ = model_org.license
+        due = hold is not None and (
+            license_ is None
+            or license_.period_id != hold.period
+            or self.now >= min(hold.expires, license_.ends)
+        )
+        if due:
+            return  # left for the sweep, which also takes it out of the index
+        self._resolve(org, hold_id, "expire", None)
+
+    # ---- limits and refunds -----------------------------------------------------------
+
+    @rule(
+        org=st.sampled_from(ORGS),
+        user=st.sampled_from(USERS),
+        limit=st.integers(0, 6) | st.none(),
+        by=st.sampled_from(["admin", "admin", "u1"]),
+    )
+    def an_admin_sets_a_credit_limit(self, org: str, user: str, limit: int | None, by: str) -> None:
+        self._step()
+        self._command(
+            self._new(org, "member.set_credit_limit", user_id=user, limit=limit, set_by=by)
+        )
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data(), every=st.booleans())
+    def a_request_is_refunded(self, data: st.DataObject, every: bool) -> None:
+        self._step()
+        body, _ = data.draw(st.sampled_from(self.requests))
+        fields: dict[str, Any] = {
+            "request_id": body["request_id"],
+            "reason": "the CRM refused it",
+            "refunded_by": "cs-1",
+        }
+        items = body.get("items") or []
+        if not every and items:
+            named = data.draw(st.lists(st.sampled_from(items), min_size=1, max_size=3))
+            fields["items"] = [{"type": i["type"], "id": i["id"]} for i in named]
+        windows_before = dict(self.model.org(body["org_id"]).windows)
+        self._command(self._new(body["org_id"], "charge.refund", **fields))
+        if len(self.model.org(body["org_id"]).windows) < len(windows_before):
+            covered("window closed by a refund")
 
     @rule(
         org=st.sampled_from(ORGS),
@@ -412,7 +671,12 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
 
     def _command(self, body: dict[str, Any]) -> None:
         command = license_command_adapter.validate_python(body)
-        (answer,) = self.loop.run_until_complete(self.store.apply_commands([command], self.now))
+        # a refund is applied as the worker applies it: the stored request read first
+        (aimed,) = self.loop.run_until_complete(aim_refunds(self.store, [command]))
+        (answer,) = self.loop.run_until_complete(self.store.apply_commands([aimed], self.now))
+        if int(answer.record.raw.get("holds_ended", 0)):
+            # as the worker does: a new period's holds are due now
+            self.loop.run_until_complete(self.sweep.note({command.org_id: self.now}))
         expected = self.model.command(command.model_dump(mode="json"), self.now)
         actual = command_outcome_of(answer)
         assert actual == expected, (
@@ -546,6 +810,10 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
                 return {"role": "member" if body["role"] == "admin" else "admin"}
             case "member.set_credits_allowed":
                 return {"allowed": not body["allowed"]}
+            case "member.set_credit_limit":
+                return {"limit": (body["limit"] or 0) + 1}
+            case "charge.refund":
+                return {"reason": body["reason"] + " again"}
             case _:
                 return {"user_id": body["user_id"] + "x"}
 
@@ -595,10 +863,15 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
                 }
                 if license_.insufficient_notified:
                     expected_license["insufficient_notified"] = "1"
-                # DESIGN §6: never below zero; credits + grants - balance = charged
+                expected_license.update({f"uln:{u}": "1" for u in license_.limit_notified})
+                if license_.held is not None:
+                    expected_license["held"] = str(license_.held)
+                # DESIGN §1: never below zero; credits + grants - balance = charged -
+                # refunded + held, held counting the open holds of the period
                 assert license_.balance >= 0
                 used = license_.credits + license_.granted - license_.balance
-                assert used == org.charged_this_period
+                held = sum(h.credits for h in org.holds.values() if h.period == license_.period_id)
+                assert used == org.charged_this_period + held
             windows = {
                 f"{kind}:{entity}": str(ends) for (kind, entity), ends in org.windows.items()
             }
@@ -609,6 +882,9 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
                 "sequence": str(org.sequence) if org.sequence else None,
                 "usage": {k: str(v) for k, v in org.usage.items()},
                 "windows": windows,
+                "limits": {u: str(limit) for u, limit in org.limits.items()},
+                "holds": sorted(org.holds),
+                "hold_expiries": sorted((h, float(at)) for h, at in org.hold_expiries.items()),
             }
             assert stored == expected, f"{org_id} at {rfc3339(self.now)}"
 
@@ -622,7 +898,11 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
         pipe.get(keys.sequence)
         pipe.hgetall(keys.usage)
         pipe.mget([keys.window(name) for name in WINDOW_NAMES])
-        license_, members, disallowed, sequence, usage, ends = await pipe.execute()
+        pipe.hgetall(keys.limits)
+        pipe.hkeys(keys.holds)
+        pipe.zrange(keys.hold_expiries, 0, -1, withscores=True)
+        found = await pipe.execute()
+        license_, members, disallowed, sequence, usage, ends, limits, holds, expiries = found
         return {
             "license": license_,
             "members": members,
@@ -630,6 +910,9 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
             "sequence": sequence,
             "usage": usage,
             "windows": {n: e for n, e in zip(WINDOW_NAMES, ends, strict=True) if e is not None},
+            "limits": limits,
+            "holds": sorted(holds),
+            "hold_expiries": sorted((h, float(at)) for h, at in expiries),
         }
 
 

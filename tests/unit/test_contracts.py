@@ -210,7 +210,12 @@ def license_state(**changes: Any) -> dict[str, Any]:
 
 
 def member_state(user_id: str, role: str | bool) -> dict[str, Any]:
-    return {"user_id": user_id, "role": role, "credits_allowed": role is not False}
+    return {
+        "user_id": user_id,
+        "role": role,
+        "credits_allowed": role is not False,
+        "credit_limit": False,
+    }
 
 
 # each command's record as command.lua writes it, less command_id, fp, at and seq
@@ -470,10 +475,32 @@ async def test_everything_published_fits_its_contract(published: list[Outgoing])
     assert not failures, "\n\n".join(failures)
 
 
+# The outputs of holds, credit limits and refunds: published in
+# tests/integration/test_holds.py's scenario by the real scripts (their records are too
+# many to script here), which checks each against its contract the same way.
+REAL_REDIS_KINDS = frozenset(
+    {
+        "ChargeHeld",
+        "HoldSettled",
+        "HoldReleased",
+        "HoldExpired",
+        "HoldRejected",
+        "HeldEntry",
+        "HoldSettledEntry",
+        "HoldReleasedEntry",
+        "HoldExpiredEntry",
+        "HoldRejectedEntry",
+        "RefundedEntry",
+        "RefundedNotification",
+        "UserLimitReachedNotification",
+    }
+)
+
+
 async def test_the_scenario_publishes_every_kind_of_output(published: list[Outgoing]) -> None:
     outputs = {m.id for messages in TOPIC_MESSAGES.values() for m in messages if m.ce_type}
 
-    assert {contract_of(message) for message in published} == outputs
+    assert {contract_of(message) for message in published} == outputs - REAL_REDIS_KINDS
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from creditgate.domain.windows import item_windows
 from creditgate.store.keys import (
     RECORD,
     RECORD_FINGERPRINT,
+    RECORD_REFUNDED,
     RECORD_REQUEST,
     USAGE_METRICS,
     UsageFields,
@@ -31,13 +32,26 @@ def test_usage_fields_are_spelled_as_charge_lua_spells_them() -> None:
     assert UsageFields.period_and_user("p1|u1|export|credits") == ("p1", "u1")
     assert UsageFields.is_users("p1|*users")
     assert not UsageFields.is_users("p1|u1|*")
+    command = _lua("command.lua")
     for metric in USAGE_METRICS:
-        assert f'count_usage("{metric}"' in charge
+        # a refund's counter is command.lua's; the others are charge.lua's count_usage
+        spelled = {
+            "refunded": (command, f'summary.action .. "|{metric}"'),
+            "held": (charge, 'count_usage(hold_ms and "held" or "credits"'),
+            "credits": (charge, 'count_usage(hold_ms and "held" or "credits"'),
+        }
+        script, spelling = spelled.get(metric, (charge, f'count_usage("{metric}"'))
+        counted = spelling in script
+        assert counted, metric
+    # what a member's credit limit counts, spelled as charge.lua reads it
+    for metric in ("credits", "held", "refunded"):
+        assert f'prefix .. each .. "|{metric}"' in charge
 
 
 def test_record_fields_are_spelled_as_the_scripts_spell_them() -> None:
-    fields = (RECORD_FINGERPRINT, RECORD, RECORD_REQUEST)
-    assert fields == ("fp", "rec", "req")
+    fields = (RECORD_FINGERPRINT, RECORD, RECORD_REQUEST, RECORD_REFUNDED)
+    assert fields == ("fp", "rec", "req", "ref")
+    assert 'redis.call("HSET", request_key, "ref"' in _lua("command.lua")
     assert '"fp", fingerprint, "rec", encoded, "req", request_summary' in _lua("charge.lua")
     assert '"fp", fingerprint, "rec", encoded' in _lua("command.lua")
 

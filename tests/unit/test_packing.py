@@ -49,6 +49,9 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 f"{org}:req:r-1",
                 f"{org}:usage",
                 f"{org}:hist:export:u-1",
+                f"{org}:limits",
+                f"{org}:holds",
+                f"{org}:hold-exp",
                 f"{org}:win:contact:c-1",
                 f"{org}:win:company:co-9",
             ]
@@ -63,7 +66,8 @@ def test_a_packed_call_completed_with_the_clock_is_the_whole_command() -> None:
                 "",  # no preset reason
                 "",
                 # per item its window's KEYS index and its company's
-                [8, 9, 9, 0],
+                [11, 12, 12, 0],
+                None,  # not a hold
             ]
             args: list[Any] = [
                 1_795_000_000_123,  # the decision clock

@@ -9,11 +9,12 @@ holding a JSON object from token to scope)::
      "t-ops": "*"}
 
 The roles are the platform's (``Role``): a member sees the organisation's credits and
-their own history and quotes; an admin the team, every member's history, and allows or
-disallows credits use; support (customer success) sees the credits and grants top-ups;
-``"*"`` is an operator, who may do everything for every organisation. The first form of
-the setting, a list of organisations (``{"t": ["acme", "beta"]}``), still works: such a
-token is a *reader*, who may read everything of those organisations and write nothing.
+their own history and quotes; an admin the team, every member's history, allows or
+disallows credits use and sets members' credit limits; support (customer success) sees
+the credits, grants top-ups and refunds charged items; ``"*"`` is an operator, who may
+do everything for every organisation. The first form of the setting, a list of
+organisations (``{"t": ["acme", "beta"]}``), still works: such a token is a *reader*,
+who may read everything of those organisations and write nothing.
 
 Each route names what it needs (``Need``) and ``Access.authorize`` checks it against the
 caller at the level of the object asked for: the organisation, and for a member the
@@ -65,13 +66,17 @@ class Need(StrEnum):
     TEAM = "see the team of"  # members, their usage and permissions
     ALLOW = "allow or disallow credits use in"
     GRANT = "grant credits to"
+    REFUND = "refund credits in"
+    LIMIT = "set credit limits in"
 
 
 # the needs of each role; a member's HISTORY and QUOTE are for their own user only
 NEEDS: dict[Role, frozenset[Need]] = {
     Role.MEMBER: frozenset({Need.CREDITS, Need.HISTORY, Need.QUOTE}),
-    Role.ADMIN: frozenset({Need.CREDITS, Need.HISTORY, Need.QUOTE, Need.TEAM, Need.ALLOW}),
-    Role.SUPPORT: frozenset({Need.CREDITS, Need.GRANT}),
+    Role.ADMIN: frozenset(
+        {Need.CREDITS, Need.HISTORY, Need.QUOTE, Need.TEAM, Need.ALLOW, Need.LIMIT}
+    ),
+    Role.SUPPORT: frozenset({Need.CREDITS, Need.GRANT, Need.REFUND}),
     Role.READER: frozenset({Need.CREDITS, Need.HISTORY, Need.QUOTE, Need.TEAM}),
     Role.OPERATOR: frozenset(Need),
 }

@@ -106,7 +106,15 @@ def usage_csv(report: dict[str, Any]) -> str:
 def team_csv(team: dict[str, Any]) -> str:
     """``reports.team_report``: one line per member."""
     rows = [
-        [team["period_id"], m["user_id"], m["role"], m["credits_allowed"], *_usage_cells(m)]
+        [
+            team["period_id"],
+            m["user_id"],
+            m["role"],
+            m["credits_allowed"],
+            m["credit_limit"],
+            *_usage_cells(m),
+        ]
         for m in team["members"]
     ]
-    return _text(["period_id", "user_id", "role", "credits_allowed", *_USAGE_HEADERS], rows)
+    headers = ["period_id", "user_id", "role", "credits_allowed", "credit_limit"]
+    return _text([*headers, *_USAGE_HEADERS], rows)

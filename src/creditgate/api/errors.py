@@ -101,13 +101,15 @@ class NotFound(ApiError):
 
 class CommandRefused(ApiError):
     """A write published as a license command and refused by the worker: the body
-    carries the command's id and its license event."""
+    carries the command's id and its license event. 409, or 404 when what the command is
+    about does not exist (a refund of a request the worker never decided)."""
 
     status = 409
     code = "command_rejected"
 
-    def __init__(self, event: dict[str, object]) -> None:
+    def __init__(self, event: dict[str, object], status: int = 409) -> None:
         self.event = event
+        self.status = status
         super().__init__(str(event.get("message") or event.get("reason") or "refused"))
 
     def body(self) -> dict[str, object]:

@@ -106,6 +106,8 @@ _HISTORY = ["member (self)", "admin", "reader", "*"]
 _TEAM = ["admin", "reader", "*"]
 _ALLOW = ["admin", "*"]
 _GRANT = ["support", "*"]
+_REFUND = ["support", "*"]
+_LIMIT = ["admin", "*"]
 
 _FORMAT = {
     "name": "format",
@@ -162,7 +164,10 @@ def _write(
     body: tuple[str, dict[str, Any]],
     scopes: list[str],
     description: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A write: published as a license command, answered with its license event;
+    ``extra``: responses of this write only (a 404 the worker answers)."""
     operation: dict[str, Any] = {
         "operationId": operation_id,
         "summary": summary,
@@ -172,6 +177,7 @@ def _write(
         "responses": {
             "200": _ok("the command was applied: its license event", "LicenseEvent"),
             **_ERRORS,
+            **(extra or {}),
             "409": {
                 "description": "the worker refused the command: its license event",
                 "content": _content(_ref("CommandProblem"), _REFUSED_EXAMPLE, PROBLEM_CONTENT_TYPE),
@@ -213,6 +219,21 @@ _REFUSED_EXAMPLE = problem(
     command_id="http-0123",
     reason="duplicate_grant",
     event=_REFUSED_EVENT,
+)
+
+_NOT_FOUND_EXAMPLE = problem(
+    404,
+    "command_rejected",
+    "no decided request with this request_id is known",
+    command_id="http-0124",
+    reason="request_not_found",
+    event={
+        **_REFUSED_EVENT,
+        "command_id": "http-0124",
+        "command_type": "charge.refund",
+        "reason": "request_not_found",
+        "message": "no decided request with this request_id is known",
+    },
 )
 
 _WRITES = (
@@ -395,6 +416,45 @@ def _paths() -> dict[str, Any]:
             ("GrantBody", {"credits": 500, "reason": "extra credits for the Q3 campaign"}),
             _GRANT,
             _WRITES + " granted_by is the token's user; a token without one names it.",
+        ),
+        "/v1/orgs/{org}/members/{user}/credit-limit": _write(
+            "put",
+            "setCreditLimit",
+            "Set or clear a member's credit limit per period (member.set_credit_limit)",
+            [_ORG, _path_id("user", "u-17")],
+            ("CreditLimitBody", {"limit": 500}),
+            _LIMIT,
+            _WRITES + " The most credits the member may use in a license period (charged + "
+            "held - refunded); null: no limit, the whole pool. It carries over to the next "
+            "period. set_by is the admin token's user; an operator names one.",
+        ),
+        "/v1/orgs/{org}/refunds": _write(
+            "post",
+            "refund",
+            "Refund charged items of a request of the current period (charge.refund)",
+            [_ORG],
+            (
+                "RefundBody",
+                {
+                    "request_id": "push-0042",
+                    "items": [{"type": "contact", "id": "c-1"}],
+                    "reason": "the CRM refused the contact",
+                },
+            ),
+            _REFUND,
+            _WRITES + " Each item is refunded at most once; its repeat window closes if this "
+            "request opened it. 409 for license_period_ended and nothing_to_refund, 404 for "
+            "request_not_found, each with the command.rejected event. refunded_by is the "
+            "token's user; a token without one names it.",
+            {
+                "404": {
+                    "description": "the worker decided no such request (request_not_found): "
+                    "its license event",
+                    "content": _content(
+                        _ref("CommandProblem"), _NOT_FOUND_EXAMPLE, PROBLEM_CONTENT_TYPE
+                    ),
+                }
+            },
         ),
         "/openapi.json": {
             "get": {

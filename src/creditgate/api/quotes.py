@@ -8,6 +8,7 @@ instant and state, ``if_submitted_now`` of each item and ``credits_if_submitted_
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,7 +35,11 @@ QUOTE_OUTCOMES = {
     Outcome.NO_VERIFIED_EMAIL: "no_charge",
 }
 # rejections decided after the windows were assessed: the items can still be itemised
-_BALANCE_REASONS = (Reason.INSUFFICIENT_CREDITS, Reason.EXCEEDS_MAX_CREDITS)
+_BALANCE_REASONS = (
+    Reason.INSUFFICIENT_CREDITS,
+    Reason.EXCEEDS_MAX_CREDITS,
+    Reason.USER_LIMIT_REACHED,
+)
 
 
 def _strip_hints(
@@ -118,7 +123,8 @@ async def quote(
 ) -> dict[str, Any]:
     """What a charge request would cost now, item by item; it changes nothing."""
     request, hints = parse_quote(body, now_ms, max_items)
-    call = ChargeCall.of(request)
+    # a hold is quoted as the charge it may become: what it would hold is what it costs
+    call = dataclasses.replace(ChargeCall.of(request), hold_ms=None)
     record = await store.quote(call, now_ms)
     assessed = record.approved or record.reason in _BALANCE_REASONS
     outcomes, free_until = _itemise(record)
@@ -152,6 +158,13 @@ async def quote(
         # what is left now: an approved quote's balance is the one after the charge
         "remaining": record.balance + (record.credits if record.approved else 0),
         "period_id": record.period_id,
+        # the member's credit limit of the period and what is left of it now (null: none)
+        "credit_limit": record.limit,
+        "limit_left": (
+            None
+            if record.limit_left is None
+            else record.limit_left + (record.credits if record.approved else 0)
+        ),
         "would_be_approved": record.approved,
         "reason": record.reason.value if record.reason else None,
         "message": charge_message(view, record, window_days),

@@ -25,7 +25,7 @@ from typing import Any
 
 from creditgate.api.errors import InvalidInput
 from creditgate.domain.charges import Action, Outcome
-from creditgate.domain.decisions import ChargeRecord, RequestView, charge_result
+from creditgate.domain.decisions import ChargeRecord, RequestView, charge_result, item_counts
 from creditgate.domain.ids import is_identifier, rfc3339
 from creditgate.store.gateway import USAGE_METRICS, CreditStore
 
@@ -53,6 +53,8 @@ def _usage_row(counts: Mapping[str, int]) -> dict[str, int]:
         "requests": counts["requests"],
         "credits_saved": counts["saved"],
         "rejected": counts["rejected"],
+        "credits_refunded": counts["refunded"],
+        "credits_held": counts["held"],
     }
 
 
@@ -109,15 +111,17 @@ async def usage_report(
 
 
 async def team_report(store: CreditStore, org_id: str, now_ms: int) -> dict[str, Any] | None:
-    """The admin's *My team*: per member, their role, whether they may use credits, and
-    their usage of the current period by action (``usage_report``'s rows).
+    """The admin's *My team*: per member, their role, whether they may use credits, their
+    credit limit per period (None: none) and their usage of the current period by action
+    (``usage_report``'s rows).
 
     Users with usage who are no longer members are listed too (role None): their
     credits were used this period. None for an unknown organisation.
     """
     if not await org_exists(store, org_id):
         return None
-    roles, disallowed = await store.members(org_id)
+    found = await store.members(org_id)
+    roles, disallowed = found.roles, found.disallowed
     usage = await usage_report(store, org_id, None, now_ms)
     rows = {row["user_id"]: row for row in (usage or {}).get("users", [])}
     empty = {**_usage_row(_empty_counts()), "by_action": {}}
@@ -126,6 +130,7 @@ async def team_report(store: CreditStore, org_id: str, now_ms: int) -> dict[str,
             "user_id": user,
             "role": roles.get(user),
             "credits_allowed": user not in disallowed,
+            "credit_limit": found.limits.get(user),
             **{k: v for k, v in rows.get(user, empty).items() if k != "user_id"},
         }
         for user in sorted(set(roles) | set(rows))
@@ -262,7 +267,8 @@ async def charge_history(
         view = dataclasses.replace(
             _view(org_id, request_id, decision.summary, user_id, query.action), items=[]
         )
-        entries.append(history_entry(charge_result(view, record, window_days), record))
+        entry = history_entry(charge_result(view, record, window_days), record)
+        entries.append(with_refunds(entry, decision.refunded, entry["items_by_outcome"]))
     last = members[-1] if members else None
     return {
         "org_id": org_id,
@@ -271,6 +277,15 @@ async def charge_history(
         "charges": entries,
         "next_before": str(Cursor(last[1], last[0])) if more and last else None,
     }
+
+
+def with_refunds(
+    entry: dict[str, Any], refunded: tuple[int, ...], by_outcome: dict[str, int]
+) -> dict[str, Any]:
+    """A history entry with its refunded items counted apart from the charged ones."""
+    by_outcome[Outcome.CHARGED.value] -= len(refunded)
+    by_outcome[Outcome.REFUNDED.value] += len(refunded)
+    return entry | {"credits_refunded": len(refunded)}
 
 
 def _view(
@@ -339,6 +354,10 @@ async def one_decision(
     view = RequestView.from_summary(org_id, request_id, decision.summary)
     found = charge_result(view, decision.record, window_days, None)
     items = found["items"]
+    for index in decision.refunded:
+        items[index]["outcome"] = Outcome.REFUNDED.value
+    found["counts"] = item_counts([item["outcome"] for item in items])
+    found["credits_refunded"] = len(decision.refunded)
     end = page.offset + page.limit
     found["items"] = items[page.offset : end]
     found["items_truncated"] = len(found["items"]) < len(items)

@@ -54,7 +54,14 @@ SCALARS: dict[str, dict[str, Any]] = {
 
 Count = Annotated[int, Field(ge=0)]
 OutcomeName = Literal[
-    "charged", "free_repeat", "duplicate_in_request", "no_verified_email", "not_charged"
+    "charged",
+    "free_repeat",
+    "duplicate_in_request",
+    "no_verified_email",
+    "held",
+    "released",
+    "not_charged",
+    "refunded",
 ]
 # the outcomes as the decision renders them, spelled as the domain's enumeration
 if set(get_args(OutcomeName)) != {o.value for o in Outcome}:
@@ -125,7 +132,8 @@ class Credits(Body):
     active: bool = Field(description="now within the period")
     period_credits: Count
     granted: Count
-    used: int
+    used: int = Field(description="charged less refunded")
+    held: Count = Field(description="held by open holds: not charged, not available")
     remaining: Count
 
 
@@ -137,6 +145,8 @@ class UsageCounts(Body):
     requests: Count = Field(description="approved requests")
     credits_saved: Count = Field(description="items that were free within their repeat window")
     rejected: Count = Field(description="rejected requests")
+    credits_refunded: Count = Field(description="credits refunded (charge.refund)")
+    credits_held: Count = Field(description="credits held by open holds")
 
 
 ByAction = Annotated[
@@ -219,7 +229,10 @@ class ItemCounts(Body):
     free_repeat: PositiveCount = Field(default=OMITTED)
     duplicate_in_request: PositiveCount = Field(default=OMITTED)
     no_verified_email: PositiveCount = Field(default=OMITTED)
+    held: PositiveCount = Field(default=OMITTED)
+    released: PositiveCount = Field(default=OMITTED)
     not_charged: PositiveCount = Field(default=OMITTED)
+    refunded: PositiveCount = Field(default=OMITTED)
 
 
 class Decision(_DecidedTail, _Decided):
@@ -234,6 +247,7 @@ class Decision(_DecidedTail, _Decided):
         description="true when this page is not all of the decision's items"
     )
     items_total: Count = Field(description="how many items the decision has")
+    credits_refunded: Count = Field(description="credits of its items refunded since")
     offset: Count = Field(description="the first item of this page (0-based)")
     limit: int = Field(ge=1, le=MAX_ITEMS_PAGE, description="the page size asked for")
     next_offset: int | None = Field(
@@ -249,7 +263,10 @@ class OutcomeCounts(Body):
     free_repeat: Count
     duplicate_in_request: Count
     no_verified_email: Count
+    held: Count
+    released: Count
     not_charged: Count
+    refunded: Count
 
 
 class HistoryEntry(_DecidedTail, _Decided):
@@ -260,6 +277,7 @@ class HistoryEntry(_DecidedTail, _Decided):
         description="the latest end of the repeat windows that made items free; null "
         "when no item was a free repeat"
     )
+    credits_refunded: Count = Field(description="credits of its items refunded since")
 
 
 class ChargeHistory(Body):
@@ -353,6 +371,12 @@ class Quote(Body):
     credits_saved: Count
     remaining: Count = Field(description="the balance now")
     period_id: str | None
+    credit_limit: Count | None = Field(
+        description="the member's credit limit per period (null: none)"
+    )
+    limit_left: Count | None = Field(
+        description="what is left of the member's limit now (null: no limit)"
+    )
     would_be_approved: bool
     reason: Reason | None
     message: str = Field(description="the message the decision would carry")
@@ -367,6 +391,9 @@ class TeamMember(UsageCounts):
     user_id: Identifier
     role: Literal["admin", "member"] | None
     credits_allowed: bool = Field(description="false once an admin disallowed credits use")
+    credit_limit: int | None = Field(
+        ge=0, le=MAX_CREDITS, description="the most credits per license period; null: none"
+    )
     by_action: ByAction
 
 
@@ -396,6 +423,43 @@ class GrantBody(Body):
         default=OMITTED,
         description="who grants them: required of a token without a user of its own "
         "(403 without it); a token with a user grants as that user",
+    )
+
+
+class CreditLimitBody(Body):
+    limit: int | None = Field(
+        ge=0, le=MAX_CREDITS, description="credits per license period; null: no limit"
+    )
+    set_by: Identifier = Field(
+        default=OMITTED,
+        description="the admin acting: required of a token without a user of its own "
+        "(an operator: 403 without it); an admin token acts as its own user",
+    )
+
+
+class RefundedItem(Body):
+    type: Literal["contact", "company"]
+    id: Identifier
+
+
+class RefundBody(Body):
+    request_id: Identifier = Field(description="the decided request, of the current period")
+    items: list[RefundedItem] = Field(
+        default=OMITTED,
+        min_length=1,
+        max_length=10_000,
+        description="the items to refund; default every charged item",
+    )
+    reason: str = Field(min_length=1, max_length=500)
+    refunded_by: Identifier = Field(
+        default=OMITTED,
+        description="who refunds: required of a token without a user of its own "
+        "(403 without it); a token with a user refunds as that user",
+    )
+    command_id: Identifier = Field(
+        default=OMITTED,
+        description="the command's idempotency id, so that a retry is the same command; "
+        "default a new one per call",
     )
 
 
@@ -472,6 +536,9 @@ MODELS: tuple[type[BaseModel], ...] = (
     TeamReport,
     CreditsAllowedBody,
     GrantBody,
+    CreditLimitBody,
+    RefundedItem,
+    RefundBody,
     LicenseEvent,
     CommandProblem,
     NoAnswerProblem,

@@ -42,7 +42,7 @@ from creditgate.api.errors import (
     problem,
 )
 from creditgate.api.license_desk import LicenseDesk, NoAnswer, new_command_id
-from creditgate.domain.commands import Grant, LicenseCommand, SetCreditsAllowed
+from creditgate.domain.commands import CommandReason, LicenseCommand, validate_command
 from creditgate.domain.ids import is_identifier
 from creditgate.errors import StoreUnavailable
 from creditgate.settings import Settings
@@ -270,12 +270,14 @@ class CommandView(ApiView):
     """A write: its body checked, published as a license command, answered with the
     command's license event (200 applied, 409 refused, 504 no answer in time)."""
 
+    # refusals answered otherwise than 409: the thing the command is about is not there
+    not_found: ClassVar[frozenset[str]] = frozenset()
+
     def command(self, payload: dict[str, Any]) -> LicenseCommand:
-        model: type[SetCreditsAllowed | Grant] = (
-            Grant if payload["type"] == "credits.grant" else SetCreditsAllowed
-        )
+        """``payload`` (less its ``command_id``) as the license command of its ``type``,
+        checked by the domain's own model; raises ``InvalidInput`` (400)."""
         try:
-            return model.model_validate({"command_id": new_command_id(), **payload})
+            return validate_command({"command_id": new_command_id(), **payload})
         except ValidationError as exc:
             raise InvalidInput(field_errors(exc)) from None
 
@@ -285,7 +287,8 @@ class CommandView(ApiView):
         except NoAnswer as exc:
             raise NoAnswerInTime(exc.message, exc.command_id) from None
         if event.get("type") != "command.applied":
-            raise CommandRefused(event)
+            status = 404 if event.get("reason") in self.not_found else 409
+            raise CommandRefused(event, status)
         return self.json(event)
 
 
@@ -350,6 +353,54 @@ class GrantsView(CommandView):
         return await self.publish(command)
 
 
+class CreditLimitView(CommandView):
+    """An admin's per-member credit limit for each period: ``member.set_credit_limit``
+    (``{"limit": 500}``; ``{"limit": null}``: no limit, the whole pool)."""
+
+    async def put(self, request: Request, org: str, user: str) -> Response:
+        caller = self.reader(request, org, Need.LIMIT, user)
+        body = _fields(await self.json_body(request), {"limit", "set_by"})
+        command = self.command(
+            {
+                "org_id": org,
+                "type": "member.set_credit_limit",
+                "user_id": user,
+                # null is a limit (none); a missing one is the model's 400
+                **({"limit": body["limit"]} if "limit" in body else {}),
+                "set_by": _acting_user(caller, body, "set_by"),
+            }
+        )
+        return await self.publish(command)
+
+
+class RefundsView(CommandView):
+    """Charged items of a decided request of the current period given back (customer
+    success, or the service whose CRM push failed): ``charge.refund``. A ``command_id``
+    in the body makes a client's retry the same command; by default each call is a new
+    one. 404 when the worker knows no such request (``request_not_found``)."""
+
+    not_found = frozenset({CommandReason.REQUEST_NOT_FOUND.value})
+
+    async def post(self, request: Request, org: str) -> Response:
+        caller = self.reader(request, org, Need.REFUND)
+        body = _fields(
+            await self.json_body(request),
+            {"request_id", "items", "reason", "refunded_by", "command_id"},
+        )
+        given: dict[str, Any] = {n: body[n] for n in ("command_id", "items") if n in body}
+        command = self.command(
+            {
+                "org_id": org,
+                "type": "charge.refund",
+                "request_id": body.get("request_id"),
+                "reason": body.get("reason"),
+                "refunded_by": _acting_user(caller, body, "refunded_by"),
+                **given,
+            }
+        )
+        return await self.publish(command)
+
+
 class OpenApiView(ApiView):
     async def get(self, request: Request) -> Response:
         return self.bytes(self.api.openapi, content_type="application/json")
@@ -364,7 +415,9 @@ ROUTES: tuple[tuple[str, type[ApiView]], ...] = (
     ("/v1/me", MeView),
     ("/v1/orgs/{org}/members", MembersView),
     ("/v1/orgs/{org}/members/{user}/credits-allowed", CreditsAllowedView),
+    ("/v1/orgs/{org}/members/{user}/credit-limit", CreditLimitView),
     ("/v1/orgs/{org}/grants", GrantsView),
+    ("/v1/orgs/{org}/refunds", RefundsView),
     ("/openapi.json", OpenApiView),
 )
 

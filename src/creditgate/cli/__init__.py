@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from creditgate.cli import licensing, local, reads  # noqa: F401 - registers their commands
+from creditgate.cli import holds, licensing, local, reads  # noqa: F401 - registers their commands
 from creditgate.cli.root import main
 
 __all__ = ["main"]

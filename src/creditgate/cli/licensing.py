@@ -1,5 +1,5 @@
 """License commands, published on Kafka and answered by the worker: ``license``,
-``credits grant``, ``member``."""
+``credits grant``, ``member`` (``member limit`` too), ``refund``."""
 
 from __future__ import annotations
 
@@ -218,3 +218,68 @@ def member_disallow(org: str, user: str, admin: str, wait: float) -> None:
         },
         wait,
     )
+
+
+@member.command("limit")
+@click.argument("org")
+@click.argument("user")
+@click.argument("limit")
+@click.option("--by", "admin", required=True, help="the admin who sets it")
+@_wait
+def member_limit(org: str, user: str, limit: str, admin: str, wait: float) -> None:
+    """Give USER a credit limit per license period (LIMIT credits, or "none")."""
+    if limit != "none" and not limit.isdigit():
+        _fail(f"LIMIT is a number of credits or none, not {limit!r}")
+    _publish_command(
+        {
+            "org_id": org,
+            "type": "member.set_credit_limit",
+            "user_id": user,
+            "limit": None if limit == "none" else int(limit),
+            "set_by": admin,
+        },
+        wait,
+    )
+
+
+def item_refs(items: tuple[str, ...]) -> list[dict[str, str]]:
+    """``contact:c-1`` / ``company:co-9`` as items by type and id."""
+    found = []
+    for text in items:
+        kind, _, item_id = text.partition(":")
+        if kind not in ("contact", "company") or not item_id:
+            _fail(f"an item is contact:<id> or company:<id>, not {text!r}")
+        found.append({"type": kind, "id": item_id})
+    return found
+
+
+_items = click.option(
+    "--item",
+    "items",
+    multiple=True,
+    help="an item as contact:<id> or company:<id> (repeat the option for more)",
+)
+
+
+@main.command("refund")
+@click.argument("org")
+@click.argument("request_id")
+@_items
+@click.option("--reason", required=True, help="why, for the audit (e.g. the CRM refused it)")
+@click.option("--by", "refunded_by", required=True, help="who refunds (customer success)")
+@_wait
+def refund(
+    org: str, request_id: str, items: tuple[str, ...], reason: str, refunded_by: str, wait: float
+) -> None:
+    """Refund the charged items of a request of the current period (every one, or those
+    named with --item): each at most once, its window closed if the request opened it."""
+    body: dict[str, Any] = {
+        "org_id": org,
+        "type": "charge.refund",
+        "request_id": request_id,
+        "reason": reason,
+        "refunded_by": refunded_by,
+    }
+    if items:
+        body["items"] = item_refs(items)
+    _publish_command(body, wait)

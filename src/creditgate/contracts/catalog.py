@@ -15,9 +15,12 @@ from creditgate.domain.commands import (
     LicenseCommand,
     MemberRemove,
     MemberUpsert,
+    Refund,
+    SetCreditLimit,
     SetCreditsAllowed,
     StartPeriod,
 )
+from creditgate.domain.holds import HoldSettlement
 from creditgate.stream import topics as t
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -72,11 +75,18 @@ COMMAND = ValueSchema(
     "LicenseCommand",
     "A change to an organisation's license, credits or members; idempotent by command_id.",
 )
+SETTLEMENT = ValueSchema(
+    "hold-settlement",
+    HoldSettlement,
+    "HoldSettlement",
+    "Settle a hold with the items delivered, or release it; idempotent by settlement_id.",
+)
 RESULT = ValueSchema(
     "charge-result",
     m.ChargeResult,
     "ChargeResult",
-    "The decision on a charge request: charge.approved or charge.rejected.",
+    "The decision on a charge request (charge.approved, charge.held, charge.rejected), "
+    "and the outcomes of holds (hold.settled, hold.released, hold.expired, hold.rejected).",
 )
 EVENT = ValueSchema(
     "license-event",
@@ -103,7 +113,7 @@ DEAD_LETTER = ValueSchema(
     "DeadLetter",
     "Input that could not be read, with where it came from and why.",
 )
-VALUES = (REQUEST, COMMAND, RESULT, EVENT, NOTIFICATION, LEDGER, DEAD_LETTER)
+VALUES = (REQUEST, COMMAND, SETTLEMENT, RESULT, EVENT, NOTIFICATION, LEDGER, DEAD_LETTER)
 
 
 def _literal(model: type[BaseModel], field: str) -> str:
@@ -145,24 +155,48 @@ TOPIC_MESSAGES: dict[str, list[Message]] = {
             COMMAND,
             summary="An admin allows or disallows a member's use of the credits.",
         ),
+        Message(
+            SetCreditLimit,
+            COMMAND,
+            summary="An admin sets (or lifts) a member's credit limit per period.",
+        ),
+        Message(Refund, COMMAND),
     ],
-    t.CHARGE_RESULTS: _typed(RESULT, m.ChargeApproved, m.ChargeRejected),
+    t.HOLD_SETTLEMENTS: [Message(HoldSettlement, SETTLEMENT, whole_file=True)],
+    t.CHARGE_RESULTS: _typed(
+        RESULT,
+        m.ChargeApproved,
+        m.ChargeRejected,
+        m.ChargeHeld,
+        m.HoldSettled,
+        m.HoldReleased,
+        m.HoldExpired,
+        m.HoldRejected,
+    ),
     t.LICENSE_EVENTS: _typed(EVENT, m.CommandApplied, m.CommandRejected),
     t.NOTIFICATIONS: _typed(
         NOTIFICATION,
         m.DisallowedNotification,
         m.InsufficientNotification,
         m.ThresholdNotification,
+        m.UserLimitReachedNotification,
+        m.RefundedNotification,
         m.PeriodStartedNotification,
         m.GrantedNotification,
     ),
     t.LEDGER: _ledger(
         m.ChargedEntry,
         m.RejectedEntry,
+        m.HeldEntry,
+        m.HoldSettledEntry,
+        m.HoldReleasedEntry,
+        m.HoldExpiredEntry,
+        m.HoldRejectedEntry,
         m.ContinuedEntry,
         m.PeriodStartedEntry,
         m.GrantedEntry,
         m.MemberChangedEntry,
+        m.RefundedEntry,
         m.CommandRejectedEntry,
     ),
     t.DEADLETTER: [Message(m.DeadLetter, DEAD_LETTER, ce_type=DEAD_LETTER_TYPE, whole_file=True)],

@@ -35,6 +35,11 @@ class Outcome(StrEnum):
     DUPLICATE_IN_REQUEST = "duplicate_in_request"
     NO_VERIFIED_EMAIL = "no_verified_email"
     NOT_CHARGED = "not_charged"
+    # a hold's: credits held (not charged yet), and released by its settlement or end
+    HELD = "held"
+    RELEASED = "released"
+    # in reports only: a charged item whose credit a refund gave back
+    REFUNDED = "refunded"
 
 
 class Reason(StrEnum):
@@ -47,7 +52,12 @@ class Reason(StrEnum):
     NO_ACTIVE_LICENSE = "no_active_license"
     LICENSE_PERIOD_ENDED = "license_period_ended"
     REQUEST_ID_CONFLICT = "request_id_conflict"
+    USER_LIMIT_REACHED = "user_limit_reached"
     INVALID_REQUEST = "invalid_request"
+    # why a hold's settlement or release was refused (``hold.rejected``)
+    HOLD_NOT_FOUND = "hold_not_found"
+    HOLD_ALREADY_RESOLVED = "hold_already_resolved"
+    ITEM_NOT_HELD = "item_not_held"
 
 
 class _Strict(BaseModel):
@@ -68,6 +78,13 @@ class CompanyItem(_Strict):
 Item = Annotated[ContactItem | CompanyItem, Field(discriminator="type")]
 
 
+class HoldOptions(_Strict):
+    """``hold`` of a charge request: hold the credits instead of charging them, for at
+    most ``expires_in_seconds`` (none: the worker's default)."""
+
+    expires_in_seconds: StrictInt | None = Field(default=None, ge=1, le=86_400)
+
+
 class ChargeRequest(_Strict):
     request_id: Identifier
     org_id: Identifier
@@ -79,6 +96,7 @@ class ChargeRequest(_Strict):
     verified_email_found: StrictBool | None = None
     requested_at: Timestamp
     reference: dict[str, Any] | None = None
+    hold: HoldOptions | None = None
 
     @model_validator(mode="after")
     def _action_rules(self) -> ChargeRequest:
@@ -98,8 +116,13 @@ class ChargeRequest(_Strict):
         return self.on_insufficient == "partial"
 
     def fingerprint(self) -> str:
-        """A digest of the body: the same ``request_id`` with another body is a conflict."""
-        return body_fingerprint(self.model_dump(mode="json"))
+        """A digest of the body: the same ``request_id`` with another body is a conflict.
+        ``hold`` counts only when given, so a request's digest is what it was before
+        requests could hold."""
+        body = self.model_dump(mode="json")
+        if body["hold"] is None:
+            del body["hold"]
+        return body_fingerprint(body)
 
 
 def body_fingerprint(body: Any) -> str:

@@ -23,6 +23,7 @@ _REASON_OF = {r.value: r for r in Reason}
 
 RESULT_APPROVED = "charge.approved"
 RESULT_REJECTED = "charge.rejected"
+RESULT_HELD = "charge.held"
 
 # How many items a result lists at most, unless a caller says otherwise (the worker
 # passes ``Settings.result_items_max``; see ``bounded_items``).
@@ -59,6 +60,15 @@ class ChargeRecord:
     saved: int
     sequence: int | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # the member's credit limit of the period and what is left of it after the
+    # decision (None: the member has no limit)
+    limit: int | None = None
+    limit_left: int | None = None
+    # a hold: the credits it holds and when it expires (held is also a resolution's
+    # status: "settled", "released" or "expired", see domain/holds.py)
+    held: int = 0
+    hold_expires_ms: int | None = None
+    status: str = ""
 
     @classmethod
     def from_script(cls, data: dict[str, Any]) -> ChargeRecord:
@@ -80,7 +90,17 @@ class ChargeRecord:
             saved=int(data.get("saved", 0)),
             sequence=int(data["seq"]) if data.get("seq") is not None else None,
             raw=data,
+            limit=int(data["limit"]) if data.get("limit") is not None else None,
+            limit_left=int(data["limit_left"]) if data.get("limit_left") is not None else None,
+            held=int(data.get("held", 0)),
+            hold_expires_ms=int(data["hold_exp"]) if data.get("hold_exp") is not None else None,
+            status=data["status"],
         )
+
+    @property
+    def is_hold(self) -> bool:
+        """The decision held credits (``charge.held``)."""
+        return self.status == "held"
 
 
 @dataclass(slots=True)  # not frozen: one or more per decision (see ChargeRecord)
@@ -142,6 +162,19 @@ def _plural(count: int, word: str) -> str:
 
 def charge_message(view: RequestView, record: ChargeRecord, window_days: float) -> str:
     """One sentence a person can read: what was charged, or why nothing was."""
+    if record.is_hold:
+        counts = {o: record.outcomes.count(o) for o in _OUTCOMES}
+        parts = [
+            f"{_plural(record.held, 'credit')} held until {rfc3339(record.hold_expires_ms or 0)}"
+        ]
+        if counts[Outcome.FREE_REPEAT]:
+            parts.append(
+                f"{_plural(counts[Outcome.FREE_REPEAT], 'item')} free within "
+                f"its {window_days:g}-day window"
+            )
+        if counts[Outcome.NOT_CHARGED]:
+            parts.append(f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not held")
+        return ", ".join(parts)
     if record.approved:
         counts = {o: record.outcomes.count(o) for o in _OUTCOMES}
         parts = [f"{_plural(record.credits, 'credit')} charged"]
@@ -157,9 +190,12 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
         if counts[Outcome.NO_VERIFIED_EMAIL]:
             parts.append("no verified email found")
         if counts[Outcome.NOT_CHARGED]:
-            parts.append(
-                f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not charged: the balance ran out"
+            ran_out = (
+                "the credit limit ran out"
+                if record.limit_left is not None and record.limit_left < record.balance
+                else "the balance ran out"
             )
+            parts.append(f"{_plural(counts[Outcome.NOT_CHARGED], 'item')} not charged: {ran_out}")
         return ", ".join(parts)
     if record.detail:
         return record.detail
@@ -173,6 +209,11 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
             return (
                 f"the request needs {_plural(record.needed, 'credit')}, more than its "
                 f"max_credits of {view.max_credits}"
+            )
+        case Reason.USER_LIMIT_REACHED:
+            return (
+                f"the request needs {_plural(record.needed, 'credit')}, {user} has "
+                f"{record.limit_left} left of a limit of {record.limit} this period"
             )
         case Reason.NOT_A_MEMBER:
             return f"{user} is not a member of {org}"
@@ -233,8 +274,15 @@ def charge_result(
     """
     items = _items(view, record)
     listed, truncated = (items, False) if items_max is None else bounded_items(items, items_max)
+    held = (
+        {"credits_held": record.held, "hold_expires_at": rfc3339(record.hold_expires_ms or 0)}
+        if record.is_hold
+        else {}
+    )
     return {
-        "type": RESULT_APPROVED if record.approved else RESULT_REJECTED,
+        "type": RESULT_HELD
+        if record.is_hold
+        else (RESULT_APPROVED if record.approved else RESULT_REJECTED),
         "request_id": view.request_id,
         "org_id": view.org_id,
         "user_id": view.user_id,
@@ -250,7 +298,7 @@ def charge_result(
         "decided_at": rfc3339(record.decided_ms),
         "sequence": record.sequence,
         "reference": view.reference,
-    }
+    } | held
 
 
 def conflict_result(
@@ -296,11 +344,11 @@ def charge_ledger_entry(
     return {
         "org_id": view.org_id,
         "sequence": record.sequence,
-        "kind": "charged" if record.approved else "rejected",
+        "kind": "held" if record.is_hold else ("charged" if record.approved else "rejected"),
         "request_id": view.request_id,
         "user_id": view.user_id,
         "action": view.action.value,
-        "credits_delta": -record.credits,
+        "credits_delta": -(record.held if record.is_hold else record.credits),
         "balance_after": record.balance,
         "period_id": record.period_id,
         "recorded_at": rfc3339(record.decided_ms),
@@ -331,6 +379,14 @@ def charge_notifications(view: RequestView, record: ChargeRecord) -> list[dict[s
             figures |= {
                 "threshold_percent": note["threshold"],
                 "credits_left": record.balance,
+                "period_id": record.period_id,
+            }
+        elif kind == "credits.user_limit_reached":
+            figures |= {
+                "user_id": view.user_id,
+                "credit_limit": record.limit,
+                "credits_needed": record.needed,
+                "limit_left": record.limit_left,
                 "period_id": record.period_id,
             }
         elif kind == "credits.disallowed":

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from creditgate.domain.charges import Action, ChargeRequest, body_fingerprint
 from creditgate.domain.commands import LicenseCommand, license_command_adapter
+from creditgate.domain.holds import HoldSettlement
 from creditgate.domain.ids import is_identifier
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -42,6 +43,18 @@ class InvalidRequest:
     org_id: str
     request_id: str
     user_id: str | None
+    fingerprint: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class InvalidSettlement:
+    """A readable settlement (its ``org_id`` and ``settlement_id``) that breaks the
+    contract: refused with ``invalid_request``, once."""
+
+    org_id: str
+    settlement_id: str
+    request_id: str  # the hold's, when readable; else ""
     fingerprint: str
     detail: str
 
@@ -146,4 +159,26 @@ def read_license_command(raw: bytes | None) -> LicenseCommand | InvalidLicenseCo
             body_fingerprint(body),
             body,
             bounded_text(f"invalid command: {describe(exc)}", MAX_DETAIL_CHARS),
+        )
+
+
+def read_hold_settlement(raw: bytes | None) -> HoldSettlement | InvalidSettlement | Unreadable:
+    body = _load_object(raw)
+    if isinstance(body, Unreadable):
+        return body
+    org_id, settlement_id = body.get("org_id"), body.get("settlement_id")
+    if not (is_identifier(org_id) and is_identifier(settlement_id)):
+        return Unreadable(
+            "org_id and settlement_id must be identifiers (1-128 characters of [A-Za-z0-9._:@-])"
+        )
+    try:
+        return HoldSettlement.model_validate(body)
+    except ValidationError as exc:
+        request_id = body.get("request_id")
+        return InvalidSettlement(
+            org_id,
+            settlement_id,
+            request_id if is_identifier(request_id) else "",
+            body_fingerprint(body),
+            bounded_text(f"invalid settlement: {describe(exc)}", MAX_DETAIL_CHARS),
         )

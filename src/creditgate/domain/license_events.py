@@ -16,6 +16,8 @@ LEDGER_KINDS = {
     "member.upsert": "member_changed",
     "member.remove": "member_changed",
     "member.set_credits_allowed": "member_changed",
+    "member.set_credit_limit": "member_changed",
+    "charge.refund": "refunded",
 }
 # every rejected command, whatever its type (an invalid one may have none)
 REJECTED_KIND = "command_rejected"
@@ -74,14 +76,18 @@ class CommandView:
     command_type: str
     body: dict[str, Any]
     valid: bool = True  # False: ``body`` is what an invalid command's producer sent
+    # a refund's: the refunded request's window names, in its call's slots
+    windows: tuple[str, ...] = ()
 
 
 _MESSAGES = {
-    "not_an_admin": "only an admin of the organisation can allow or disallow credit use",
+    "not_an_admin": "only an admin of the organisation can allow or disallow credit use "
+    "or set a member's credit limit",
     "not_a_member": "the user is not a member of the organisation",
     "no_active_license": "the organisation has no license period to add credits to",
     "command_id_conflict": "this command_id was already used for another command; "
     "its outcome stands",
+    "request_not_found": "no decided request with this request_id is known",
 }
 
 
@@ -101,6 +107,18 @@ def command_message(view: CommandView, record: CommandRecord) -> str:
             return f"{body['user_id']} is now {body['role']}"
         case "member.remove":
             return f"{body['user_id']} is no longer a member"
+        case "charge.refund":
+            closed = len(_as_list(record.raw.get("closed")))
+            return (
+                f"{record.delta} credit{'' if record.delta == 1 else 's'} of request "
+                f"{body['request_id']} refunded, balance {record.balance}"
+                + (f"; {closed} repeat window{'' if closed == 1 else 's'} closed" if closed else "")
+            )
+        case "member.set_credit_limit":
+            if body["limit"] is None:
+                return f"{body['user_id']} has no credit limit"
+            plural = "" if body["limit"] == 1 else "s"
+            return f"{body['user_id']} may use {body['limit']} credit{plural} per period"
         case _:
             if body.get("allowed"):
                 return f"{body['user_id']} may use credits again"
@@ -135,6 +153,16 @@ def conflict_event(view: CommandView, now_ms: int) -> dict[str, Any]:
     }
 
 
+def _as_list(value: Any) -> list[Any]:
+    # the script's cjson encodes an empty Lua table as {}
+    return list(value) if isinstance(value, list) else []
+
+
+def refunded_windows(view: CommandView, record: CommandRecord) -> list[str]:
+    """The names of the repeat windows a refund closed (the script gives their slots)."""
+    return [view.windows[slot] for slot in _as_list(record.raw.get("closed"))]
+
+
 def command_ledger_entry(view: CommandView, record: CommandRecord) -> dict[str, Any]:
     """The ledger entry of a decided command, applied or rejected.
 
@@ -156,10 +184,16 @@ def command_ledger_entry(view: CommandView, record: CommandRecord) -> dict[str, 
         "command": view.body if view.valid else None,
         "state": record.state,
         "decision": record.raw,
-    }
+    } | (
+        {"windows_closed": refunded_windows(view, record)}
+        if record.applied and view.command_type == "charge.refund"
+        else {}
+    )
 
 
 def command_notifications(view: CommandView, record: CommandRecord) -> list[dict[str, Any]]:
+    if record.applied and view.command_type == "charge.refund":
+        return [_refund_notification(view, record)]
     if not record.applied or view.command_type not in ("license.start_period", "credits.grant"):
         return []
     kind = (
@@ -195,3 +229,24 @@ def command_notifications(view: CommandView, record: CommandRecord) -> list[dict
             **figures,
         }
     ]
+
+
+def _refund_notification(view: CommandView, record: CommandRecord) -> dict[str, Any]:
+    """``credits.refunded``, to the user whose request was refunded."""
+    request = record.raw.get("request") or {}
+    user = request.get("user_id")
+    body = view.body
+    return {
+        "notification_id": f"{view.org_id}:{view.command_id}:credits.refunded:{user or 'admins'}",
+        "type": "credits.refunded",
+        "org_id": view.org_id,
+        "recipient": {"user_id": user} if user else {"role": "admin"},
+        "created_at": rfc3339(record.decided_ms),
+        "request_id": body["request_id"],
+        "action": request.get("action"),
+        "credits_refunded": record.delta,
+        "items_refunded": len(_as_list(record.raw.get("refunded"))),
+        "reason": body["reason"],
+        "refunded_by": body["refunded_by"],
+        "balance_after": record.balance,
+    }

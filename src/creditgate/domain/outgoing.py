@@ -25,6 +25,12 @@ from creditgate.domain.decisions import (
     charge_result,
     conflict_result,
 )
+from creditgate.domain.holds import (
+    SettlementView,
+    hold_ledger_entry,
+    hold_result,
+    settlement_conflict,
+)
 from creditgate.domain.ledger import ITEMS_PER_PART, split_entry
 from creditgate.domain.license_events import (
     CommandRecord,
@@ -124,6 +130,47 @@ def charge_messages(
     entry = charge_ledger_entry(view, record, list(window_names))
     messages.extend(ledger_messages(topics.ledger, entry))
     messages.extend(notification_messages(topics.notifications, charge_notifications(view, record)))
+    return messages
+
+
+def hold_messages(
+    topics: OutputTopics,
+    view: SettlementView,
+    window_names: tuple[str, ...],
+    status: str,
+    record: ChargeRecord,
+    now_ms: int,
+    window_days: float,
+    result_items_max: int,
+) -> list[Outgoing]:
+    """What a hold's resolution publishes (a settlement's, or an expiry's): its result,
+    keyed and identified by the hold's request_id, and its ledger entry."""
+    org, tag = view.org_id, view.settlement_id or "expiry"
+    if status == "conflict":
+        body = settlement_conflict(view, now_ms)
+        return [
+            outgoing(
+                topics.results,
+                org,
+                body,
+                ce_type=body["type"],
+                ce_id=f"{org}/{view.request_id}/{tag}/conflict/{now_ms}",
+                ce_time=body["decided_at"],
+            )
+        ]
+    result = hold_result(view, record, window_days, result_items_max)
+    messages = [
+        outgoing(
+            topics.results,
+            org,
+            result,
+            ce_type=result["type"],
+            ce_id=f"{org}/{view.request_id}/{tag}",
+            ce_time=result["decided_at"],
+        )
+    ]
+    entry = hold_ledger_entry(view, record, window_names)
+    messages.extend(ledger_messages(topics.ledger, entry))
     return messages
 
 

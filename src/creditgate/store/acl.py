@@ -33,7 +33,11 @@ REDIS_COMMANDS = (
     "sismember",
     "zadd",
     "zremrangebyscore",
+    "zrem",
+    "zrange",
     "time",
+    # the hold sweep's index (store/holds.py): holds due, taken out once published
+    "zrangebyscore",
     # reads of the HTTP API
     "hgetall",
     "exists",
@@ -41,8 +45,7 @@ REDIS_COMMANDS = (
     "zrevrank",
     "zrevrangebyscore",
     # healing from the ledger (stream/healing.py): the checkpoint, an organisation's
-    # state read and written back in one WATCHed transaction
-    "zrange",
+    # state read and written back in one WATCHed transaction (and zrange above)
     "smembers",
     "watch",
     "unwatch",

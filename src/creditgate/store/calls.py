@@ -20,13 +20,16 @@ from creditgate.domain.commands import (
     LicenseCommand,
     MemberRemove,
     MemberUpsert,
+    Refund,
+    SetCreditLimit,
     SetCreditsAllowed,
     StartPeriod,
 )
 from creditgate.domain.decisions import ChargeRecord, RequestView, request_summary
+from creditgate.domain.holds import HoldTarget
 from creditgate.domain.ids import to_ms
 from creditgate.domain.license_events import CommandRecord
-from creditgate.domain.windows import item_windows
+from creditgate.domain.windows import item_windows, stored_item_windows, window_slots
 from creditgate.settings import Settings
 from creditgate.store.keys import Keys, OrgKeys
 
@@ -36,8 +39,9 @@ AnswerStatus = Literal["decided", "replay", "conflict"]
 # for the scripts' check that Redis has not forgotten it. None: no check (tools, tests).
 KnownSequences = Callable[[str], int] | None
 
-_FIXED_CHARGE_KEYS = 7  # KEYS before the windows in charge.lua
+_FIXED_CHARGE_KEYS = 10  # KEYS before the windows in charge.lua
 _CHARGE_ARGS = 8  # its ARGV
+_FIRST_REFUND_WINDOW = 12  # command.lua's first window key of a refund, from 1
 # organisations whose keys a packer keeps: building an organisation's keys and encoding
 # its fixed ones anew for every call cost a fifth of packing the call
 _PACKED_ORGS = 100_000
@@ -63,20 +67,31 @@ class ChargeCall:
     items: tuple[tuple[int, int | None], ...] = ()
     # the request as reports show it, stored beside its decision
     summary: str = "{}"
+    # a hold: how long until it expires (None: a charge)
+    hold_ms: int | None = None
+    # a hold resolved ("settle", "release", "expire"): ``request_id`` is the settlement's
+    # (the hold's for an expiry), the windows and items are the hold's, ``delivered`` the
+    # hold's items delivered (0-based; -1: none of them)
+    mode: Literal["charge", "settle", "release", "expire"] = "charge"
+    hold_request_id: str = ""
+    hold_fingerprint: str = ""
+    delivered: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, request: ChargeRequest, view: RequestView | None = None) -> ChargeCall:
+    def of(
+        cls,
+        request: ChargeRequest,
+        view: RequestView | None = None,
+        hold_seconds: tuple[int, int] = (900, 86_400),
+    ) -> ChargeCall:
         """``view``: the request's ``RequestView.of`` when the caller has already built it
-        (the worker renders from it too; building it costs a dump per item)."""
-        index: dict[str, int] = {}
-
-        def slot(name: str) -> int:
-            return index.setdefault(name, len(index))
-
-        items = [
-            (slot(window), None if company is None else slot(company))
-            for window, company in item_windows(request)
-        ]
+        (the worker renders from it too; building it costs a dump per item).
+        ``hold_seconds``: a hold's default and longest life (the settings')."""
+        windows, items = window_slots(item_windows(request))
+        hold_ms = None
+        if request.hold is not None:
+            default, longest = hold_seconds
+            hold_ms = min(request.hold.expires_in_seconds or default, longest) * 1000
         return cls(
             org_id=request.org_id,
             request_id=request.request_id,
@@ -86,9 +101,44 @@ class ChargeCall:
             partial=request.partial,
             max_credits=request.max_credits,
             verified_email_found=request.verified_email_found,
-            windows=tuple(index),
-            items=tuple(items),
+            windows=windows,
+            items=items,
             summary=request_summary(view or RequestView.of(request)),
+            hold_ms=hold_ms,
+        )
+
+    @classmethod
+    def resolving(
+        cls,
+        *,
+        org_id: str,
+        settlement_id: str,
+        hold_request_id: str,
+        mode: Literal["settle", "release", "expire"],
+        fingerprint: str,
+        target: HoldTarget,
+        preset_detail: str = "",
+    ) -> ChargeCall:
+        """A hold's settlement, release or expiry (``preset_detail``: an invalid one)."""
+        view = target.view
+        windows: tuple[str, ...] = ()
+        items: tuple[tuple[int, int | None], ...] = ()
+        if view is not None:
+            windows, items = window_slots(stored_item_windows(view.action, view.items))
+        return cls(
+            org_id=org_id,
+            request_id=settlement_id,
+            user_id="",
+            action=view.action if view is not None else Action.EXPORT,
+            fingerprint=fingerprint,
+            preset_reason="invalid_request" if preset_detail else "",
+            preset_detail=preset_detail,
+            windows=windows,
+            items=items,
+            mode=mode,
+            hold_request_id=hold_request_id,
+            hold_fingerprint=target.fingerprint,
+            delivered=target.delivered,
         )
 
     @classmethod
@@ -193,17 +243,31 @@ class ChargePacker:
         """
         evalsha = self._evalsha
         settings = self._settings
-        shared = _bulks(
-            (settings.repeat_window_ms, settings.idempotency_ttl_ms, self._thresholds, mode)
-        )
+        shared_of = {
+            each: _bulks(
+                (settings.repeat_window_ms, settings.idempotency_ttl_ms, self._thresholds, each)
+            )
+            for each in (mode, "settle", "release", "expire")
+        }
         packed = []
         for call in calls:
             org, fixed = self._org(call.org_id)
+            shared = shared_of[mode if call.mode == "charge" else call.mode]
+            if call.mode == "charge":
+                own = (org.request(call.request_id), org.history(call.user_id, call.action))
+            else:
+                # a resolution's own record (an expiry has none: the hold's again), and
+                # the hold's request where a charge has its history
+                hold = org.request(call.hold_request_id)
+                own = (hold if call.mode == "expire" else org.settlement(call.request_id), hold)
             keys = _bulks(
                 (
-                    org.request(call.request_id),
+                    own[0],
                     org.usage,
-                    org.history(call.user_id, call.action),
+                    own[1],
+                    org.limits,
+                    org.holds,
+                    org.hold_expiries,
                     *(org.window(name) for name in call.windows),
                 )
             )
@@ -213,20 +277,28 @@ class ChargePacker:
                 # counts from 1
                 item_keys.append(window + _FIXED_CHARGE_KEYS + 1)
                 item_keys.append(0 if company is None else company + _FIXED_CHARGE_KEYS + 1)
-            request = orjson.dumps(
-                [
-                    call.request_id,
-                    call.user_id,
-                    call.action,
-                    call.fingerprint,
-                    call.partial,
-                    call.max_credits,
-                    call.verified_email_found,
-                    call.preset_reason,
-                    call.preset_detail,
-                    item_keys,
+            fields: list[object] = [
+                call.request_id,
+                call.user_id,
+                call.action,
+                call.fingerprint,
+                call.partial,
+                call.max_credits,
+                call.verified_email_found,
+                call.preset_reason,
+                call.preset_detail,
+                item_keys,
+                call.hold_ms,
+            ]
+            if call.mode != "charge":
+                # the hold's request id, its fingerprint as read, and its items delivered
+                # (1-based; 0: none of them)
+                fields += [
+                    call.hold_request_id,
+                    call.hold_fingerprint,
+                    [index + 1 for index in call.delivered],
                 ]
-            )
+            request = orjson.dumps(fields)
             summary = call.summary.encode()
             n_keys = _FIXED_CHARGE_KEYS + len(call.windows)
             head = b"*%d\r\n%s%s%s%s" % (
@@ -296,8 +368,20 @@ def _command_keys_args(
         org.sequence,
         org.command(command.command_id),
         org.grants,
+        org.limits,
+        org.holds,
+        org.hold_expiries,
     ]
     sequence = "" if known is None else known(command.org_id)
+    if isinstance(command, Refund):
+        # the refunded request's usage, its stored decision and its windows (calls.py's
+        # window slots, as charge.lua had them), after the 7 keys every command has
+        target = command.target
+        command_keys += [
+            org.usage,
+            org.request(command.request_id),
+            *(org.window(name) for name in target.windows),
+        ]
     if isinstance(command, InvalidCommand):
         return command_keys, [
             now_ms,
@@ -332,6 +416,22 @@ def _command_keys_args(
             tail = [command.user_id]
         case SetCreditsAllowed():
             tail = [command.user_id, "1" if command.allowed else "0", command.set_by]
+        case SetCreditLimit():
+            limit = "" if command.limit is None else command.limit
+            tail = [command.user_id, limit, command.set_by]
+        case Refund():
+            target = command.target
+            # KEYS indexes, from 1: the windows are KEYS 10…
+            item_keys = [
+                k + _FIRST_REFUND_WINDOW if k is not None else 0
+                for pair in target.items
+                for k in pair
+            ]
+            tail = [
+                target.fingerprint,
+                orjson.dumps(item_keys).decode(),
+                orjson.dumps([i + 1 for i in target.named]).decode(),
+            ]
     return command_keys, head + tail
 
 

@@ -240,8 +240,9 @@ class CreditStore:
         async with unavailable_as("reading the organisation"):
             return await reads.org_exists(self._redis, self.keys.org(org_id))
 
-    async def members(self, org_id: str) -> tuple[dict[str, str], set[str]]:
-        """The members (user id -> role) and the users disallowed credits use."""
+    async def members(self, org_id: str) -> reads.Members:
+        """The members (user id -> role), the users disallowed credits use and the
+        members' credit limits."""
         async with unavailable_as("reading the members"):
             return await reads.members(self._redis, self.keys.org(org_id))
 

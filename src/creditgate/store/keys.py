@@ -56,8 +56,27 @@ class OrgKeys:
     def grants(self) -> str:
         return f"{self.base}:grants"
 
+    @cached_property
+    def limits(self) -> str:
+        """Members' credit limits per period: a hash, user_id -> credits (none: no limit)."""
+        return f"{self.base}:limits"
+
+    @cached_property
+    def holds(self) -> str:
+        """Open holds: a hash, request_id -> the hold (JSON), gone once it is resolved."""
+        return f"{self.base}:holds"
+
+    @cached_property
+    def hold_expiries(self) -> str:
+        """Holds not yet resolved by expiry: a zset of request_ids by expiry (ms)."""
+        return f"{self.base}:hold-exp"
+
     def request(self, request_id: str) -> str:
         return f"{self.base}:req:{request_id}"
+
+    def settlement(self, settlement_id: str) -> str:
+        """A hold's settlement or release: its stored outcome (``fp``, ``rec``)."""
+        return f"{self.base}:stl:{settlement_id}"
 
     def command(self, command_id: str) -> str:
         return f"{self.base}:cmd:{command_id}"
@@ -82,6 +101,13 @@ class Keys:
         return f"{self.prefix}:{{{org_id}}}"
 
     @property
+    def hold_sweep(self) -> str:
+        """The organisations with holds to expire (a zset, org_id -> the earliest expiry,
+        ms), for the worker's sweep (``store.holds``). It belongs to no organisation, so
+        it has no hash tag; the scripts never touch it."""
+        return f"{self.prefix}:hold-sweep"
+
+    @property
     def ledger_checkpoint(self) -> str:
         """The ledger checkpoint (a sorted set, ``<ledger topic>:<partition>`` scored by
         offset): every ledger entry below the offset is known to be in Redis
@@ -102,9 +128,21 @@ class Keys:
 RECORD_FINGERPRINT = "fp"
 RECORD = "rec"
 RECORD_REQUEST = "req"
+# a refunded request's refunded items (JSON, 1-based item indexes), written by
+# ``lua/command.lua``'s refund beside the stored decision, which stays as decided
+RECORD_REFUNDED = "ref"
+# a hold's resolution (the settle, release or expiry record), written by
+# ``lua/charge.lua`` beside the hold's stored decision
+RECORD_RESOLUTION = "res"
 
-# Usage metrics counted per period, user and action.
-USAGE_METRICS = ("credits", "requests", "saved", "rejected")
+# Usage metrics counted per period, user and action. What a member's credit limit
+# counts is credits + held - refunded over every action (``lua/charge.lua``).
+USAGE_METRICS = ("credits", "requests", "saved", "rejected", "refunded", "held")
+
+# A member's "credit limit reached" notification of the period is remembered on the
+# license hash (which a new period replaces) under this prefix and the user id, as
+# ``insufficient_notified`` is: ``lua/charge.lua``, ``store/restore.py``.
+LIMIT_NOTIFIED_PREFIX = "uln:"
 
 
 class UsageFields:

@@ -16,7 +16,14 @@ import orjson
 from creditgate.domain.decisions import ChargeRecord
 from creditgate.domain.ids import rfc3339
 from creditgate.store.client import RedisClient
-from creditgate.store.keys import RECORD, RECORD_REQUEST, USAGE_METRICS, OrgKeys, UsageFields
+from creditgate.store.keys import (
+    RECORD,
+    RECORD_REFUNDED,
+    RECORD_REQUEST,
+    USAGE_METRICS,
+    OrgKeys,
+    UsageFields,
+)
 
 # per user of a period, in order of first use: per action, its metrics' counts (a user
 # listed without counts has no actions)
@@ -30,6 +37,8 @@ class StoredDecision:
 
     record: ChargeRecord
     summary: str | None
+    # the 0-based indexes of its items refunded since (``charge.refund``)
+    refunded: tuple[int, ...] = ()
 
 
 async def org_exists(client: RedisClient, keys: OrgKeys) -> bool:
@@ -37,13 +46,28 @@ async def org_exists(client: RedisClient, keys: OrgKeys) -> bool:
     return bool(await client.exists(keys.license, keys.members))
 
 
-async def members(client: RedisClient, keys: OrgKeys) -> tuple[dict[str, str], set[str]]:
-    """The organisation's members (user id -> role) and those disallowed credits use."""
+@dataclass(frozen=True)
+class Members:
+    """An organisation's members (user id -> role), those disallowed credits use, and
+    the members' credit limits per period (user id -> credits; none: no limit)."""
+
+    roles: dict[str, str]
+    disallowed: set[str]
+    limits: dict[str, int]
+
+
+async def members(client: RedisClient, keys: OrgKeys) -> Members:
+    """The organisation's members, read in one round trip (``Members``)."""
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.members)
     pipe.smembers(keys.disallowed)
-    roles, disallowed = await pipe.execute()
-    return {str(u): str(r) for u, r in roles.items()}, {str(u) for u in disallowed}
+    pipe.hgetall(keys.limits)
+    roles, disallowed, limits = await pipe.execute()
+    return Members(
+        {str(u): str(r) for u, r in roles.items()},
+        {str(u) for u in disallowed},
+        {str(u): int(c) for u, c in limits.items()},
+    )
 
 
 async def current_period(client: RedisClient, keys: OrgKeys) -> str | None:
@@ -110,10 +134,11 @@ async def stored_decisions(
         return []
     pipe = client.pipeline(transaction=False)
     for request_id in request_ids:
-        pipe.hmget(keys.request(request_id), RECORD, RECORD_REQUEST)
+        pipe.hmget(keys.request(request_id), RECORD, RECORD_REQUEST, RECORD_REFUNDED)
     stored = await pipe.execute()
     return [
-        None if raw is None else StoredDecision(_record(raw), summary) for raw, summary in stored
+        None if raw is None else StoredDecision(_record(raw), summary, _refunded(refunded))
+        for raw, summary, refunded in stored
     ]
 
 
@@ -121,10 +146,14 @@ async def stored_decision(
     client: RedisClient, keys: OrgKeys, request_id: str
 ) -> StoredDecision | None:
     """One request's stored decision (None: none)."""
-    raw, summary = await client.hmget(keys.request(request_id), [RECORD, RECORD_REQUEST])
+    raw, summary, refunded = await client.hmget(
+        keys.request(request_id), [RECORD, RECORD_REQUEST, RECORD_REFUNDED]
+    )
     if not isinstance(raw, str):
         return None
-    return StoredDecision(_record(raw), summary if isinstance(summary, str) else None)
+    return StoredDecision(
+        _record(raw), summary if isinstance(summary, str) else None, _refunded(refunded)
+    )
 
 
 async def credits(
@@ -135,6 +164,7 @@ async def credits(
     if not raw:
         return None
     credits, granted, balance = int(raw["credits"]), int(raw["granted"]), int(raw["balance"])
+    held = int(raw.get("held", 0))  # by open holds: taken from the balance, not charged
     starts, ends = int(raw["starts_ms"]), int(raw["ends_ms"])
     return {
         "org_id": org_id,
@@ -144,9 +174,15 @@ async def credits(
         "active": starts <= now_ms < ends,
         "period_credits": credits,
         "granted": granted,
-        "used": credits + granted - balance,
+        "used": credits + granted - balance - held,
+        "held": held,
         "remaining": balance,
     }
+
+
+def _refunded(raw: str | bytes | None) -> tuple[int, ...]:
+    found = orjson.loads(raw) if isinstance(raw, str | bytes) else []
+    return tuple(int(i) - 1 for i in found) if isinstance(found, list) else ()
 
 
 def _record(raw: str) -> ChargeRecord:

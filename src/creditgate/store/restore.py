@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from creditgate.store.keys import (
+    LIMIT_NOTIFIED_PREFIX,
     UsageFields,
 )
 
@@ -92,11 +93,23 @@ class OrgState:
     members: dict[str, str] = field(default_factory=dict)
     disallowed: set[str] = field(default_factory=set)
     grants: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
     usage: dict[str, int | str] = field(default_factory=dict)
     requests: dict[str, StoredRecord] = field(default_factory=dict)
     commands: dict[str, StoredRecord] = field(default_factory=dict)
     history: dict[tuple[str, str], History] = field(default_factory=dict)
     windows: dict[str, int] = field(default_factory=dict)
+    # refunds: per refunded request, its refunded items (the ``ref`` field, JSON), and
+    # the windows refunds closed (deleted when healing: Redis may still have them)
+    refunds: dict[str, str] = field(default_factory=dict)
+    closed_windows: set[str] = field(default_factory=set)
+    # holds: the open ones (request_id -> JSON), those not yet expired by the sweep
+    # (request_id -> expiry), resolutions beside the hold's decision (the ``res`` field,
+    # JSON) and settlements' own records
+    holds: dict[str, str] = field(default_factory=dict)
+    hold_expiries: dict[str, int] = field(default_factory=dict)
+    resolutions: dict[str, str] = field(default_factory=dict)
+    settlements: dict[str, StoredRecord] = field(default_factory=dict)
     # entries whose balance_after disagrees with the fold: a gap or a damaged ledger
     inconsistencies: list[str] = field(default_factory=list)
 
@@ -106,6 +119,8 @@ class OrgState:
         try:
             if "command_type" in entry:
                 self._command(entry)
+            elif str(entry["kind"]).startswith("hold_"):
+                self._resolution(entry)
             else:
                 self._charge(entry)
         except (KeyError, TypeError, ValueError) as exc:
@@ -142,20 +157,32 @@ class OrgState:
         )
         self.history.setdefault((user, action), History()).add(request_id, at, floor, expires)
         usage = UsageFields.counter_prefix(period, user, action)
-        if decision["status"] != "approved":
+        if decision["status"] not in ("approved", "held"):
             # reject(): counted against the period the request was decided in, if any
             if period:
                 self._count(usage + "rejected", 1)
         else:
-            charged, saved = int(decision["credits"]), int(decision.get("saved", 0))
+            held = decision["status"] == "held"
+            charged = int(decision["held"] if held else decision["credits"])
+            saved = int(decision.get("saved", 0))
             for window in entry.get("windows", []):
                 self._open_window(window["window"], int(window["ends_at_ms"]))
             if charged > 0 and self.license is not None:
                 self._add(self.license, "balance", -charged)
-            self._count(usage + "credits", charged)
+                if held:
+                    self._add(self.license, "held", charged)
+            self._count(usage + ("held" if held else "credits"), charged)
             self._count(usage + "requests", 1)
             if saved > 0:
                 self._count(usage + "saved", saved)
+            if held:
+                # HSET holds <id> {exp, credits, user, action, period}; ZADD expiries
+                expires = int(decision["hold_exp"])
+                self.holds[request_id] = _json(
+                    {"exp": expires, "credits": charged, "user": user, "action": action}
+                    | {"period": period}
+                )
+                self.hold_expiries[request_id] = expires
         # notes that the script also remembered on the license, once per period
         for note in _as_list(decision.get("notes")):
             if self.license is None:
@@ -164,9 +191,50 @@ class OrgState:
                 self.license["insufficient_notified"] = "1"
             elif note.get("type") == "credits.threshold_reached":
                 self.license[f"thr:{int(note['threshold'])}"] = "1"
+            elif note.get("type") == "credits.user_limit_reached":
+                self.license[LIMIT_NOTIFIED_PREFIX + user] = "1"
+
+    def _resolution(self, entry: Mapping[str, Any]) -> None:
+        """charge.lua's settle, release or expire."""
+        decision, hold_id = entry["decision"], entry["request_id"]
+        at = int(decision["at"])
+        settlement_id = entry.get("settlement_id")
+        if settlement_id:
+            # the settlement's own record (HSET stl:<id> fp rec; PEXPIRE ttl)
+            stored = StoredRecord(decision["fp"], _json(decision), None, at)
+            self._remember(self.settlements, settlement_id, stored)
+        if decision["status"] == "rejected":
+            return
+        self.resolutions[hold_id] = _json(decision)
+        self.holds.pop(hold_id, None)
+        # an expiry leaves its hold there until the sweep has published it; that it is
+        # on the ledger means it was published
+        self.hold_expiries.pop(hold_id, None)
+        for window in entry.get("windows", []):
+            self._open_window(window["window"], int(window["ends_at_ms"]))
+        delta = int(decision.get("delta", 0))
+        if delta and self.license is not None:
+            self._add(self.license, "balance", delta)
+        charged, released = int(decision["credits"]), int(decision.get("released", 0))
+        same_period = (
+            self.license is not None and self.license["period_id"] == decision["hold_period"]
+        )
+        if same_period and charged + released > 0:
+            assert self.license is not None
+            self._add(self.license, "held", -(charged + released))
+        usage = UsageFields.counter_prefix(
+            decision["hold_period"], decision["user"], decision["action"]
+        )
+        if charged + released:
+            self._count(usage + "held", -(charged + released))
+        if charged:
+            self._count(usage + "credits", charged)
+        if int(decision.get("saved", 0)):
+            self._count(usage + "saved", int(decision["saved"]))
 
     def _open_window(self, name: str, ends_ms: int) -> None:
         # SET <window> <end> PXAT <end>: a window that has ended is gone
+        self.closed_windows.discard(name)
         if ends_ms > self.now_ms:
             self.windows[name] = ends_ms
         else:
@@ -187,6 +255,9 @@ class OrgState:
             return  # a rejected command changed nothing else
         match kind:
             case "license.start_period":
+                # every open hold is due now (ZADD expiries now <id>)
+                for hold_id in self.hold_expiries:
+                    self.hold_expiries[hold_id] = int(decision["at"])
                 # DEL license; HSET the new period: flags of the old period go with it
                 state = decision["state"]
                 self.license = {
@@ -207,11 +278,31 @@ class OrgState:
             case "member.remove":
                 self.members.pop(body["user_id"], None)
                 self.disallowed.discard(body["user_id"])
+                self.limits.pop(body["user_id"], None)
             case "member.set_credits_allowed":
                 if body["allowed"]:
                     self.disallowed.discard(body["user_id"])
                 else:
                     self.disallowed.add(body["user_id"])
+            case "charge.refund":
+                # command.lua's refund: the credits back, the request's refunded items,
+                # the windows closed and the refunded counter of the request's period
+                credits, request = int(decision["delta"]), decision["request"]
+                if self.license is not None:
+                    self._add(self.license, "balance", credits)
+                usage = UsageFields.counter_prefix(
+                    request["period"], request.get("user_id") or "", request["action"]
+                )
+                self._count(usage + "refunded", credits)
+                self.refunds[body["request_id"]] = _json(_as_list(decision["refunded_all"]))
+                for name in entry.get("windows_closed", []):
+                    self.windows.pop(name, None)
+                    self.closed_windows.add(name)
+            case "member.set_credit_limit":
+                if body["limit"] is None:
+                    self.limits.pop(body["user_id"], None)
+                else:
+                    self.limits[body["user_id"]] = str(int(body["limit"]))
             case _:
                 self.inconsistencies.append(f"sequence {entry['sequence']}: unknown {kind}")
 
@@ -273,7 +364,10 @@ class OrgState:
             self.members,
             self.disallowed,
             self.grants,
+            self.limits,
             self.usage,
+            self.holds,
+            self.hold_expiries,
             self.sequence,
         ]
         live_history = sum(1 for h in self.history.values() if self.history_ttl(h) > 0)
@@ -281,6 +375,7 @@ class OrgState:
             sum(1 for s in singles if s)
             + len(self.requests)
             + len(self.commands)
+            + len(self.settlements)
             + len(self.windows)
             + live_history
         )

@@ -14,7 +14,10 @@ from creditgate.store.client import RedisClient
 from creditgate.store.keys import (
     RECORD,
     RECORD_FINGERPRINT,
+    RECORD_REFUNDED,
     RECORD_REQUEST,
+    RECORD_RESOLUTION,
+    Keys,
     OrgKeys,
     UsageFields,
 )
@@ -31,6 +34,13 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         yield ("SADD", keys.disallowed, *sorted(state.disallowed))
     if state.grants:
         yield ("HSET", keys.grants, *_flat(state.grants))
+    if state.limits:
+        yield ("HSET", keys.limits, *_flat(state.limits))
+    if state.holds:
+        yield ("HSET", keys.holds, *_flat(state.holds))
+    if state.hold_expiries:
+        scores = [part for rid, exp in state.hold_expiries.items() for part in (exp, rid)]
+        yield ("ZADD", keys.hold_expiries, *scores)
     if state.sequence:
         yield ("SET", keys.sequence, str(state.sequence))
     if state.usage:
@@ -40,8 +50,23 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
         if stored.summary is not None:
             fields[RECORD_REQUEST] = stored.summary
+        if request_id in state.refunds:
+            fields[RECORD_REFUNDED] = state.refunds[request_id]
+        if request_id in state.resolutions:
+            fields[RECORD_RESOLUTION] = state.resolutions[request_id]
         yield ("HSET", keys.request(request_id), *_flat(fields))
         yield ("PEXPIRE", keys.request(request_id), state.expiry(stored) - now)
+    # healing: fields added to records Redis kept (heal_org checks they are there)
+    for request_id, refunded in state.refunds.items():
+        if request_id not in state.requests:
+            yield ("HSET", keys.request(request_id), RECORD_REFUNDED, refunded)
+    for request_id, resolution in state.resolutions.items():
+        if request_id not in state.requests:
+            yield ("HSET", keys.request(request_id), RECORD_RESOLUTION, resolution)
+    for settlement_id, stored in state.settlements.items():
+        fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
+        yield ("HSET", keys.settlement(settlement_id), *_flat(fields))
+        yield ("PEXPIRE", keys.settlement(settlement_id), stored.decided_ms + ttl - now)
     for command_id, stored in state.commands.items():
         fields = {RECORD_FINGERPRINT: stored.fingerprint, RECORD: stored.record}
         yield ("HSET", keys.command(command_id), *_flat(fields))
@@ -55,6 +80,8 @@ def _commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[An
         yield ("PEXPIRE", keys.history(user, action), left)
     for name, ends in state.windows.items():
         yield ("SET", keys.window(name), str(ends), "PXAT", ends + skew_ms)
+    if state.closed_windows:
+        yield ("DEL", *(keys.window(name) for name in sorted(state.closed_windows)))
 
 
 def _flat(mapping: Mapping[str, str]) -> list[str]:
@@ -97,6 +124,10 @@ async def write_org(
     workers stopped, so nobody reads a half-written organisation, and a huge
     organisation never becomes one huge MULTI.
     """
+    # a refunded or resolved request whose record has expired by now: nothing to mark
+    for marks in (state.refunds, state.resolutions):
+        for request_id in [r for r in marks if r not in state.requests]:
+            del marks[request_id]
     pipe = client.pipeline(transaction=False)
     queued = 0
     for command in _commands(keys, state, skew_ms):
@@ -135,6 +166,10 @@ async def _read_aggregates(client: Any, keys: OrgKeys, state: OrgState) -> None:
     state.members = dict(await client.hgetall(keys.members))
     state.disallowed = set(await client.smembers(keys.disallowed))
     state.grants = dict(await client.hgetall(keys.grants))
+    state.limits = dict(await client.hgetall(keys.limits))
+    state.holds = dict(await client.hgetall(keys.holds))
+    found = await client.zrange(keys.hold_expiries, 0, -1, withscores=True)
+    state.hold_expiries = {str(member): int(score) for member, score in found}
     state.usage = {
         # "<period>|*users" lists users; every other field is a count (or a marker, 1)
         name: value if UsageFields.is_users(name) else int(value)
@@ -144,7 +179,17 @@ async def _read_aggregates(client: Any, keys: OrgKeys, state: OrgState) -> None:
 
 def _heal_commands(keys: OrgKeys, state: OrgState, skew_ms: int) -> Iterator[tuple[Any, ...]]:
     # a member removed or a flag cleared by a missing entry must go: the whole keys anew
-    yield ("DEL", keys.license, keys.members, keys.disallowed, keys.grants, keys.usage)
+    yield (
+        "DEL",
+        keys.license,
+        keys.members,
+        keys.disallowed,
+        keys.grants,
+        keys.limits,
+        keys.usage,
+        keys.holds,
+        keys.hold_expiries,
+    )
     yield from _commands(keys, state, skew_ms)
 
 
@@ -178,12 +223,26 @@ async def heal_org(
                 await _read_aggregates(pipe, keys, state)
                 for entry in missing:
                     state.apply(entry)
+                # a refund or resolution of a request decided before the missing
+                # entries: its record is marked only if Redis still has it (never a
+                # record of one field)
+                for marks in (state.refunds, state.resolutions):
+                    for request_id in [r for r in marks if r not in state.requests]:
+                        if not await pipe.exists(keys.request(request_id)):
+                            del marks[request_id]
                 pipe.multi()  # type: ignore[no-untyped-call]
                 for command in _heal_commands(keys, state, skew_ms):
                     pipe.execute_command(*command)
                 await pipe.execute()
             except WatchError:
                 continue  # decided or healed meanwhile: read it again
+            if state.hold_expiries:
+                # the sweep's index may have been forgotten with the rest
+                await client.zadd(
+                    Keys(keys.prefix).hold_sweep,
+                    {keys.org_id: min(state.hold_expiries.values())},
+                    lt=True,
+                )
             return HealedOrg(
                 keys.org_id, before, len(missing), inconsistencies=tuple(state.inconsistencies)
             )

@@ -9,7 +9,7 @@ record larger than the bound is a batch of its own.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -26,6 +26,9 @@ class Decided:
 
     outgoing: list[Outgoing]
     sequences: dict[str, int]
+    # per organisation, holds expired in the batch: out of the sweep's index once it is
+    # published (``Decider.expired_published``)
+    expired: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,10 @@ class Batch:
     commands: list[Incoming]
     sent_at: list[int]  # the charge requests' Kafka timestamps (ms), for the metrics
     size: int = 0  # bytes of the input values
+    settlements: list[Incoming] = field(default_factory=list)  # of holds
 
     def __len__(self) -> int:
-        return len(self.charges) + len(self.commands)
+        return len(self.charges) + len(self.commands) + len(self.settlements)
 
     @classmethod
     def joined(cls, parts: Sequence[Batch]) -> Batch:
@@ -61,6 +65,7 @@ class Batch:
             [c for p in parts for c in p.commands],
             [t for p in parts for t in p.sent_at],
             sum(p.size for p in parts),
+            [s for p in parts for s in p.settlements],
         )
 
 

@@ -133,6 +133,13 @@ class CreditgateClient:
         await self.send(t.LICENSE_COMMANDS, body)
         return await self.wait_for(t.LICENSE_EVENTS, "command_id", body["command_id"], timeout)
 
+    async def settlement(self, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Publish a hold's settlement or release and wait for its outcome."""
+        await self.send(t.HOLD_SETTLEMENTS, body)
+        return await self.wait_for(
+            t.CHARGE_RESULTS, "settlement_id", body["settlement_id"], timeout
+        )
+
     # ---- waiting -----------------------------------------------------------------
 
     async def wait_for(

@@ -49,12 +49,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from mode import Service
 
 from creditgate.connections import aiokafka_options
@@ -127,7 +128,12 @@ class DecisionLoop(Service):
         self._metrics = metrics
         self._registry = registry
         self._commands = registry.name(t.LICENSE_COMMANDS)
-        self._topics = [registry.name(n) for n in t.REQUEST_ACTIONS] + [self._commands]
+        self._settlements = registry.name(t.HOLD_SETTLEMENTS)
+        self._topics = [registry.name(n) for n in t.REQUEST_ACTIONS] + [
+            self._commands,
+            self._settlements,
+        ]
+        self._next_sweep = 0.0  # monotonic time the hold sweep is due
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._publisher: Publisher | None = None
@@ -157,7 +163,10 @@ class DecisionLoop(Service):
         # checks its messages against, what the clients must fetch and send
         limits = await read_limits(self._settings, self._registry)
         outputs = [self._registry.name(n) for n in t.OUTPUTS]
-        inputs = [self._registry.name(n) for n in (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS)]
+        inputs = [
+            self._registry.name(n)
+            for n in (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS, t.HOLD_SETTLEMENTS)
+        ]
         # acks=all: a decision counts as published once every in-sync replica has it (at
         # least min.insync.replicas of them). Idempotent: a send retried after a lost
         # acknowledgement (a broker failing over) is written once, not twice.
@@ -236,6 +245,10 @@ class DecisionLoop(Service):
             await _at_most(_STOP_STEP_SECONDS, "closing the producer", self._producer.stop())
         if self._guard is not None:
             await _at_most(_STOP_STEP_SECONDS, "closing the ledger reader", self._guard.stop())
+        if self._processor.sweep is not None:
+            await _at_most(
+                _STOP_STEP_SECONDS, "closing the hold sweep", self._processor.sweep.close()
+            )
         self._cancel_publishing()  # one started meanwhile would only retry, unheard
 
     @Service.task
@@ -279,9 +292,13 @@ class DecisionLoop(Service):
     async def _decide_and_publish(self) -> None:
         while not self.should_stop:
             try:
-                await asyncio.wait_for(self._parts_ready.wait(), _IDLE_CHECK_SECONDS)
+                await asyncio.wait_for(
+                    self._parts_ready.wait(),
+                    min(_IDLE_CHECK_SECONDS, self._settings.hold_sweep_seconds),
+                )
             except TimeoutError:
                 await self._while_idle()
+                await self._expire_while_idle()
                 continue
             parts = self._take_parts()
             async with self._in_batch:
@@ -319,6 +336,52 @@ class DecisionLoop(Service):
             except Exception as exc:  # noqa: BLE001 - the next batch meets it and retries
                 log.info("idle check of Redis against the ledger failed: %s", exc)
 
+    async def _expire_while_idle(self) -> None:
+        """No batch for a while: expire the holds that are due and publish their
+        hold.expired, so no traffic is needed for a hold to run out. A failure (Redis or
+        the broker away) is met again at the next sweep, which finds the same holds."""
+        if not self._sweep_due():
+            return
+        async with self._in_batch:
+            if self.should_stop:
+                return
+            try:
+                await self._published()
+                processor = self._processor
+                processor.take_rendered_sequences()
+                out, expired = await processor.expire_due(self._owned())
+                if not out and not any(expired.values()):
+                    if expired:
+                        await processor.expired_published(expired)
+                    return
+                assert self._publisher is not None  # created before the stages start
+                await self._publisher.until_published(out, 0)
+                if self._guard is not None:
+                    self._guard.published(
+                        processor.take_rendered_sequences(), self._publisher.take_ledger_written()
+                    )
+                await processor.expired_published(expired)
+            except RedisMayHaveForgotten as exc:
+                if self._guard is not None:
+                    self._guard.heal_due(exc.orgs)
+            except Exception as exc:  # noqa: BLE001 - the next sweep finds the same holds
+                log.info("expiring holds while idle failed: %s", exc)
+
+    def _owned(self) -> Callable[[str], bool]:
+        """Whether an organisation's requests come to this worker: its key's partition
+        (as Kafka's default partitioner picks it) is assigned here."""
+        topic = self._registry.name(t.EXPORT_REQUESTS)
+        count = self._registry.specs[t.EXPORT_REQUESTS].partitions
+        mine = {tp.partition for tp in self._require_consumer().assignment() if tp.topic == topic}
+        return lambda org_id: (murmur2(org_id.encode()) & 0x7FFFFFFF) % count in mine
+
+    def _sweep_due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + self._settings.hold_sweep_seconds
+        return True
+
     def _take_parts(self) -> list[Batch]:
         """Everything prepared since the second stage last took: one batch."""
         parts, self._parts, self._waiting, self._waiting_bytes = self._parts, [], 0, 0
@@ -342,10 +405,13 @@ class DecisionLoop(Service):
     def _prepare(self, fetched: Fetched, generation: int) -> Batch:
         charges: list[Incoming] = []
         commands: list[Incoming] = []
+        settlements: list[Incoming] = []
         sent_at: list[int] = []
         for tp, records in fetched.items():
             if tp.topic == self._commands:
                 commands.extend(incoming(records))
+            elif tp.topic == self._settlements:
+                settlements.extend(incoming(records))
             else:
                 charges.extend(incoming(records))
                 sent_at.extend(r.timestamp for r in records)
@@ -356,6 +422,7 @@ class DecisionLoop(Service):
             commands,
             sent_at,
             sum(value_bytes(r) for records in fetched.values() for r in records),
+            settlements,
         )
 
     async def _decide(self, batch: Batch) -> Decided:
@@ -371,6 +438,15 @@ class DecisionLoop(Service):
                 out = await processor.apply(batch.commands) if batch.commands else []
                 if batch.charges:
                     out += await processor.decide_prepared(batch.charges)
+                # settlements after the charges: a hold and its settlement in one batch
+                # are decided in that order
+                if batch.settlements:
+                    out += await processor.settle(batch.settlements)
+                expired: dict[str, list[str]] = {}
+                if self._sweep_due():
+                    found, expired = await processor.expire_due(self._owned())
+                    out += found
+                await processor.note_holds()
             except RedisMayHaveForgotten as exc:
                 # nothing was decided for those organisations: heal, then the whole batch
                 # again (what it did decide comes back as replays, identical)
@@ -378,13 +454,17 @@ class DecisionLoop(Service):
                 assert self._guard is not None  # only a guarded store raises it
                 self._guard.heal_due(exc.orgs)
                 continue
-            return Decided(out, processor.take_rendered_sequences())
+            return Decided(out, processor.take_rendered_sequences(), expired)
 
     async def _publish(self, batch: Batch, decided: Decided) -> None:
         assert self._publisher is not None  # created before the stages start
         await self._publisher.until_published(decided.outgoing, len(batch))
         if self._guard is not None:
             self._guard.published(decided.sequences, self._publisher.take_ledger_written())
+        try:
+            await self._processor.expired_published(decided.expired)
+        except Exception as exc:  # noqa: BLE001 - the next sweep publishes them again
+            log.info("noting expired holds failed: %s", exc)
         self._offsets.done(batch.next_offsets)
         self._commit_due.set()
         self._observe(batch)

@@ -8,24 +8,34 @@ the benchmark.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from creditgate.domain.charges import Action, ChargeRequest
 from creditgate.domain.clock import Clock
-from creditgate.domain.commands import LicenseCommand
+from creditgate.domain.commands import LicenseCommand, Refund
 from creditgate.domain.decisions import (
     RequestView,
+)
+from creditgate.domain.holds import (
+    HOLD_SETTLE,
+    HoldSettlement,
+    HoldTarget,
+    SettlementView,
+    delivered_indexes,
 )
 from creditgate.domain.ids import rfc3339
 from creditgate.domain.intake import (
     InvalidLicenseCommand,
     InvalidRequest,
+    InvalidSettlement,
     Unreadable,
     read_charge_request,
+    read_hold_settlement,
     read_license_command,
 )
 from creditgate.domain.license_events import (
@@ -37,6 +47,7 @@ from creditgate.domain.outgoing import (
     charge_messages,
     command_messages,
     dead_letter,
+    hold_messages,
 )
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
@@ -48,6 +59,7 @@ from creditgate.store.calls import (
     PreparedCall,
 )
 from creditgate.store.gateway import CreditStore
+from creditgate.store.holds import HoldSweepIndex
 from creditgate.stream import topics as t
 from creditgate.stream.topics import TopicRegistry
 
@@ -89,10 +101,16 @@ class Decider:
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         known: KnownSequences = None,
+        sweep: HoldSweepIndex | None = None,
     ) -> None:
         """``known``: each organisation's last published ledger sequence, for the scripts'
-        check that Redis has not forgotten it (the worker's; None: no check)."""
+        check that Redis has not forgotten it (the worker's; None: no check).
+        ``sweep``: the index of organisations with holds to expire (None: holds are
+        neither noted nor expired, for tools and tests that do not need it)."""
         self.store = store
+        self.sweep = sweep
+        # per organisation, the earliest expiry of the holds rendered since the last take
+        self._holds_due: dict[str, int] = {}
         self._known = known
         # per organisation, the highest ledger sequence rendered since the last take
         self._rendered: dict[str, int] = {}
@@ -100,6 +118,7 @@ class Decider:
         self.settings = settings
         self.clock = clock or Clock(settings.clock_offset_seconds)
         self._window_days = settings.repeat_window_days
+        self._hold_seconds = (settings.hold_default_seconds, settings.hold_max_seconds)
         self._actions = {
             registry.name(logical): action for logical, action in t.REQUEST_ACTIONS.items()
         }
@@ -131,7 +150,7 @@ class Decider:
                 continue
             if isinstance(read, ChargeRequest):
                 view = RequestView.of(read)
-                call = ChargeCall.of(read, view)
+                call = ChargeCall.of(read, view, self._hold_seconds)
                 views.append(view)
             else:
                 call = self._invalid_call(read, action)
@@ -163,6 +182,8 @@ class Decider:
             )
             if answer.status != "conflict":
                 self._rendered_sequence(views[i].org_id, record.sequence)
+                if record.is_hold and record.hold_expires_ms is not None:
+                    self._hold_due(views[i].org_id, record.hold_expires_ms)
 
         started = time.perf_counter()
         answers = await self.store.charge_packed(calls, now, render, self._known)
@@ -249,6 +270,13 @@ class Decider:
                     )
                 )
                 commands.append(read)
+        commands = await aim_refunds(self.store, commands)
+        views = [
+            dataclasses.replace(view, windows=command.target.windows)
+            if isinstance(command, Refund)
+            else view
+            for view, command in zip(views, commands, strict=True)
+        ]
         now = self.clock.now_ms()
         started = time.perf_counter()
         answers = await self.store.apply_commands(commands, now, self._known)
@@ -266,6 +294,175 @@ class Decider:
             out.extend(command_messages(self._topics, view, answer.status, record, now))
             if answer.status != "conflict":
                 self._rendered_sequence(view.org_id, record.sequence)
+                if int(record.raw.get("holds_ended", 0)):
+                    self._hold_due(view.org_id, now)  # a new period ends its holds now
+        return out
+
+    # ---- holds: settled, released, expired ----------------------------------------
+
+    async def settle(self, batch: Sequence[Incoming]) -> list[Outgoing]:
+        """Decide a batch of settlements and releases of holds, one Redis round trip (and
+        one read of the holds they name before it)."""
+        out: list[Outgoing] = []
+        reads: list[HoldSettlement | InvalidSettlement] = []
+        for message in batch:
+            read = read_hold_settlement(message.value)
+            if isinstance(read, Unreadable):
+                out.append(self._dead_letter(message, read.error))
+            else:
+                reads.append(read)
+        if len(batch) > len(reads):
+            self.metrics.dead_letters.labels("settlements").inc(len(batch) - len(reads))
+        holds = await self._read_holds([(r.org_id, r.request_id) for r in reads])
+        views: list[SettlementView] = []
+        calls: list[ChargeCall] = []
+        for read in reads:
+            fingerprint, hold = holds.get((read.org_id, read.request_id), ("", None))
+            if isinstance(read, InvalidSettlement):
+                target = HoldTarget(fingerprint, hold)
+                calls.append(
+                    ChargeCall.resolving(
+                        org_id=read.org_id,
+                        settlement_id=read.settlement_id,
+                        hold_request_id=read.request_id,
+                        mode="release",
+                        fingerprint=read.fingerprint,
+                        target=target,
+                        preset_detail=read.detail,
+                    )
+                )
+                views.append(SettlementView(read.org_id, read.request_id, read.settlement_id, hold))
+                continue
+            delivered = () if hold is None else delivered_indexes(read, hold)
+            calls.append(
+                ChargeCall.resolving(
+                    org_id=read.org_id,
+                    settlement_id=read.settlement_id,
+                    hold_request_id=read.request_id,
+                    mode="settle" if read.type == HOLD_SETTLE else "release",
+                    fingerprint=read.fingerprint(),
+                    target=HoldTarget(fingerprint, hold, delivered),
+                )
+            )
+            body = read.model_dump(mode="json", exclude_none=True)
+            views.append(
+                SettlementView(read.org_id, read.request_id, read.settlement_id, hold, body)
+            )
+        out += await self._resolve(views, calls)
+        return out
+
+    async def expire_due(
+        self, owned: Callable[[str], bool] | None = None
+    ) -> tuple[list[Outgoing], dict[str, list[str]]]:
+        """The holds whose expiry has come, expired (or their stored expiry, when it was
+        decided before but maybe not published): what to publish, and per organisation
+        the holds to take out of the sweep's index once it is published.
+
+        ``owned``: whether this worker decides an organisation (its partition is
+        assigned here), so that an organisation's expiries come from the worker that
+        decides its requests, in order with them; None: every organisation."""
+        if self.sweep is None:
+            return [], {}
+        now = self.clock.now_ms()
+        due = await self.sweep.due(now, orgs=1000, holds=1000)
+        if owned is not None:
+            due = {org_id: ids for org_id, ids in due.items() if owned(org_id)}
+        pairs = [(org_id, hold_id) for org_id, ids in due.items() for hold_id in ids]
+        holds = await self._read_holds(pairs)
+        views: list[SettlementView] = []
+        calls: list[ChargeCall] = []
+        for org_id, hold_id in pairs:
+            fingerprint, hold = holds.get((org_id, hold_id), ("", None))
+            calls.append(
+                ChargeCall.resolving(
+                    org_id=org_id,
+                    settlement_id=hold_id,
+                    hold_request_id=hold_id,
+                    mode="expire",
+                    fingerprint="",
+                    target=HoldTarget(fingerprint, hold),
+                )
+            )
+            views.append(SettlementView(org_id, hold_id, None, hold))
+        statuses: list[str] = []
+        out = await self._resolve(views, calls, statuses)
+        done: dict[str, list[str]] = {org_id: [] for org_id in due}
+        for (org_id, hold_id), status in zip(pairs, statuses, strict=True):
+            if status != "notdue":
+                done[org_id].append(hold_id)
+        return out, done
+
+    async def expired_published(self, done: dict[str, list[str]]) -> None:
+        """The expiries of ``expire_due`` are on the broker: out of the sweep's index."""
+        if self.sweep is not None:
+            await self.sweep.expired(done)
+
+    async def note_holds(self) -> None:
+        """Note the holds rendered since the last call in the sweep's index (before their
+        batch is acknowledged: a crash before this replays the batch, which notes them)."""
+        due, self._holds_due = self._holds_due, {}
+        if self.sweep is not None and due:
+            await self.sweep.note(due)
+
+    def _hold_due(self, org_id: str, expires_ms: int) -> None:
+        if expires_ms < self._holds_due.get(org_id, expires_ms + 1):
+            self._holds_due[org_id] = expires_ms
+
+    async def _read_holds(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[str, RequestView]]:
+        """The stored decisions of the holds named (org, request_id): its fingerprint and
+        its request, per hold found. The scripts' KEYS name the hold's windows, which
+        only its stored items tell; the script checks it is still the decision read."""
+        wanted: dict[str, list[str]] = {}
+        for org_id, request_id in pairs:
+            if request_id:
+                wanted.setdefault(org_id, []).append(request_id)
+        found: dict[tuple[str, str], tuple[str, RequestView]] = {}
+        for org_id, request_ids in wanted.items():
+            stored = await self.store.stored_decisions(org_id, request_ids)
+            for request_id, decision in zip(request_ids, stored, strict=True):
+                if decision is not None and decision.summary is not None:
+                    view = RequestView.from_summary(org_id, request_id, decision.summary)
+                    found[(org_id, request_id)] = (decision.record.fingerprint, view)
+        return found
+
+    async def _resolve(
+        self,
+        views: Sequence[SettlementView],
+        calls: Sequence[ChargeCall],
+        statuses: list[str] | None = None,
+    ) -> list[Outgoing]:
+        if not calls:
+            return []
+        out: list[Outgoing] = []
+        now = self.clock.now_ms()
+        packed = self.store.pack_charges(calls)
+
+        def render(i: int, answer: ChargeAnswer) -> None:
+            status: str = answer.status
+            if statuses is not None:
+                statuses.append(status)
+            if status in ("gone", "notdue"):  # an expiry with nothing to publish
+                return
+            out.extend(
+                hold_messages(
+                    self._topics,
+                    views[i],
+                    calls[i].windows,
+                    status,
+                    answer.record,
+                    now,
+                    self._window_days,
+                    self.settings.result_items_max,
+                )
+            )
+            if status != "conflict":
+                self._rendered_sequence(views[i].org_id, answer.record.sequence)
+
+        started = time.perf_counter()
+        await self.store.charge_packed(packed, now, render, self._known)
+        self.metrics.script_seconds.labels("hold").observe(time.perf_counter() - started)
         return out
 
     # ---- the ledger and notifications, shared by charges and commands ------------
@@ -284,3 +481,36 @@ class Decider:
 
     def _dead_letter(self, message: Incoming, error: str) -> Outgoing:
         return dead_letter(self._topics.deadletter, message, error, rfc3339(self.clock.now_ms()))
+
+
+async def aim_refunds(
+    store: CreditStore, commands: list[LicenseCommand | InvalidCommand]
+) -> list[LicenseCommand | InvalidCommand]:
+    """Each refund with the stored request it refunds, read first (one read per
+    organisation): the script's KEYS must name the request's windows, which only its
+    stored items tell. The script checks the stored decision is still the one read;
+    a Redis that forgot is caught by its sequence check, and the batch read again."""
+    wanted: dict[str, list[str]] = {}
+    for command in commands:
+        if isinstance(command, Refund):
+            wanted.setdefault(command.org_id, []).append(command.request_id)
+    if not wanted:
+        return commands
+    found: dict[tuple[str, str], tuple[str, RequestView]] = {}
+    for org_id, request_ids in wanted.items():
+        stored = await store.stored_decisions(org_id, request_ids)
+        for request_id, decision in zip(request_ids, stored, strict=True):
+            if decision is not None and decision.summary is not None:
+                view = RequestView.from_summary(org_id, request_id, decision.summary)
+                found[(org_id, request_id)] = (decision.record.fingerprint, view)
+    aimed: list[LicenseCommand | InvalidCommand] = []
+    for command in commands:
+        target = (
+            found.get((command.org_id, command.request_id)) if isinstance(command, Refund) else None
+        )
+        if isinstance(command, Refund) and target is not None:
+            fingerprint, view = target
+            aimed.append(command.aimed(view.items, view.action.value, fingerprint))
+        else:
+            aimed.append(command)
+    return aimed

@@ -28,6 +28,8 @@ CommandType = Literal[
     "member.upsert",
     "member.remove",
     "member.set_credits_allowed",
+    "member.set_credit_limit",
+    "charge.refund",
 ]
 
 

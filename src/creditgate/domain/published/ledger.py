@@ -14,6 +14,8 @@ from creditgate.domain.commands import (
     LicenseCommand,
     MemberRemove,
     MemberUpsert,
+    Refund,
+    SetCreditLimit,
     SetCreditsAllowed,
     StartPeriod,
 )
@@ -41,7 +43,12 @@ class EmptyTable(Message):
 class ScriptNote(Message):
     """A notification the charge script asked for."""
 
-    type: Literal["credits.disallowed", "credits.insufficient", "credits.threshold_reached"]
+    type: Literal[
+        "credits.disallowed",
+        "credits.insufficient",
+        "credits.threshold_reached",
+        "credits.user_limit_reached",
+    ]
     to: Literal["user", "admin"]
     threshold: int | SkipJsonSchema[None] = None
 
@@ -52,7 +59,7 @@ class ChargeScriptRecord(Message):
     request_id: Identifier
     fp: Fingerprint
     at: EpochMs
-    status: Literal["approved", "rejected"]
+    status: Literal["approved", "rejected", "held"]
     reason: Reason | SkipJsonSchema[None] = None
     detail: str | SkipJsonSchema[None] = None
     credits: Count
@@ -65,6 +72,42 @@ class ChargeScriptRecord(Message):
         description="windows opened: [0-based window slot, window end]"
     )
     notes: list[ScriptNote] | EmptyTable
+    saved: Count
+    seq: LedgerSequence
+    limit: Count | SkipJsonSchema[None] = Field(
+        default=None, description="the member's credit limit, when they have one"
+    )
+    limit_left: Count | SkipJsonSchema[None] = Field(
+        default=None, description="what is left of the member's limit after the decision"
+    )
+    held: Count | SkipJsonSchema[None] = Field(default=None, description="a hold's credits")
+    hold_exp: EpochMs | SkipJsonSchema[None] = Field(default=None, description="its expiry")
+
+
+class HoldScriptRecord(Message):
+    """The charge script's record of a hold resolved (or a settlement refused)."""
+
+    request_id: Identifier = Field(description="the hold's")
+    settlement_id: Identifier | SkipJsonSchema[None] = None
+    fp: Fingerprint | Literal[""] = Field(description='the settlement\'s; "" for an expiry')
+    at: EpochMs
+    status: Literal["settled", "released", "expired", "rejected"]
+    kind: Literal["settle", "release", "expire"]
+    reason: Reason | SkipJsonSchema[None] = None
+    detail: str | SkipJsonSchema[None] = None
+    credits: Count = Field(description="charged")
+    released: Count = Field(description="held credits not charged")
+    delta: Count = Field(description="credits back to the balance")
+    needed: Count
+    balance: Count
+    period: Identifier | Literal[""]
+    hold_period: Identifier | SkipJsonSchema[None] = None
+    user: Identifier | SkipJsonSchema[None] = None
+    action: Action | SkipJsonSchema[None] = None
+    outcomes: list[Outcome] | EmptyTable
+    until: list[EpochMs] | EmptyTable
+    opened: list[tuple[Count, EpochMs]] | EmptyTable
+    notes: EmptyTable
     saved: Count
     seq: LedgerSequence
 
@@ -82,6 +125,13 @@ class RawMemberState(Message):
     user_id: Identifier
     role: Literal["admin", "member", False]
     credits_allowed: bool
+    credit_limit: Count | Literal[False] = Field(description="false: no limit")
+
+
+class RefundedRequest(Message):
+    user_id: Identifier
+    action: Action
+    period: Identifier
 
 
 class CommandScriptRecord(Message):
@@ -96,6 +146,15 @@ class CommandScriptRecord(Message):
     delta: int | SkipJsonSchema[None] = None
     balance: Count | SkipJsonSchema[None] = None
     expired: Count | SkipJsonSchema[None] = None
+    # a new period's: how many open holds it ended (the sweep expires them)
+    holds_ended: Count | SkipJsonSchema[None] = None
+    # a refund's: the items refunded now, before, and all so far (1-based item indexes),
+    # the window slots closed, and the refunded request's user, action and period
+    refunded: list[Annotated[int, Field(ge=1)]] | SkipJsonSchema[None] = None
+    already: list[Annotated[int, Field(ge=1)]] | EmptyTable | SkipJsonSchema[None] = None
+    refunded_all: list[Annotated[int, Field(ge=1)]] | SkipJsonSchema[None] = None
+    closed: list[Count] | EmptyTable | SkipJsonSchema[None] = None
+    request: RefundedRequest | SkipJsonSchema[None] = None
 
 
 class RawNoLicenseState(Message):
@@ -114,6 +173,9 @@ class RejectedCommandScriptRecord(Message):
     detail: str | SkipJsonSchema[None] = None
     seq: LedgerSequence
     state: RawLicenseState | RawNoLicenseState | RawMemberState | SkipJsonSchema[None] = None
+    already: list[Annotated[int, Field(ge=1)]] | EmptyTable | SkipJsonSchema[None] = Field(
+        default=None, description="a refund's items that were refunded before"
+    )
 
 
 class WindowOpened(Message):
@@ -160,6 +222,65 @@ class ChargedEntry(_Entry):
     request: RequestSummary
     part: Literal[1] | SkipJsonSchema[None] = _PART
     parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class HeldEntry(_Entry):
+    """A request with ``hold`` approved: credits taken from the balance and held."""
+
+    kind: Literal["held"]
+    request_id: Identifier
+    user_id: Identifier
+    action: Action
+    credits_delta: Annotated[int, Field(le=0)]
+    balance_after: Count
+    period_id: Identifier
+    windows: list[WindowOpened] = Field(max_length=0)
+    decision: ChargeScriptRecord
+    request: RequestSummary
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class _HoldResolvedEntry(_Entry):
+    """A hold settled, released or expired, or a settlement refused: the windows the
+    settlement opened and the credits back to the balance."""
+
+    request_id: Identifier = Field(description="the hold's")
+    settlement_id: Identifier | None
+    user_id: Identifier | None
+    action: Action | None
+    credits_delta: Count
+    balance_after: Count
+    period_id: Identifier | None
+    windows: list[WindowOpened]
+    decision: HoldScriptRecord
+    settlement: dict[str, Any] | None = Field(description="the settlement, less its items")
+    part: Literal[1] | SkipJsonSchema[None] = _PART
+    parts: Annotated[int, Field(ge=2)] | SkipJsonSchema[None] = _PARTS
+
+
+class HoldSettledEntry(_HoldResolvedEntry):
+    """A hold settled: its delivered items charged, the windows they opened."""
+
+    kind: Literal["hold_settled"]
+
+
+class HoldReleasedEntry(_HoldResolvedEntry):
+    """A hold released: its credits back."""
+
+    kind: Literal["hold_released"]
+
+
+class HoldExpiredEntry(_HoldResolvedEntry):
+    """A hold expired (or ended with its period), decided by creditgate's sweep."""
+
+    kind: Literal["hold_expired"]
+
+
+class HoldRejectedEntry(_HoldResolvedEntry):
+    """A settlement or release refused: only its record, for a replay after a rebuild."""
+
+    kind: Literal["hold_rejected"]
 
 
 class RejectedEntry(_Entry):
@@ -212,13 +333,37 @@ class MemberChangedEntry(_Entry):
 
     kind: Literal["member_changed"]
     command_id: Identifier
-    command_type: Literal["member.upsert", "member.remove", "member.set_credits_allowed"]
+    command_type: Literal[
+        "member.upsert",
+        "member.remove",
+        "member.set_credits_allowed",
+        "member.set_credit_limit",
+    ]
     credits_delta: Literal[0]
     balance_after: None
     expired_credits: Literal[0]
-    command: Annotated[MemberUpsert | MemberRemove | SetCreditsAllowed, Field(discriminator="type")]
+    command: Annotated[
+        MemberUpsert | MemberRemove | SetCreditsAllowed | SetCreditLimit,
+        Field(discriminator="type"),
+    ]
     state: MemberState
     decision: CommandScriptRecord
+
+
+class RefundedEntry(_Entry):
+    """Credits of charged items of a decided request given back (``charge.refund``):
+    who, why and which items are in ``command``; the windows it closed, by name."""
+
+    kind: Literal["refunded"]
+    command_id: Identifier
+    command_type: Literal["charge.refund"]
+    credits_delta: Annotated[int, Field(ge=1)]
+    balance_after: Count
+    expired_credits: Literal[0]
+    command: Refund
+    state: LicenseState
+    decision: CommandScriptRecord
+    windows_closed: list[WindowName]
 
 
 class CommandRejectedEntry(_Entry):
@@ -262,10 +407,16 @@ class ContinuedEntry(_Entry):
 LedgerEntry = Annotated[
     ChargedEntry
     | RejectedEntry
+    | HeldEntry
+    | HoldSettledEntry
+    | HoldReleasedEntry
+    | HoldExpiredEntry
+    | HoldRejectedEntry
     | ContinuedEntry
     | PeriodStartedEntry
     | GrantedEntry
     | MemberChangedEntry
+    | RefundedEntry
     | CommandRejectedEntry,
     Field(discriminator="kind"),
 ]

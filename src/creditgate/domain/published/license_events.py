@@ -34,6 +34,9 @@ class MemberState(Message):
     user_id: Identifier
     role: Literal["admin", "member"] | None
     credits_allowed: bool
+    credit_limit: Count | None = Field(
+        description="the most credits the member may use per period; null: no limit"
+    )
 
 
 class CommandApplied(Message):

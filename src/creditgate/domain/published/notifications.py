@@ -64,6 +64,35 @@ class ThresholdNotification(_Notification):
     period_id: Identifier
 
 
+class UserLimitReachedNotification(_Notification):
+    """A member's request passed their credit limit of the period: to the member and to
+    admins, once per member and period."""
+
+    type: Literal["credits.user_limit_reached"]
+    recipient: UserRecipient | AdminRecipient
+    request_id: Identifier
+    action: Action
+    user_id: Identifier
+    credit_limit: Count
+    credits_needed: Count
+    limit_left: Count
+    period_id: Identifier
+
+
+class RefundedNotification(_Notification):
+    """To the user whose request was refunded: which credits came back, and why."""
+
+    type: Literal["credits.refunded"]
+    recipient: UserRecipient
+    request_id: Identifier
+    action: Action
+    credits_refunded: Annotated[int, Field(ge=1)]
+    items_refunded: Annotated[int, Field(ge=1)]
+    reason: str
+    refunded_by: Identifier
+    balance_after: Count
+
+
 class PeriodStartedNotification(_Notification):
     """To admins: a new license period started; what was left of the last one expired."""
 
@@ -92,6 +121,8 @@ Notification = Annotated[
     DisallowedNotification
     | InsufficientNotification
     | ThresholdNotification
+    | UserLimitReachedNotification
+    | RefundedNotification
     | PeriodStartedNotification
     | GrantedNotification,
     Field(discriminator="type"),

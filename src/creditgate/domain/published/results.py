@@ -80,6 +80,8 @@ class ItemCounts(Message):
     free_repeat: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
     duplicate_in_request: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
     no_verified_email: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
+    held: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
+    released: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
     not_charged: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = None
 
 
@@ -150,4 +152,107 @@ class ChargeRejected(_Listed):
     reference: dict[str, Any] | None
 
 
-ChargeResult = Annotated[ChargeApproved | ChargeRejected, Field(discriminator="type")]
+class ChargeHeld(_Listed):
+    """A request with ``hold`` approved: its chargeable credits are held, not charged,
+    until the hold is settled, released or expires (items ``held``, ``free_repeat``,
+    ``duplicate_in_request``, ``no_verified_email``, ``not_charged`` with partial)."""
+
+    type: Literal["charge.held"]
+    request_id: Identifier
+    org_id: Identifier
+    user_id: Identifier
+    action: Action
+    credits_charged: Literal[0]
+    credits_held: Count
+    hold_expires_at: Time
+    counts: ItemCounts
+    items: list[DecidedItem]
+    items_truncated: bool = _ITEMS_TRUNCATED
+    balance_after: Count
+    period_id: Identifier
+    reason: None
+    message: str
+    decided_at: Time
+    sequence: LedgerSequence
+    reference: dict[str, Any] | None
+
+
+class _HoldOutcome(_Listed):
+    """A hold resolved, keyed and identified by the hold's ``request_id``."""
+
+    request_id: Identifier = Field(description="the hold's request_id")
+    org_id: Identifier
+    user_id: Identifier | None
+    action: Action | None
+    credits_charged: Count
+    credits_released: Count = Field(description="held credits not charged")
+    counts: ItemCounts
+    items: list[DecidedItem]
+    items_truncated: bool = _ITEMS_TRUNCATED
+    balance_after: Count | None
+    period_id: Identifier | None = Field(description="the hold's period")
+    message: str
+    decided_at: Time
+    reference: dict[str, Any] | None = Field(description="the hold's request's reference")
+
+
+class HoldSettled(_HoldOutcome):
+    """A hold settled: the delivered items charged as decided at settle time (``charged``
+    or ``free_repeat``), every other held item ``released``."""
+
+    type: Literal["hold.settled"]
+    settlement_id: Identifier
+    reason: None
+    sequence: LedgerSequence
+
+
+class HoldReleased(_HoldOutcome):
+    """A hold released: nothing delivered, every held credit back."""
+
+    type: Literal["hold.released"]
+    settlement_id: Identifier
+    credits_charged: Literal[0]
+    reason: None
+    sequence: LedgerSequence
+
+
+class HoldExpired(_HoldOutcome):
+    """A hold run out at its ``hold_expires_at`` (or ended with its license period),
+    decided by creditgate itself; every held credit back (none when its period ended:
+    they went with it)."""
+
+    type: Literal["hold.expired"]
+    settlement_id: None
+    credits_charged: Literal[0]
+    reason: None
+    sequence: LedgerSequence
+
+
+class HoldRejected(_HoldOutcome):
+    """A settlement or release refused: nothing changes. A second body under a used
+    ``settlement_id`` (``request_id_conflict``) is no decision and has no sequence."""
+
+    type: Literal["hold.rejected"]
+    settlement_id: Identifier
+    credits_charged: Literal[0]
+    credits_released: Literal[0]
+    reason: Literal[
+        "hold_not_found",
+        "hold_already_resolved",
+        "item_not_held",
+        "invalid_request",
+        "request_id_conflict",
+    ]
+    sequence: LedgerSequence | None
+
+
+ChargeResult = Annotated[
+    ChargeApproved
+    | ChargeRejected
+    | ChargeHeld
+    | HoldSettled
+    | HoldReleased
+    | HoldExpired
+    | HoldRejected,
+    Field(discriminator="type"),
+]
