@@ -138,6 +138,7 @@ async def test_an_admin_disallows_a_member_whose_next_export_is_rejected(
     )
     exports_of_u17 = page.locator('#team-table tr[data-user="u-17"] td[data-label="Exports"]')
     await expect(exports_of_u17).to_have_text("3")
+    await expect(row.locator('td[data-label="Limit"]')).to_have_text("none")  # none set
 
     button = row.get_by_role("button", name="Disallow credits use: u-21")
     await button.focus()

@@ -380,6 +380,11 @@ async def assert_history_pages_are_the_results(walk: Walk) -> None:
                 "items_by_outcome": {o: counts[o] for o in entry["items_by_outcome"]},
                 "credits_saved": counts["free_repeat"],
                 "credits_refunded": 0,  # the walk refunds nothing
+                # the latest end among the items it got free (same-format times sort)
+                "free_repeats_until": max(
+                    (i["free_until"] for i in result["items"] if i["outcome"] == "free_repeat"),
+                    default=None,
+                ),
             }
             assert sum(entry["items_by_outcome"].values()) == len(result["items"])
             assert {o: n for o, n in entry["items_by_outcome"].items() if n} == result["counts"]

@@ -179,6 +179,9 @@ async function loadCredits() {
     $("credits-remaining").textContent = number(c.remaining);
     $("credits-total").textContent = number(total);
     $("credits-used").textContent = number(c.used);
+    // credits reserved by open holds: shown only while there are some
+    $("credits-held").textContent = number(c.held || 0);
+    $("credits-held-row").hidden = !c.held;
     $("credits-period-credits").textContent = number(c.period_credits);
     $("credits-granted").textContent = number(c.granted);
     $("credits-period").textContent = `${c.period_id}: ${day(c.starts_at)} – ${day(c.ends_at)}`;
@@ -254,6 +257,7 @@ async function loadTeam() {
       for (const [action, label] of [["export", "Exports"], ["crm_push", "CRM pushes"], ["email_verification", "Email checks"]]) {
         cell(row, label, number((m.by_action[action] || {}).credits_used || 0), "num");
       }
+      cell(row, "Limit", m.credit_limit === null || m.credit_limit === undefined ? "none" : number(m.credit_limit), "num");
       cell(row, "Credits use", m.credits_allowed ? "Allowed" : "Disallowed", m.credits_allowed ? "allowed" : "off");
       const actions = cell(row, "Action", "");
       // an admin is not offered to disallow themselves (the API would let an operator)
