@@ -110,7 +110,12 @@ async def org(endpoints: tuple[str, str]) -> AsyncIterator[Org]:
         "command.applied"
     )
     yield organisation
-    keys = [key async for key in store.client_for_tests.scan_iter(match=f"{settings.key_prefix}:*")]
+    keys = [
+        key
+        async for key in store.client_for_tests.scan_iter(
+            match=f"{settings.key_prefix}:*", count=10_000
+        )
+    ]
     if keys:
         await store.client_for_tests.delete(*keys)
     await store.close()

@@ -238,7 +238,12 @@ async def store(endpoints: tuple[str, str]) -> AsyncIterator[CreditStore]:
     )
     store = CreditStore.from_settings(settings)
     yield store
-    keys = [key async for key in store.client_for_tests.scan_iter(match=f"{settings.key_prefix}:*")]
+    keys = [
+        key
+        async for key in store.client_for_tests.scan_iter(
+            match=f"{settings.key_prefix}:*", count=10_000
+        )
+    ]
     if keys:
         await store.client_for_tests.delete(*keys)
     await store.close()

@@ -167,13 +167,15 @@ async def worker(endpoints: tuple[str, str]) -> AsyncIterator[Worker]:
             contract_of(message)
     finally:
         client = store.client_for_tests
-        for key in [k async for k in client.scan_iter(match=f"{settings.key_prefix}:{{*")]:
+        for key in [
+            k async for k in client.scan_iter(match=f"{settings.key_prefix}:{{*", count=10_000)
+        ]:
             org = key.split("{", 1)[1].split("}", 1)[0]
             if org not in orgs:
                 orgs.append(org)
         for org in orgs:
             await assert_accounting_identity(store, org, clock.now)
-        keys = [k async for k in client.scan_iter(match=f"{settings.key_prefix}:*")]
+        keys = [k async for k in client.scan_iter(match=f"{settings.key_prefix}:*", count=10_000)]
         if keys:
             await client.delete(*keys)
         await sweep.close()
