@@ -928,7 +928,7 @@ def test_the_scripts_decide_like_the_model(endpoints: tuple[str, str]) -> None:
     # change what hypothesis draws), so a CI run explores further, with more examples,
     # until every situation of MUST_COVER was reached: never fewer, never flaky.
     examples = EXAMPLES
-    for _ in range(1 if BY_HAND else 3):
+    for _ in range(1 if BY_HAND else 4):
         run_state_machine_as_test(
             machine,
             settings=settings(

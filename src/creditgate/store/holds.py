@@ -21,10 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from creditgate.connections import redis_options
 from creditgate.settings import Settings
+from creditgate.store.client import RedisClient, redis_client
 from creditgate.store.keys import Keys
 from creditgate.store.outages import unavailable_as
 
@@ -32,20 +30,14 @@ from creditgate.store.outages import unavailable_as
 class HoldSweepIndex:
     """Organisations with holds to expire, and their due holds."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, client: RedisClient, keys: Keys) -> None:
         self._redis = client
         self._keys = keys
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HoldSweepIndex:
-        client = aioredis.Redis.from_url(
-            settings.redis_url.get_secret_value(),
-            decode_responses=True,
-            socket_timeout=10,
-            socket_connect_timeout=5,
-            **redis_options(settings),
-        )
-        return cls(client, Keys(settings.key_prefix))
+        # one server or a cluster, as the store's (the index is one key, on one node)
+        return cls(redis_client(settings), Keys(settings.key_prefix))
 
     async def close(self) -> None:
         await self._redis.aclose()
