@@ -8,11 +8,12 @@ of their own, each with its decision clock at another day: publishing to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,20 +123,21 @@ def tail(log: Path, size: int = 4000) -> str:
     return log.read_text(errors="replace")[-size:] if log.exists() else "(no log)"
 
 
-@pytest.fixture(scope="session")
-async def pipeline(
-    endpoints: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+@contextlib.asynccontextmanager
+async def running_pipeline(
+    endpoints: tuple[str, str], tmp_path_factory: pytest.TempPathFactory, days: Sequence[str]
 ) -> AsyncIterator[Pipeline]:
+    """Workers for ``days`` (each with its topics and clock), their clients, one state."""
     bootstrap, redis_url = endpoints
     run = f"e2e{int(time.time() * 1000) % 10**9}"
-    registries = {day: TopicRegistry.load(prefix=f"{run}.{day}.") for day in DAYS}
+    registries = {day: TopicRegistry.load(prefix=f"{run}.{day}.") for day in days}
     for registry in registries.values():
         await apply_topics(bootstrap, registry)
     found = Pipeline(bootstrap, redis_url, run, registries)
     logs = tmp_path_factory.mktemp("workers")
-    found.logs = {day: logs / f"{day}.log" for day in DAYS}
+    found.logs = {day: logs / f"{day}.log" for day in days}
     workers = list(
-        await asyncio.gather(*(start_ready_worker(found, day, found.logs[day]) for day in DAYS))
+        await asyncio.gather(*(start_ready_worker(found, day, found.logs[day]) for day in days))
     )
     for day, registry in registries.items():
         client = CreditgateClient(
@@ -152,6 +154,24 @@ async def pipeline(
             await client.stop()
         for worker in workers:
             stop_worker(worker)
+
+
+@pytest.fixture(scope="session")
+async def pipeline(
+    endpoints: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Pipeline]:
+    async with running_pipeline(endpoints, tmp_path_factory, tuple(DAYS)) as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+async def day0_pipeline(
+    endpoints: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Pipeline]:
+    """The day-0 worker alone: holds expire by the worker's own clock, so workers whose
+    clocks run 29 and 31 days ahead on the same state would expire every hold at once."""
+    async with running_pipeline(endpoints, tmp_path_factory, ("day0",)) as found:
+        yield found
 
 
 @pytest.fixture
@@ -241,7 +261,11 @@ async def seed_through_kafka(client: CreditgateClient, now: float) -> None:
             ),
         ]
         for n, fields in enumerate(commands):
-            event = await client.command({"command_id": f"seed-{org}-{n}", "org_id": org, **fields})
+            # generous: the worker's first batch waits for its heal check, and a loaded CI
+            # machine has taken over 30 s for that
+            event = await client.command(
+                {"command_id": f"seed-{org}-{n}", "org_id": org, **fields}, timeout=120
+            )
             assert event["type"] == "command.applied", event
     requests = [
         ("exp-0001", "export", [("contact", "c-1"), ("contact", "c-2")], {"export_id": "e-1"}),
@@ -258,7 +282,8 @@ async def seed_through_kafka(client: CreditgateClient, now: float) -> None:
                 "items": [{"type": kind, "id": item} for kind, item in items],
                 "requested_at": iso(now),
                 "reference": reference,
-            }
+            },
+            timeout=120,
         )
         assert result["type"] == "charge.approved", result
 

@@ -406,12 +406,15 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
         org=st.sampled_from(ORGS),
         items=items_strategy,
         limit=st.none() | st.integers(0, 4),
+        release=st.booleans(),
     )
     def a_member_holds_then_settles(
-        self, data: st.DataObject, org: str, items: list[Any], limit: int | None
+        self, data: st.DataObject, org: str, items: list[Any], limit: int | None, release: bool
     ) -> None:
         """The common case of a hold: held, then settled with what was delivered (under
-        a credit limit the admin may have just set)."""
+        a credit limit the admin may have just set), or released (the work failed). The
+        release is drawn here too: released at random, a hold is mostly resolved or
+        unknown by then, and a release of a live hold came up once in 8,500 steps."""
         self._step()
         members = sorted(self.model.org(org).members) or ["u1"]
         user = data.draw(st.sampled_from(members))
@@ -421,17 +424,18 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
             )
         request = self._request(org, user, "export", items, hold={})
         self._charge(request)
-        held = [item.model_dump(exclude_none=True) for item in request.items]
-        delivered = data.draw(st.lists(st.sampled_from(held), max_size=len(held)))
-        body = {
+        body: dict[str, Any] = {
             "settlement_id": f"s{next(self.ids)}",
             "org_id": org,
             "request_id": request.request_id,
-            "type": "hold.settle",
-            "items": [{"type": i["type"], "id": i["id"]} for i in delivered],
+            "type": "hold.release" if release else "hold.settle",
         }
+        if not release:
+            held = [item.model_dump(exclude_none=True) for item in request.items]
+            delivered = data.draw(st.lists(st.sampled_from(held), max_size=len(held)))
+            body["items"] = [{"type": i["type"], "id": i["id"]} for i in delivered]
         self.settlements.append(body)
-        self._resolve(org, request.request_id, "settle", body)
+        self._resolve(org, request.request_id, "release" if release else "settle", body)
 
     @precondition(lambda self: self.settlements)
     @rule(data=st.data(), other=st.booleans())
@@ -928,7 +932,7 @@ def test_the_scripts_decide_like_the_model(endpoints: tuple[str, str]) -> None:
     # change what hypothesis draws), so a CI run explores further, with more examples,
     # until every situation of MUST_COVER was reached: never fewer, never flaky.
     examples = EXAMPLES
-    for _ in range(1 if BY_HAND else 4):
+    for _ in range(1 if BY_HAND else 3):
         run_state_machine_as_test(
             machine,
             settings=settings(
