@@ -27,8 +27,10 @@ before anything more is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
@@ -152,9 +154,9 @@ class ClusterBatches(Batches):
             raise failed
         return replies
 
-    def _turn(self, pooled: bool) -> asyncio.Lock | _NoLock:
+    def _turn(self, pooled: bool) -> contextlib.AbstractAsyncContextManager[Any]:
         # pooled calls (quotes) take pooled connections: no need to wait for the batch
-        return _NoLock() if pooled else self._batch_turn
+        return contextlib.nullcontext() if pooled else self._batch_turn
 
     async def _ready(self) -> None:
         """The slot map, loaded at first use and again after a node failed."""
@@ -260,11 +262,3 @@ class ClusterBatches(Batches):
         for node, connection in connections.items():
             if not connection.connection.is_connected:
                 self._connections.pop(node.name, None)
-
-
-class _NoLock:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *_: object) -> None:
-        return None
