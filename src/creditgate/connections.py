@@ -4,7 +4,8 @@ Every client takes its security arguments from here, so that a protocol means th
 same thing everywhere: the aiokafka producers, consumers and admin clients of the
 worker, the CLI and the tests (`aiokafka_options`; faust itself opens no Kafka
 connection, see `creditgate.worker`)
-and the store's Redis client (`redis_options`). The start-up check of those logins is
+and the store's Redis client (`redis_options`). Every consumer closes through
+`stop_consumer`. The start-up check of those logins is
 `creditgate.connection_checks`; the Redis ACL creditgate needs, `store.acl`.
 
 Secrets stay `SecretStr` until the moment a client is built, and no message here ever
@@ -13,10 +14,13 @@ contains a password or the Redis URL (which may hold one).
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from aiokafka import AIOKafkaConsumer
 
 from creditgate.errors import ConfigurationError
 from creditgate.settings import Settings
@@ -58,6 +62,23 @@ def aiokafka_options(settings: Settings | None = None) -> dict[str, Any]:
         options["sasl_plain_username"] = username
         options["sasl_plain_password"] = password
     return options
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, even when a fetch to a broker that went away is backing off.
+
+    aiokafka 0.14's fetcher cancels its fetch tasks on close and awaits them, but a task
+    sleeping out its retry backoff after a failed fetch lets the CancelledError through:
+    ``stop()`` raises it and never closes the connections. Our own task being cancelled
+    still stops us.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        await consumer._client.close()
 
 
 def _sasl_login(settings: Settings) -> tuple[str, str]:

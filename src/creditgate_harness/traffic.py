@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from creditgate.connections import stop_consumer
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.limits import REQUEST_PRODUCER_MAX_BYTES
@@ -266,7 +267,7 @@ class Observer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._consumer.stop()
+        await stop_consumer(self._consumer)
 
     @property
     def decided(self) -> int:

@@ -150,10 +150,11 @@ async def running_pipeline(
     try:
         yield found
     finally:
-        for client in found.clients.values():
-            await client.stop()
-        for worker in workers:
-            stop_worker(worker)
+        try:
+            await asyncio.gather(*(client.stop() for client in found.clients.values()))
+        finally:
+            for worker in workers:
+                stop_worker(worker)
 
 
 @pytest.fixture(scope="session")
@@ -322,8 +323,7 @@ async def scoped_api(
         await seed_through_kafka(client, time.time())
         yield ScopedApi(base, tokens, client, log)
     finally:
-        # at the session's end the stack may be stopped first (the session's stacks are
-        # parametrised): a client that cannot say goodbye to the broker is no failure
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.stop(), 30)
-        stop_worker(worker)
+        try:
+            await client.stop()
+        finally:
+            stop_worker(worker)

@@ -102,3 +102,33 @@ async def test_worker_stopped_during_a_redis_outage_leaves_its_batch_to_the_next
     print(f"'a' stopped {stopped_after:.1f}s after SIGTERM, with Redis down")
     assert run.rig.faults == {"redis_kill": 1, "worker_leave": 1}
     assert_holds(run, verdict)
+
+
+async def test_a_consumer_stops_while_its_broker_is_gone(tmp_path: Path) -> None:
+    """aiokafka's stop() raised CancelledError when a fetch to a dead broker was backing
+    off; every creditgate consumer closes through ``stop_consumer``, which must return."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from creditgate.connections import stop_consumer
+    from creditgate.devstack import DevStack
+
+    stack = DevStack(tmp_path / "stack")
+    bootstrap = stack.up().kafka_bootstrap
+    try:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic("followed", 1, 1)])
+        await admin.close()
+        # a long backoff keeps the failed fetch asleep when stop() comes
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, retry_backoff_ms=20_000)
+        await consumer.start()
+        consumer.assign([TopicPartition("followed", 0)])
+        await consumer.seek_to_end()
+        await consumer.getmany(timeout_ms=500)
+        stack.kill_kafka()
+        await asyncio.sleep(3.0)  # the next fetch fails and sleeps out its backoff
+        await asyncio.wait_for(stop_consumer(consumer), 30)
+        assert consumer._client._conns == {}, "stop_consumer left connections open"
+    finally:
+        stack.down()

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from creditgate.connections import aiokafka_options
+from creditgate.connections import aiokafka_options, stop_consumer
 from creditgate.domain.charges import Action
 from creditgate.errors import CreditgateError
 from creditgate.settings import Settings
@@ -94,9 +94,11 @@ class CreditgateClient:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        if self._consumer:
-            await self._consumer.stop()
-        await self._producer.stop()
+        try:
+            if self._consumer:
+                await stop_consumer(self._consumer)
+        finally:
+            await self._producer.stop()
 
     async def _read(self) -> None:
         assert self._consumer is not None

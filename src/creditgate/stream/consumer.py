@@ -58,7 +58,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from mode import Service
 
-from creditgate.connections import aiokafka_options
+from creditgate.connections import aiokafka_options, stop_consumer
 from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
@@ -240,7 +240,9 @@ class DecisionLoop(Service):
             await _at_most(_STOP_STEP_SECONDS, "committing the last offsets", self._commit())
         self._cancel_publishing()  # still retrying: its batch stays uncommitted
         # leaving the group hands the partitions over at once, instead of after the session
-        await _at_most(_STOP_STEP_SECONDS, "leaving the consumer group", self._consumer.stop())
+        await _at_most(
+            _STOP_STEP_SECONDS, "leaving the consumer group", stop_consumer(self._consumer)
+        )
         if self._producer is not None:
             await _at_most(_STOP_STEP_SECONDS, "closing the producer", self._producer.stop())
         if self._guard is not None:

@@ -13,7 +13,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from creditgate.connections import aiokafka_options
+from creditgate.connections import aiokafka_options, stop_consumer
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import Settings
 from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES, fetch_sizes
@@ -80,7 +80,7 @@ class LedgerReader:
 
     async def stop(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
             self._consumer = None
 
     async def bounds(self) -> tuple[dict[int, int], dict[int, int]]:
