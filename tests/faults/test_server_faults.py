@@ -16,7 +16,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from creditgate.connections import stop_consumer
+from creditgate.devstack import DevStack
 from creditgate_harness.faultrun import FaultRun, assert_holds
 from creditgate_harness.workload import WorkloadSpec
 from tests.metrics import sample
@@ -107,12 +111,6 @@ async def test_worker_stopped_during_a_redis_outage_leaves_its_batch_to_the_next
 async def test_a_consumer_stops_while_its_broker_is_gone(tmp_path: Path) -> None:
     """aiokafka's stop() raised CancelledError when a fetch to a dead broker was backing
     off; every creditgate consumer closes through ``stop_consumer``, which must return."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    from creditgate.connections import stop_consumer
-    from creditgate.devstack import DevStack
-
     stack = DevStack(tmp_path / "stack")
     bootstrap = stack.up().kafka_bootstrap
     try:
