@@ -25,7 +25,7 @@ from faust.app.base import BootStrategy
 from mode import ServiceT
 
 from creditgate.api.operations import Readiness, register_operations
-from creditgate.api.views import register_views
+from creditgate.api.views import MAX_BODY_BYTES, register_views
 from creditgate.domain.clock import Clock
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
@@ -139,6 +139,7 @@ def create_app(
         web_bind=settings.http_host,
         web_router_enabled=False,
         web_tables_enabled=False,
+        web_application_options={"client_max_size": MAX_BODY_BYTES},
     )
     store = CreditStore.from_settings(settings)
     metrics = Metrics()

@@ -28,6 +28,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from creditgate.api.views import MAX_BODY_BYTES
 from creditgate.devstack import find_free_port
 from creditgate.domain.ledger import LedgerParts
 from creditgate.stream import topics as t
@@ -241,6 +242,94 @@ async def test_a_10000_item_request_gets_its_result_and_the_stream_goes_on(big: 
             offset = page["next_offset"]
     assert [i["id"] for i in listed] == [i["id"] for i in request["items"]]
     assert [i["outcome"] for i in listed] == ["free_repeat"] * 1000 + ["charged"] * 9000
+
+
+async def post(big: Big, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{big.http}{path}", data=orjson.dumps(body)) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_a_refund_naming_10000_items_is_applied_and_its_ledger_entry_comes_in_parts(
+    big: Big,
+) -> None:
+    org = await big.org()
+    request = big_request(org, "r-refunded")
+    charged = await big.client.request(request, timeout=120)
+    assert charged["counts"] == {"charged": ITEMS}
+
+    # over HTTP: a body of 1.6 MB, past aiohttp's default limit of 1 MiB
+    refund = {
+        "request_id": "r-refunded",
+        "items": [{"type": "contact", "id": item["id"]} for item in request["items"]],
+        "reason": "the CRM refused the push",
+        "refunded_by": "ana",
+    }
+    assert len(orjson.dumps(refund)) > 1_500_000
+    status, event = await post(big, f"/v1/orgs/{org}/refunds", refund)
+    assert (status, event["type"]) == (200, "command.applied"), event
+    assert event["message"].startswith(f"{ITEMS} credits of request r-refunded refunded")
+
+    await big.client.wait_many(
+        t.LEDGER,
+        lambda m: (
+            m["org_id"] == org
+            and m.get("sequence") == event["sequence"]
+            and m.get("part") == m.get("parts")
+        ),
+        1,
+        timeout=60,
+    )
+    entries = ledger_of(big, org)
+    entry, opened = entries[event["sequence"]], entries[charged["sequence"]]["windows"]
+    assert entry["kind"] == "refunded"
+    assert entry["credits_delta"] == ITEMS
+    assert entry["command"]["items"] == refund["items"]
+    assert sorted(entry["decision"]["refunded"]) == list(range(1, ITEMS + 1))
+    # the request opened a window per contact and per company; the refund closed them all
+    assert len(opened) == 2 * ITEMS
+    assert sorted(entry["windows_closed"]) == sorted(w["window"] for w in opened)
+
+    # its windows closed: the same contact exported again is charged again
+    again = await big.client.request(small_request(org, "r-again", long_id("c", 0)), timeout=60)
+    assert again["counts"] == {"charged": 1}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{big.http}/v1/orgs/{org}/requests/r-refunded") as response,
+    ):
+        assert response.status == 200, await response.text()
+        decision = await response.json()
+    assert decision["credits_refunded"] == ITEMS
+
+
+async def test_a_quote_of_10000_items_is_answered(big: Big) -> None:
+    org = await big.org()
+    quote = {
+        "org_id": org,
+        "user_id": "bob",
+        "action": "export",
+        "items": big_request(org, "unused")["items"],
+    }
+    assert len(orjson.dumps(quote)) > 2_900_000
+    status, answer = await post(big, "/v1/quote", quote)
+    assert status == 200, answer
+    assert len(answer["items"]) == ITEMS
+    assert answer["max_credits"] == ITEMS
+
+
+async def test_a_body_past_the_apis_limit_is_refused_with_413(big: Big) -> None:
+    too_big = b'{"org_id": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{big.http}/v1/quote", data=too_big) as response,
+    ):
+        assert response.status == 413
+        assert response.content_type == "application/problem+json"
+        problem = await response.json(content_type=None)
+    assert problem["status"] == 413
+    assert problem["code"] == "http_error"
 
 
 async def test_a_result_the_broker_refuses_does_not_block_the_stream(big: Big) -> None:

@@ -13,10 +13,12 @@ import pytest
 from aiokafka import TopicPartition
 
 from creditgate.domain.charges import Action
+from creditgate.domain.commands import Refund, license_command_adapter
 from creditgate.domain.dead_letters import KEY_PREFIX_BYTES, VALUE_PREFIX_BYTES
 from creditgate.domain.decisions import ChargeRecord, RequestView, bounded_items, charge_result
 from creditgate.domain.intake import MAX_DETAIL_CHARS, MAX_MESSAGE_BYTES, read_charge_request
 from creditgate.domain.ledger import ITEMS_PER_PART, LedgerParts, split_entry
+from creditgate.domain.license_events import CommandRecord, CommandView, command_ledger_entry
 from creditgate.domain.outgoing import dead_letter, ledger_messages
 from creditgate.domain.published import ChargeApproved, DeadLetter
 from creditgate.settings import Settings
@@ -28,6 +30,7 @@ from creditgate.stream.publish import record_bytes
 from creditgate.stream.topics import TopicRegistry
 from creditgate.stream.worst_case import (
     worst_case_output_bytes,
+    worst_case_refund,
     worst_case_request,
     worst_case_request_bytes,
 )
@@ -183,6 +186,54 @@ def test_the_split_is_deterministic_and_small_entries_stay_whole() -> None:
     assert only.value == orjson.dumps(small)
     assert dict(only.headers)["ce_id"] == b"acme/ledger/3"
     assert LedgerParts().add(small) == small
+
+
+def test_a_refund_of_ten_thousand_items_splits_and_joins_again() -> None:
+    n = 10_000
+    body = worst_case_refund(Settings())
+    windows = tuple(f"company:{long_id('w', i)}" for i in range(2 * n))
+    decision = {
+        "command_id": body["command_id"],
+        "fp": "0" * 32,
+        "at": 1_800_000_000_000,
+        "status": "applied",
+        "seq": 42,
+        "delta": n,
+        "balance": 5,
+        "refunded": list(range(1, n + 1)),
+        "refunded_all": list(range(1, n + 1)),
+        "closed": list(range(2 * n)),
+        "request": {"user_id": "u", "action": "export", "period": "p1"},
+    }
+    view = CommandView(body["org_id"], body["command_id"], body["type"], body, windows=windows)
+    entry = command_ledger_entry(view, CommandRecord.from_script(decision))
+    assert len(entry["windows_closed"]) == 2 * n
+
+    messages = ledger_messages("credits.ledger", entry)
+
+    limit = REGISTRY.specs[t.LEDGER].max_message_bytes
+    assert limit is not None
+    assert len(messages) == 20  # 20,000 windows closed, 1,000 a part
+    assert max(record_bytes(m) for m in messages) < limit // 2
+    first = orjson.loads(messages[0].value)
+    assert first["kind"] == "refunded"
+    assert len(first["command"]["items"]) == ITEMS_PER_PART
+    assert len(first["windows_closed"]) == ITEMS_PER_PART
+    joiner = LedgerParts()
+    joined = [found for m in messages if (found := joiner.add(orjson.loads(m.value)))]
+    assert joined == [entry]
+
+
+def test_the_largest_valid_refund_fits_the_commands_topic() -> None:
+    body = worst_case_refund(Settings())
+    size = len(orjson.dumps(body))
+    assert size > 1_500_000  # 10,000 companies with 128-character ids
+    refund = license_command_adapter.validate_python(body)
+    assert isinstance(refund, Refund)
+    limit = REGISTRY.specs[t.LICENSE_COMMANDS].max_message_bytes
+    assert limit is not None
+    assert size + 1024 < limit  # with the record's own bytes
+    assert size < MAX_MESSAGE_BYTES  # and intake reads it
 
 
 # ---- dead letters -----------------------------------------------------------------------

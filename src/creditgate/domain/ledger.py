@@ -1,10 +1,12 @@
 """Ledger entries too large for one message, split into numbered parts, and joined again.
 
 A charge entry lists its decision item by item (``decision.outcomes``, ``decision.until``
-and ``decision.opened``), the repeat ``windows`` it opened and the request's ``items``:
-for a request of 10,000 items with 128-character ids that is several megabytes, more
-than a Kafka message should be. ``split_entry`` cuts such an entry into *parts* of one
-ledger sequence:
+and ``decision.opened``), the repeat ``windows`` it opened and the request's ``items``;
+a refund's lists the items it names (``command.items``), those it refunded
+(``decision.refunded``, ``decision.refunded_all``) and the windows it closed
+(``decision.closed``, ``windows_closed``). For 10,000 items with 128-character ids
+that is several megabytes, more than a Kafka message should be. ``split_entry`` cuts
+such an entry into *parts* of one ledger sequence:
 
 - every part has ``org_id``, ``sequence``, ``part`` (1-based), ``parts`` (how many) and
   ``recorded_at``, and a slice of at most ``items_per_part`` elements of each of those
@@ -44,8 +46,14 @@ SLICED: tuple[tuple[str | None, str], ...] = (
     ("decision", "opened"),
     (None, "windows"),
     ("request", "items"),
+    # a refund's: the items it names, those it refunded, and the windows it closed
+    ("command", "items"),
+    ("decision", "refunded"),
+    ("decision", "refunded_all"),
+    ("decision", "closed"),
+    (None, "windows_closed"),
 )
-_HOLDERS = ("decision", "request")
+_HOLDERS = ("decision", "request", "command")
 # 1,000 items a part: a part of a 10,000-item request with 128-character ids and
 # companies is about 600 KB (``stream/limits.py`` computes the worst case)
 ITEMS_PER_PART = 1000

@@ -4,7 +4,8 @@
 of one message creditgate can write from valid input under the current settings. It
 does not add up field sizes by hand: it *builds* the worst case (``max_items`` contacts
 with companies, every id 128 characters, a reference of ``MAX_REFERENCE_BYTES``, the
-longest rejection detail, the largest dead letter) and renders it through the very
+longest rejection detail, the largest hold and its settlement, a refund of
+``max_items`` items, the largest dead letter) and renders it through the very
 functions the worker publishes with (``charge_result``, ``ledger_messages``,
 ``dead_letter``, ...), so it cannot drift from the code. ``stream.limits`` compares it
 with what the broker takes.
@@ -31,6 +32,7 @@ from creditgate.domain.decisions import (
     charge_result,
     conflict_result,
 )
+from creditgate.domain.holds import SettlementView
 from creditgate.domain.ids import rfc3339
 from creditgate.domain.intake import MAX_DETAIL_CHARS, MAX_ECHOED_TYPE_CHARS, MAX_MESSAGE_BYTES
 from creditgate.domain.license_events import (
@@ -40,7 +42,14 @@ from creditgate.domain.license_events import (
     command_notifications,
     license_event,
 )
-from creditgate.domain.outgoing import Outgoing, dead_letter, ledger_messages, outgoing
+from creditgate.domain.outgoing import (
+    Outgoing,
+    OutputTopics,
+    dead_letter,
+    hold_messages,
+    ledger_messages,
+    outgoing,
+)
 from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.decider import Incoming
@@ -153,8 +162,10 @@ def _results(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
         reason=Reason.INVALID_REQUEST.value,
         detail="\x00" * MAX_DETAIL_CHARS,  # escaped as \u0000: six bytes a character
     )
+    held = _record(view, settings, outcomes, status="held", held=_BIG, hold_exp=LATEST_MS)
     bodies = [
         charge_result(view, approved, settings.repeat_window_days, bound),
+        charge_result(view, held, settings.repeat_window_days, bound),
         charge_result(view, rejected, settings.repeat_window_days, bound),
         conflict_result(view, approved, LATEST_MS, bound),
     ]
@@ -169,6 +180,56 @@ def _results(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
         )
         for body in bodies
     ]
+
+
+def _holds(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
+    """What resolving the largest hold publishes: settled on every item (as many free
+    repeats as a result lists), and a settlement refused with the longest detail."""
+    view = _view(settings)
+    n, bound = len(view.items), settings.result_items_max
+    listed = min(n, bound)
+    outcomes = [Outcome.FREE_REPEAT] * listed + [Outcome.CHARGED] * (n - listed)
+    topics = OutputTopics(
+        results=names[t.CHARGE_RESULTS],
+        events=names[t.LICENSE_EVENTS],
+        notifications=names[t.NOTIFICATIONS],
+        ledger=names[t.LEDGER],
+        deadletter=names[t.DEADLETTER],
+    )
+    resolution = {"user": view.user_id, "action": view.action.value, "hold_period": _id("period")}
+    settled = _record(
+        view, settings, outcomes, status="settled", released=_BIG, delta=_BIG, **resolution
+    )
+    refused = _record(
+        view,
+        settings,
+        [Outcome.NOT_CHARGED] * n,
+        status="rejected",
+        reason=Reason.ITEM_NOT_HELD.value,
+        detail="\x00" * MAX_DETAIL_CHARS,
+        **resolution,
+    )
+    body = {
+        "settlement_id": _id("settlement"),
+        "org_id": view.org_id,
+        "request_id": view.request_id,
+        "type": "hold.settle",
+        "reason": "\x00" * 500,
+    }
+    settlement = SettlementView(view.org_id, view.request_id, _id("settlement"), view, body)
+    out: list[Outgoing] = []
+    for status, record in (("settled", settled), ("rejected", refused)):
+        out += hold_messages(
+            topics,
+            settlement,
+            tuple(_window_names(n)),
+            status,
+            record,
+            LATEST_MS,
+            settings.repeat_window_days,
+            bound,
+        )
+    return out
 
 
 def _ledger(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
@@ -187,15 +248,30 @@ def _ledger(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     )
     rejected_entry = charge_ledger_entry(view, rejected, _window_names(n))
     out = ledger_messages(names[t.LEDGER], entry) + ledger_messages(names[t.LEDGER], rejected_entry)
-    for view_, command in _commands():
+    for view_, command in _commands(settings):
         if command.applied:  # only applied commands have entries
             out += ledger_messages(names[t.LEDGER], command_ledger_entry(view_, command))
     return out
 
 
-def _commands() -> list[tuple[CommandView, CommandRecord]]:
+def worst_case_refund(settings: Settings) -> dict[str, Any]:
+    """The largest valid command: a refund naming ``max_items`` companies (the longer
+    item type), every id 128 characters, with the longest reason."""
+    return {
+        "command_id": _id("command"),
+        "org_id": _id("org"),
+        "type": "charge.refund",
+        "request_id": _id("request"),
+        "items": [{"type": "company", "id": _id("company", i)} for i in range(settings.max_items)],
+        "reason": "\x00" * 500,  # escaped as \u0000: six bytes a character
+        "refunded_by": _id("user"),
+    }
+
+
+def _commands(settings: Settings) -> list[tuple[CommandView, CommandRecord]]:
     """The largest command outcomes: a grant with the longest reason, a period start,
-    and a rejection with the longest detail and echoed type."""
+    a refund of every item of the largest request, closing two windows an item, and a
+    rejection with the longest detail and echoed type."""
     org, state = (
         _id("org"),
         {
@@ -241,19 +317,29 @@ def _commands() -> list[tuple[CommandView, CommandRecord]]:
         }
         return CommandRecord.from_script(data)
 
+    refund = worst_case_refund(settings)
+    n = len(refund["items"])
+    refunded = record(
+        refunded=list(range(1, n + 1)),
+        refunded_all=list(range(1, n + 1)),
+        closed=list(range(2 * n)),
+        request={"user_id": _id("user"), "action": Action.EXPORT.value, "period": _id("period")},
+    )
+    windows = tuple(_window_names(n))
     rejected = record(
         status="rejected", reason="invalid_command", detail="\x00" * MAX_DETAIL_CHARS, seq=None
     )
     return [
         (CommandView(org, grant["command_id"], "credits.grant", grant), record()),
         (CommandView(org, start["command_id"], "license.start_period", start), record()),
+        (CommandView(org, refund["command_id"], refund["type"], refund, windows=windows), refunded),
         (CommandView(org, _id("command"), "\x00" * MAX_ECHOED_TYPE_CHARS, {}), rejected),
     ]
 
 
-def _events(names: dict[str, str]) -> list[Outgoing]:
+def _events(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     out = []
-    for view, record in _commands():
+    for view, record in _commands(settings):
         event = license_event(view, record)
         out.append(
             outgoing(
@@ -272,7 +358,7 @@ def _notifications(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     view = _view(settings)
     record = _record(view, settings, [Outcome.CHARGED])
     notes = charge_notifications(view, record)
-    for view_, command in _commands()[:2]:
+    for view_, command in _commands(settings):
         notes += command_notifications(view_, command)
     return [
         outgoing(
@@ -308,10 +394,12 @@ def worst_case_output_bytes(settings: Settings, registry: TopicRegistry) -> dict
     """Per output topic (by its logical name): the largest message, as a record batch of
     its own, that creditgate can write there from valid input under ``settings``."""
     names = {logical: registry.name(logical) for logical in registry.specs}
+    holds = _holds(settings, names)
     built = {
-        t.CHARGE_RESULTS: _results(settings, names),
-        t.LEDGER: _ledger(settings, names),
-        t.LICENSE_EVENTS: _events(names),
+        t.CHARGE_RESULTS: _results(settings, names)
+        + [m for m in holds if m.topic == names[t.CHARGE_RESULTS]],
+        t.LEDGER: _ledger(settings, names) + [m for m in holds if m.topic == names[t.LEDGER]],
+        t.LICENSE_EVENTS: _events(settings, names),
         t.NOTIFICATIONS: _notifications(settings, names),
         t.DEADLETTER: _dead_letters(registry, names),
     }
