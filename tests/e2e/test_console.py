@@ -127,6 +127,72 @@ async def test_a_member_sees_their_balance_and_their_exports_with_their_credits(
     await page.context.close()
 
 
+async def test_holds_show_what_became_of_them_and_refunds_show_beside_the_credits(
+    browser: Browser, scoped_api: ScopedApi
+) -> None:
+    """beta's u-17 (no other test looks at beta's exports): a hold settled, one open, an
+    export refunded in part, seen by beta's admin."""
+    client, now = scoped_api.client, time.time()
+
+    def export(request_id: str, contacts: list[str], **fields: Any) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "org_id": "beta",
+            "user_id": "u-17",
+            "action": "export",
+            "items": [{"type": "contact", "id": c} for c in contacts],
+            "requested_at": rfc3339(int(now * 1000)),
+            **fields,
+        }
+
+    held = await client.request(export("hold-settled", ["c-50", "c-51", "c-52"], hold={}))
+    assert held["type"] == "charge.held", held
+    settled = await client.settlement(
+        {
+            "settlement_id": "stl-console-1",
+            "org_id": "beta",
+            "request_id": "hold-settled",
+            "type": "hold.settle",
+            "items": [{"type": "contact", "id": "c-50"}],
+        }
+    )
+    assert settled["type"] == "hold.settled", settled
+    still = await client.request(export("hold-open", ["c-60"], hold={"expires_in_seconds": 3600}))
+    assert still["type"] == "charge.held", still
+    charged = await client.request(export("exp-refunded", ["c-70", "c-71"]))
+    assert charged["credits_charged"] == 2, charged
+    refund = await client.command(
+        {
+            "command_id": "refund-console-1",
+            "org_id": "beta",
+            "type": "charge.refund",
+            "request_id": "exp-refunded",
+            "items": [{"type": "contact", "id": "c-70"}],
+            "reason": "the CRM refused the push",
+            "refunded_by": "cs-1",
+        }
+    )
+    assert refund["type"] == "command.applied", refund
+
+    page = await signed_in(browser, scoped_api, "admin_other_org", "#exports:u-17")
+    rows = page.locator("#history-table tbody tr")
+    await expect(rows).to_have_count(3, timeout=WAIT_MS)
+    done = page.locator('tr[data-request-id="hold-settled"]')
+    await expect(done.locator('td[data-label="Result"]')).to_contain_text("Settled")
+    await expect(done.locator('td[data-label="Result"]')).to_contain_text("2 released")
+    await expect(done.locator('td[data-label="Credits charged"]')).to_have_text("1")
+    waiting = page.locator('tr[data-request-id="hold-open"]')
+    await expect(waiting.locator('td[data-label="Result"]')).to_contain_text("Held")
+    await expect(waiting.locator('td[data-label="Result"]')).to_contain_text("1 held until")
+    refunded = page.locator('tr[data-request-id="exp-refunded"]')
+    await expect(refunded.locator('td[data-label="Credits charged"]')).to_contain_text("2")
+    await expect(refunded.locator('td[data-label="Credits charged"]')).to_contain_text("1 refunded")
+    await expect(refunded.locator('td[data-label="Result"]')).to_have_text("Approved")
+    await expect(page.locator("#credits-held")).to_have_text("1")
+    await shot(page, "holds-and-refunds")
+    await page.context.close()
+
+
 async def test_an_admin_disallows_a_member_whose_next_export_is_rejected(
     browser: Browser, scoped_api: ScopedApi
 ) -> None:

@@ -223,6 +223,8 @@ async def test_csv_has_the_same_rows_as_json(scoped_api: ScopedApi) -> None:
     usage_rows = rows_of(raw.decode())
     assert [r["user_id"] for r in usage_rows] == [u["user_id"] for u in usage["users"]] + [""]
     assert int(usage_rows[-1]["credits_used"]) == usage["totals"]["credits_used"]
+    assert int(usage_rows[-1]["credits_refunded"]) == usage["totals"]["credits_refunded"]
+    assert int(usage_rows[-1]["credits_held"]) == usage["totals"]["credits_held"]
 
 
 async def test_history_shows_credits_free_repeats_and_references(scoped_api: ScopedApi) -> None:

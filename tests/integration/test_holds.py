@@ -10,6 +10,8 @@ holds only), the usage counters of the current period summed over users and acti
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,7 +22,9 @@ from uuid import uuid4
 import orjson
 import pytest
 
-from creditgate.api.reports import usage_report
+from creditgate.api.csv_rows import history_csv
+from creditgate.api.reports import HistoryQuery, charge_history, one_decision, usage_report
+from creditgate.domain.charges import Action
 from creditgate.domain.clock import Clock
 from creditgate.domain.ids import rfc3339, to_ms
 from creditgate.domain.outgoing import Outgoing
@@ -442,6 +446,93 @@ async def test_a_hold_never_outlives_its_period(worker: Worker) -> None:
     held = await worker.request(org, [contact("c1")], hold={"expires_in_seconds": 3600})
 
     assert held["hold_expires_at"] == rfc3339(DAY0 + 10 * MINUTE)
+
+
+# ---- the read side -------------------------------------------------------------------------
+
+
+async def history_of(worker: Worker, org: str) -> dict[str, dict[str, Any]]:
+    page = await charge_history(worker.store, org, "u1", HistoryQuery(Action.EXPORT), 30)
+    assert page is not None
+    return {entry["request_id"]: entry for entry in page["charges"]}
+
+
+async def test_history_and_the_decision_show_what_became_of_each_hold(worker: Worker) -> None:
+    org = await org_with(worker)
+    settle = await worker.request(
+        org, [contact("c1", "co1"), contact("c2"), contact("c3")], hold={}
+    )
+    release = await worker.request(org, [contact("c4")], hold={})
+    expire = await worker.request(org, [contact("c5")], hold={"expires_in_seconds": 60})
+    still_open = await worker.request(org, [contact("c6")], hold={})
+    plain = await worker.request(org, [contact("c3")])  # c3 free by the time its hold settles
+
+    settled = await worker.settle(org, settle["request_id"], [contact("c1"), contact("c3")])
+    released = await worker.settle(org, release["request_id"], release=True)
+    worker.clock.now = DAY0 + 60_000
+    (expired,) = await worker.sweep()
+
+    history = await history_of(worker, org)
+    entry = history[settle["request_id"]]
+    assert entry["type"] == "charge.held"  # the decision as published, and then:
+    assert entry["hold"] == {
+        "status": "settled",
+        "settlement_id": settled["settlement_id"],
+        "resolved_at": settled["decided_at"],
+        "credits_released": 2,
+        "message": settled["message"],
+    }
+    assert settled["message"] == "1 credit charged, 1 free within its 30-day window, 2 released"
+    assert entry["credits_charged"] == 1  # what the export cost
+    assert entry["credits_held"] == 3
+    assert entry["credits_saved"] == 1
+    assert {k: v for k, v in entry["items_by_outcome"].items() if v} == {
+        "charged": 1,
+        "free_repeat": 1,
+        "released": 1,
+    }
+    assert entry["free_repeats_until"] is not None
+    assert history[release["request_id"]]["hold"]["status"] == "released"
+    assert history[release["request_id"]]["hold"]["settlement_id"] == released["settlement_id"]
+    assert history[release["request_id"]]["credits_charged"] == 0
+    assert history[expire["request_id"]]["hold"] | {"message": ""} == {
+        "status": "expired",
+        "settlement_id": None,
+        "resolved_at": expired["decided_at"],
+        "credits_released": 1,
+        "message": "",
+    }
+    assert history[still_open["request_id"]]["hold"]["status"] == "open"
+    assert history[still_open["request_id"]]["items_by_outcome"]["held"] == 1
+    assert "hold" not in history[plain["request_id"]]
+
+    decision = await one_decision(worker.store, org, settle["request_id"], 30)
+    assert decision is not None
+    assert [i["outcome"] for i in decision["items"]] == ["charged", "released", "free_repeat"]
+    assert decision["items"][2]["free_until"] is not None
+    assert decision["counts"] == {"charged": 1, "free_repeat": 1, "released": 1}
+    assert decision["credits_charged"] == 1
+    assert decision["hold"]["status"] == "settled"
+    shown = await one_decision(worker.store, org, still_open["request_id"], 30)
+    assert shown is not None
+    assert [i["outcome"] for i in shown["items"]] == ["held"]
+    assert shown["hold"]["status"] == "open"
+
+    # the CSV has the same: each hold's status, the credits it held, what it cost
+    page = await charge_history(worker.store, org, "u1", HistoryQuery(Action.EXPORT), 30)
+    assert page is not None
+    rows = {r["request_id"]: r for r in csv.DictReader(io.StringIO(history_csv(page)))}
+    assert {k: rows[k]["hold_status"] for k in rows} == {
+        settle["request_id"]: "settled",
+        release["request_id"]: "released",
+        expire["request_id"]: "expired",
+        still_open["request_id"]: "open",
+        plain["request_id"]: "",
+    }
+    assert (
+        rows[settle["request_id"]]["credits_charged"],
+        rows[settle["request_id"]]["credits_held"],
+    ) == ("1", "3")
 
 
 # ---- the contracts ----------------------------------------------------------------------

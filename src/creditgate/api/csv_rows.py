@@ -55,6 +55,9 @@ def history_csv(history: dict[str, Any]) -> str:
         "balance_after",
         "period_id",
         "reference",
+        "credits_refunded",
+        "credits_held",
+        "hold_status",
     ]
     rows = [
         [
@@ -70,6 +73,9 @@ def history_csv(history: dict[str, Any]) -> str:
             c["balance_after"],
             c["period_id"],
             c["reference"],
+            c["credits_refunded"],
+            c.get("credits_held"),
+            (c.get("hold") or {}).get("status"),
         ]
         for c in history["charges"]
     ]
@@ -84,6 +90,8 @@ def _usage_cells(counts: dict[str, Any]) -> list[Any]:
         counts["requests"],
         counts["credits_saved"],
         counts["rejected"],
+        counts["credits_refunded"],
+        counts["credits_held"],
     ]
 
 
@@ -93,6 +101,8 @@ _USAGE_HEADERS = [
     "requests",
     "credits_saved",
     "rejected",
+    "credits_refunded",
+    "credits_held",
 ]
 
 

@@ -26,8 +26,9 @@ from typing import Any
 from creditgate.api.errors import InvalidInput
 from creditgate.domain.charges import Action, Outcome
 from creditgate.domain.decisions import ChargeRecord, RequestView, charge_result, item_counts
+from creditgate.domain.holds import resolution_message
 from creditgate.domain.ids import is_identifier, rfc3339
-from creditgate.store.gateway import USAGE_METRICS, CreditStore
+from creditgate.store.gateway import USAGE_METRICS, CreditStore, StoredDecision
 
 DEFAULT_HISTORY_LIMIT = 50
 MAX_HISTORY_LIMIT = 500
@@ -210,6 +211,44 @@ def parse_history_query(query: Mapping[str, str]) -> HistoryQuery:
     return HistoryQuery(action, limit, before)
 
 
+def hold_state(
+    record: ChargeRecord, resolution: ChargeRecord | None, window_days: float
+) -> dict[str, Any]:
+    """What became of a hold: still ``open``, or how it was resolved (``settled``,
+    ``released``, ``expired``), by which settlement, when, and what it released."""
+    if resolution is None:
+        return {
+            "status": "open",
+            "settlement_id": None,
+            "resolved_at": None,
+            "credits_released": 0,
+            "message": f"{record.held} credit{'' if record.held == 1 else 's'} held",
+        }
+    return {
+        "status": resolution.status,
+        "settlement_id": resolution.raw.get("settlement_id"),
+        "resolved_at": rfc3339(resolution.decided_ms),
+        "credits_released": int(resolution.raw.get("released", 0)),
+        "message": resolution_message(resolution, window_days),
+    }
+
+
+def _as_resolved(
+    result: dict[str, Any], decision: StoredDecision, window_days: float
+) -> tuple[dict[str, Any], ChargeRecord]:
+    """A decision as the read side shows it, with the record its items and credits come
+    from: a hold's are its resolution's once resolved (what the export cost), and it
+    carries ``hold``; any other decision is its result as published."""
+    record = decision.record
+    if not record.is_hold:
+        return result, record
+    shown = decision.resolution or record
+    return result | {
+        "credits_charged": shown.credits,
+        "hold": hold_state(record, decision.resolution, window_days),
+    }, shown
+
+
 def history_entry(result: dict[str, Any], record: ChargeRecord) -> dict[str, Any]:
     """A charge result without its item list (a page stays small): counts instead."""
     counts = {outcome.value: 0 for outcome in Outcome}
@@ -262,12 +301,14 @@ async def charge_history(
     for (request_id, _), decision in zip(members, stored, strict=True):
         if decision is None:  # the decision expired before its history entry was trimmed
             continue
-        record = decision.record
         # without its items: an entry shows their counts, taken from the record
         view = dataclasses.replace(
             _view(org_id, request_id, decision.summary, user_id, query.action), items=[]
         )
-        entry = history_entry(charge_result(view, record, window_days), record)
+        result, record = _as_resolved(
+            charge_result(view, decision.record, window_days), decision, window_days
+        )
+        entry = history_entry(result, record)
         entries.append(with_refunds(entry, decision.refunded, entry["items_by_outcome"]))
     last = members[-1] if members else None
     return {
@@ -352,8 +393,16 @@ async def one_decision(
         return None
     page = page or ItemsPage()
     view = RequestView.from_summary(org_id, request_id, decision.summary)
-    found = charge_result(view, decision.record, window_days, None)
+    found, record = _as_resolved(
+        charge_result(view, decision.record, window_days, None), decision, window_days
+    )
     items = found["items"]
+    if record is not decision.record:  # a resolved hold: its items as resolved
+        for item, outcome, until in zip(items, record.outcomes, record.free_until_ms, strict=False):
+            item["outcome"] = outcome.value
+            item.pop("free_until", None)
+            if outcome is Outcome.FREE_REPEAT:
+                item["free_until"] = rfc3339(until)
     for index in decision.refunded:
         items[index]["outcome"] = Outcome.REFUNDED.value
     found["counts"] = item_counts([item["outcome"] for item in items])

@@ -66,7 +66,7 @@ OutcomeName = Literal[
 # the outcomes as the decision renders them, spelled as the domain's enumeration
 if set(get_args(OutcomeName)) != {o.value for o in Outcome}:
     raise RuntimeError("api/schemas.py's OutcomeName no longer matches domain Outcome")
-ResultType = Literal["charge.approved", "charge.rejected"]
+ResultType = Literal["charge.approved", "charge.held", "charge.rejected"]
 
 
 # The default of a key that may be left out but is never null: the schema generator
@@ -203,7 +203,25 @@ class _Decided(Body):
     credits_charged: Count
 
 
+class HoldState(Body):
+    """What became of a hold (a decision of type charge.held)."""
+
+    status: Literal["open", "settled", "released", "expired"]
+    settlement_id: Identifier | None = Field(
+        description="the settlement that settled or released it; null while open or expired"
+    )
+    resolved_at: Timestamp | None = Field(description="null while open")
+    credits_released: Count = Field(description="held credits the resolution gave back")
+    message: str = Field(description="one sentence a person can read")
+
+
 class _DecidedTail(Body):
+    credits_held: Count = Field(
+        default=OMITTED, description="charge.held: the credits the hold reserved"
+    )
+    hold_expires_at: Timestamp = Field(
+        default=OMITTED, description="charge.held: when the hold expires unless resolved"
+    )
     balance_after: Count
     period_id: str | None
     reason: Reason | None
@@ -248,6 +266,11 @@ class Decision(_DecidedTail, _Decided):
     )
     items_total: Count = Field(description="how many items the decision has")
     credits_refunded: Count = Field(description="credits of its items refunded since")
+    hold: HoldState = Field(
+        default=OMITTED,
+        description="charge.held only; once resolved, credits_charged, counts and items "
+        "are the resolution's: what the request cost",
+    )
     offset: Count = Field(description="the first item of this page (0-based)")
     limit: int = Field(ge=1, le=MAX_ITEMS_PAGE, description="the page size asked for")
     next_offset: int | None = Field(
@@ -278,6 +301,11 @@ class HistoryEntry(_DecidedTail, _Decided):
         "when no item was a free repeat"
     )
     credits_refunded: Count = Field(description="credits of its items refunded since")
+    hold: HoldState = Field(
+        default=OMITTED,
+        description="charge.held only; once resolved, credits_charged, items_by_outcome "
+        "and credits_saved are the resolution's: what the request cost",
+    )
 
 
 class ChargeHistory(Body):

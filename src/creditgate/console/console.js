@@ -206,6 +206,21 @@ function historyPath(format) {
   return `${orgPath()}/users/${encodeURIComponent(user)}/charges?${query}`;
 }
 
+// a hold is shown by what became of it: held until it expires, then settled (what it
+// cost), released or expired
+const HOLD_RESULTS = { open: "Held", settled: "Settled", released: "Released", expired: "Expired" };
+
+function result(c) {
+  if (c.hold) {
+    const open = c.hold.status === "open";
+    const detail = open ? `${number(c.credits_held)} held until ${when(c.hold_expires_at)}` : c.hold.message;
+    return lines(HOLD_RESULTS[c.hold.status], detail, c.hold.status === "settled" ? "approved" : null);
+  }
+  const approved = c.type === "charge.approved";
+  return lines(approved ? "Approved" : "Rejected", approved ? null : c.message,
+    approved ? "approved" : "rejected");
+}
+
 async function loadHistory() {
   const { action, user } = state.screen;
   const own = user === state.user;
@@ -220,13 +235,13 @@ async function loadHistory() {
       row.dataset.requestId = c.request_id;
       cell(row, "When", when(c.decided_at));
       cell(row, "Items", number(c.item_count), "num");
-      cell(row, "Credits charged", number(c.credits_charged), "num credits");
+      cell(row, "Credits charged", c.credits_refunded
+        ? lines(number(c.credits_charged), `${number(c.credits_refunded)} refunded`)
+        : number(c.credits_charged), "num credits");
       const free = c.items_by_outcome.free_repeat;
       cell(row, "Free repeats", free ? lines(`${free} free`, `until ${day(c.free_repeats_until)}`) : "–");
       cell(row, "Reference", reference(c.reference));
-      const approved = c.type === "charge.approved";
-      cell(row, "Result", lines(approved ? "Approved" : "Rejected", approved ? null : c.message,
-        approved ? "approved" : "rejected"));
+      cell(row, "Result", result(c));
       return row;
     });
     body.replaceChildren(...rows);

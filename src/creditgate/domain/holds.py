@@ -105,7 +105,8 @@ class SettlementView:
     body: dict[str, Any] | None = None  # the settlement as sent (None: an expiry)
 
 
-def _resolution_message(record: ChargeRecord, window_days: float) -> str:
+def resolution_message(record: ChargeRecord, window_days: float) -> str:
+    """One sentence a person can read: what a hold's resolution charged and released."""
     raw = record.raw
     released = int(raw.get("released", 0))
     match record.status:
@@ -173,7 +174,7 @@ def hold_result(
         "balance_after": record.balance,
         "period_id": raw.get("hold_period") or record.period_id,
         "reason": record.reason.value if record.reason else None,
-        "message": _resolution_message(record, window_days),
+        "message": resolution_message(record, window_days),
         "decided_at": rfc3339(record.decided_ms),
         "sequence": record.sequence,
         "reference": hold.reference if hold else None,

@@ -20,6 +20,7 @@ from creditgate.store.keys import (
     RECORD,
     RECORD_REFUNDED,
     RECORD_REQUEST,
+    RECORD_RESOLUTION,
     USAGE_METRICS,
     OrgKeys,
     UsageFields,
@@ -39,6 +40,23 @@ class StoredDecision:
     summary: str | None
     # the 0-based indexes of its items refunded since (``charge.refund``)
     refunded: tuple[int, ...] = ()
+    # a hold's resolution once settled, released or expired (None: none, or still open)
+    resolution: ChargeRecord | None = None
+
+
+_FIELDS = (RECORD, RECORD_REQUEST, RECORD_REFUNDED, RECORD_RESOLUTION)
+
+
+def _stored(found: Sequence[Any]) -> StoredDecision | None:
+    raw, summary, refunded, resolution = found
+    if not isinstance(raw, str):
+        return None
+    return StoredDecision(
+        _record(raw),
+        summary if isinstance(summary, str) else None,
+        _refunded(refunded),
+        _record(resolution) if isinstance(resolution, str) else None,
+    )
 
 
 async def org_exists(client: RedisClient, keys: OrgKeys) -> bool:
@@ -134,26 +152,15 @@ async def stored_decisions(
         return []
     pipe = client.pipeline(transaction=False)
     for request_id in request_ids:
-        pipe.hmget(keys.request(request_id), RECORD, RECORD_REQUEST, RECORD_REFUNDED)
-    stored = await pipe.execute()
-    return [
-        None if raw is None else StoredDecision(_record(raw), summary, _refunded(refunded))
-        for raw, summary, refunded in stored
-    ]
+        pipe.hmget(keys.request(request_id), _FIELDS)
+    return [_stored(found) for found in await pipe.execute()]
 
 
 async def stored_decision(
     client: RedisClient, keys: OrgKeys, request_id: str
 ) -> StoredDecision | None:
     """One request's stored decision (None: none)."""
-    raw, summary, refunded = await client.hmget(
-        keys.request(request_id), [RECORD, RECORD_REQUEST, RECORD_REFUNDED]
-    )
-    if not isinstance(raw, str):
-        return None
-    return StoredDecision(
-        _record(raw), summary if isinstance(summary, str) else None, _refunded(refunded)
-    )
+    return _stored(await client.hmget(keys.request(request_id), _FIELDS))
 
 
 async def credits(
