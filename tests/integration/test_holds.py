@@ -448,6 +448,53 @@ async def test_a_hold_never_outlives_its_period(worker: Worker) -> None:
     assert held["hold_expires_at"] == rfc3339(DAY0 + 10 * MINUTE)
 
 
+# ---- refunding -----------------------------------------------------------------------------
+
+
+async def refund(worker: Worker, org: str, request_id: str, *items: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {"request_id": request_id, "reason": "the CRM refused it"}
+    if items:
+        fields["items"] = [{"type": "contact", "id": i} for i in items]
+    return await worker.command(org, "charge.refund", refunded_by="cs-1", **fields)
+
+
+async def test_a_settled_hold_is_refunded_as_its_settlement_charged_it(worker: Worker) -> None:
+    org = await org_with(worker)
+    held = await worker.request(org, [contact("c1", "co1"), contact("c2"), contact("c3")], hold={})
+    released = await worker.request(org, [contact("c4")], hold={})
+    await worker.settle(org, released["request_id"], release=True)
+
+    early = await refund(worker, org, held["request_id"])
+    await worker.settle(org, held["request_id"], [contact("c1"), contact("c2")])
+    assert await worker.balance(org) == 8
+    refunded = await refund(worker, org, held["request_id"], "c1")
+    again = await refund(worker, org, held["request_id"], "c1", "c3")
+    nothing = await refund(worker, org, released["request_id"])
+
+    assert (early["type"], early["reason"]) == ("command.rejected", "nothing_to_refund")
+    assert early["message"] == "the hold is not settled yet: it charged nothing"
+    assert refunded["type"] == "command.applied", refunded["message"]
+    assert refunded["message"] == (
+        f"1 credit of request {held['request_id']} refunded, balance 9; 2 repeat windows closed"
+    )
+    assert await worker.balance(org) == 9
+    # c1 again: refunded before; c3: released, never charged
+    assert (again["reason"], again["message"]) == (
+        "nothing_to_refund",
+        "every item named was refunded before",
+    )
+    assert nothing["message"] == "the hold was released: it charged nothing"
+    # the windows the settlement opened for c1 (and its company) are closed, c2's is not
+    after = await worker.request(
+        org, [contact("c1"), {"type": "company", "id": "co1"}, contact("c2")]
+    )
+    assert [i["outcome"] for i in after["items"]] == ["charged", "charged", "free_repeat"]
+    decision = await one_decision(worker.store, org, held["request_id"], 30)
+    assert decision is not None
+    assert [i["outcome"] for i in decision["items"]] == ["refunded", "charged", "released"]
+    assert decision["credits_refunded"] == 1
+
+
 # ---- the read side -------------------------------------------------------------------------
 
 

@@ -473,6 +473,8 @@ async def history(d: Deployment) -> dict[str, dict[str, Any]]:
         {"settlement_id": "s-2", "org_id": "acme", "request_id": "h-2", "type": "hold.release"},
         settle("acme", "s-3", "h-2", [contact("c32")]),  # rejected: already released
     )
+    # the settled hold refunded as its settlement charged it: c30's windows close
+    await d.commands(day(31), refund("acme", "a-21", "h-1", [contact("c30", "co30")]))
     return first
 
 
@@ -485,6 +487,7 @@ async def follow_up(d: Deployment) -> list[Outgoing]:
         request("acme", "r-8", "u1", [contact("c12")]),  # a conflict
         request("acme", "r-14", "u1", [contact("c1", "co1")]),
         request("acme", "r-15", "u1", [contact("c20")]),
+        request("acme", "r-20", "u1", [contact("c30", "co30")]),  # charged again
         request("globex", "q-3", "u9", [contact("c5")]),
         request("initech", "n-3", "zed", [contact("c1")]),
     )
@@ -561,8 +564,10 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
     assert [i["outcome"] for i in results["r-14"]["items"]] == ["charged"]
     assert results["r-15"]["credits_charged"] == 1
     # since r-12: r-13 1, the refund +1, r-19 2 (u4's limit), h-1 1 (one of its two
-    # held credits settled), h-3 1 (held), r-14 1, r-15 1
-    assert results["r-15"]["balance_after"] == first["r-12"]["balance_after"] - 6
+    # held credits settled), its refund +1, h-3 1 (held), r-14 1, r-15 1
+    assert results["r-15"]["balance_after"] == first["r-12"]["balance_after"] - 5
+    # the settled hold's c30 was refunded, and the windows its settlement opened closed
+    assert [i["outcome"] for i in results["r-20"]["items"]] == ["charged"]
     assert results["h-3"]["type"] == "hold.settled"  # the open hold survived the rebuild
     assert results["h-3"]["credits_charged"] == 1
     assert results["h-1"]["type"] == "hold.settled"  # s-1 replayed as first settled
@@ -577,10 +582,10 @@ async def test_rebuild_restores_every_key_and_later_traffic_is_decided_the_same(
     assert events["a-13"]["reason"] == "duplicate_grant"
     assert events["a-17"]["type"] == "command.applied"  # replayed as first applied
     assert events["a-19"]["message"].startswith("2 credits of request r-19 refunded")
-    # the ledger sequence goes on from the restored one: r-14, r-15, the refund a-19, the
-    # rejected a-13, then a-14
-    assert events["a-13"]["sequence"] == int(before["{acme}:seq"].value) + 4
-    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 5
+    # the ledger sequence goes on from the restored one: r-14, r-15, r-20, the refund
+    # a-19, the rejected a-13, then a-14
+    assert events["a-13"]["sequence"] == int(before["{acme}:seq"].value) + 5
+    assert events["a-14"]["sequence"] == int(before["{acme}:seq"].value) + 6
 
 
 async def test_replace_restores_what_a_stale_redis_lost(deployment: Deployment) -> None:

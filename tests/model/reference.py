@@ -22,6 +22,8 @@ is a finding rather than noise:
   count held credits as used (they left the balance).
 - A refund closes a window this request opened once no charged, unrefunded item of the
   request still uses it (its own window or its company's).
+- A hold is refunded as its settlement charged it (its outcomes, the windows it opened);
+  an open, released or expired hold has nothing to refund.
 """
 
 from __future__ import annotations
@@ -540,7 +542,14 @@ class Model:
         if stored is None:
             return self._rejected("request_not_found", org.license_state())
         request, decision = stored
-        if not decision.approved:
+        outcomes = decision.outcomes
+        if decision.held or decision.hold_expires is not None:
+            # a hold charged what its settlement charged: that is what is refunded
+            done = org.resolutions.get(body["request_id"])
+            if done is None or done.status != "settled":
+                return self._rejected("nothing_to_refund", org.license_state())
+            outcomes = done.outcomes
+        elif not decision.approved:
             return self._rejected("nothing_to_refund", org.license_state())
         license_ = org.license
         if license_ is None or decision.period_id != license_.period_id or now >= license_.ends:
@@ -553,14 +562,14 @@ class Model:
             or any((n["type"], n["id"]) == (item["type"], item["id"]) for n in body["items"])
         ]
         refunded = org.refunded.setdefault(body["request_id"], set())
-        now_refunded = [i for i in named if decision.outcomes[i] == "charged" and i not in refunded]
+        now_refunded = [i for i in named if outcomes[i] == "charged" and i not in refunded]
         if not now_refunded:
             return self._rejected("nothing_to_refund", org.license_state())
         refunded.update(now_refunded)
         verification = request["action"] == "email_verification"
         used: set[tuple[str, str]] = set()
         for i, item in enumerate(items):
-            if decision.outcomes[i] == "charged" and i not in refunded:
+            if outcomes[i] == "charged" and i not in refunded:
                 used.add(("verify" if verification else item["type"], item["id"]))
                 if not verification and item.get("company_id"):
                     used.add(("company", item["company_id"]))
@@ -669,6 +678,7 @@ class Model:
         same_period = license_ is not None and license_.period_id == hold.period
         delta = released if same_period else 0
         org.windows.update(plan.opens)
+        org.opened[hold_id] = dict(plan.opens)  # a refund of the settlement closes them
         if license_ is not None:
             license_.balance += delta
             balance = license_.balance

@@ -115,6 +115,7 @@ MUST_COVER = (
     "charge.refund decided: nothing_to_refund",
     "charge.refund decided: license_period_ended",
     "window closed by a refund",
+    "a settled hold refunded",
     *(f"hold decided: {s}" for s in ("settled", "released", "expired")),
     *(f"hold decided: {r}" for r in ("hold_already_resolved", "item_not_held")),
     "hold decided: hold_not_found",
@@ -513,9 +514,11 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
             named = data.draw(st.lists(st.sampled_from(items), min_size=1, max_size=3))
             fields["items"] = [{"type": i["type"], "id": i["id"]} for i in named]
         windows_before = dict(self.model.org(body["org_id"]).windows)
-        self._command(self._new(body["org_id"], "charge.refund", **fields))
+        outcome = self._command(self._new(body["org_id"], "charge.refund", **fields))
         if len(self.model.org(body["org_id"]).windows) < len(windows_before):
             covered("window closed by a refund")
+        if outcome.applied and "hold" in body:
+            covered("a settled hold refunded")
 
     @rule(
         org=st.sampled_from(ORGS),
@@ -674,7 +677,7 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
 
     # ---- license commands ----------------------------------------------------------
 
-    def _command(self, body: dict[str, Any]) -> None:
+    def _command(self, body: dict[str, Any]) -> CommandOutcome:
         command = license_command_adapter.validate_python(body)
         # a refund is applied as the worker applies it: the stored request read first
         (aimed,) = self.loop.run_until_complete(aim_refunds(self.store, [command]))
@@ -689,6 +692,7 @@ class ScriptsAgainstModel(RuleBasedStateMachine):
         )
         self.commands.append(body)
         covered(f"{body['type']} {actual.answer}: {actual.reason or 'applied'}")
+        return actual
 
     def _new(self, org: str, type_: str, **fields: Any) -> dict[str, Any]:
         return {"command_id": f"k{next(self.ids)}", "org_id": org, "type": type_, **fields}

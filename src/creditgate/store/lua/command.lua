@@ -13,8 +13,9 @@ KEYS
   9 expiries    zset    holds by expiry (charge.lua's)
   charge.refund only:
   10 usage      hash    the usage counters (charge.lua's)
-  11 request    hash    the refunded request's stored decision (fp, rec, req) and
-                        ref: its refunded items (JSON, 1-based item indexes)
+  11 request    hash    the refunded request's stored decision (fp, rec, req), res: a
+                        hold's resolution (charge.lua's), and ref: its refunded items
+                        (JSON, 1-based item indexes)
   12… windows   string  the request's windows, in its call's order (charge.lua's)
 ARGV
   1 now_ms  2 known sequence (as in charge.lua)  3 command_id  4 fingerprint  5 type
@@ -194,12 +195,22 @@ elseif kind == "charge.refund" then
   local usage_key, request_key = KEYS[10], KEYS[11]
   local expected_fp, item_keys, named = args[1], cjson.decode(args[2]), cjson.decode(args[3])
   local state = license_state()
-  local stored = redis.call("HMGET", request_key, "fp", "rec", "req", "ref")
+  local stored = redis.call("HMGET", request_key, "fp", "rec", "req", "ref", "res")
   if not stored[2] or stored[1] ~= expected_fp then
     return finish(false, state, "request_not_found")
   end
   local decided, summary = cjson.decode(stored[2]), cjson.decode(stored[3])
-  if decided.status ~= "approved" then
+  if decided.status == "held" then
+    -- a hold charges when it settles: what its settlement charged is what is refunded
+    -- (its outcomes and the windows it opened, in the hold's own window slots)
+    local res = stored[5] and cjson.decode(stored[5])
+    if not res or res.status ~= "settled" then
+      return finish(false, state, "nothing_to_refund",
+        res and ("the hold was " .. res.status .. ": it charged nothing")
+          or "the hold is not settled yet: it charged nothing")
+    end
+    decided = res
+  elseif decided.status ~= "approved" then
     return finish(false, state, "nothing_to_refund", "the request charged nothing")
   end
   if not state.period_id or decided.period ~= state.period_id or now >= state.ends_ms then
