@@ -151,7 +151,14 @@ def create_app(
     processor = Decider(store, registry, settings, clock, metrics, known=published, sweep=sweep)
     ledger = registry.specs[t.LEDGER].max_message_bytes or BROKER_DEFAULT_MAX_MESSAGE_BYTES
     healer = Healer(
-        store, settings, registry.name(t.LEDGER), published, processor.clock, metrics, ledger
+        store,
+        settings,
+        registry.name(t.LEDGER),
+        published,
+        processor.clock,
+        metrics,
+        ledger,
+        sweep=sweep,
     )
     guard = LedgerGuard(healer, store, registry.name(t.LEDGER))
     app.decision_loop = DecisionLoop(processor, registry, settings, metrics, guard)

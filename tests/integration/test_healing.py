@@ -8,14 +8,17 @@ Redis is shared with other tests.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from creditgate.domain.charges import ChargeRequest
+from creditgate.domain.ids import to_ms
 from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
 from creditgate.store.calls import ChargeCall
+from creditgate.store.holds import HoldSweepIndex
 from creditgate.stream import topics as t
 from creditgate.stream.healing import Healer, PublishedSequences
 
@@ -153,3 +156,53 @@ async def test_scripts_decide_nothing_on_a_redis_behind_what_was_published(
     (answer,) = await d.store.charge_many([charge], day(1), known=published)
     assert answer.record.credits == 1
     assert answer.record.sequence == sequence + 1
+
+
+async def test_a_hold_whose_sweep_note_was_forgotten_is_noted_again_by_the_heal_check(
+    deployment: Deployment,  # noqa: F811
+) -> None:
+    """Redis kept the hold (its organisation's node) but lost the sweep index's note of it
+    (another node, or a later command of the same one): the heal check that follows
+    notes it again from the organisation's own expiries, and the sweep then finds it."""
+    d = deployment
+    await d.commands(
+        day(0),
+        upsert("acme", "a-1", "ana", "admin"),
+        period("acme", "a-2", "p1", 10, day(0), day(100)),
+        upsert("globex", "g-1", "boss", "admin"),
+        period("globex", "g-2", "p1", 10, day(0), day(100)),
+    )
+    out = await d.requests(
+        day(1),
+        request("acme", "h-1", "ana", [contact("c1")], hold={"expires_in_seconds": 60}),
+        request("globex", "r-1", "boss", [contact("c1")]),
+    )
+    held = d.results(out)["h-1"]
+    assert held["type"] == "charge.held"
+    # the deployment's decider notes nothing: the index lacks the hold, as if forgotten
+    sweep = HoldSweepIndex.from_settings(d.settings)
+    expires = to_ms(datetime.fromisoformat(held["hold_expires_at"]))
+    try:
+        assert await sweep.due(expires, orgs=10, holds=10) == {}
+
+        h = Healer(
+            d.store,
+            d.settings,
+            d.registry.name(t.LEDGER),
+            PublishedSequences(),
+            d.clock,
+            Metrics(),
+            sweep=sweep,
+        )
+        await h.start()
+        try:
+            report = await h.heal({})
+        finally:
+            await h.stop()
+
+        assert report.entries_applied == 0  # nothing else was missing
+        # noted at its expiry, no earlier: globex (no hold) is not noted
+        assert await sweep.due(expires - 1, orgs=10, holds=10) == {}
+        assert await sweep.due(expires, orgs=10, holds=10) == {"acme": ["h-1"]}
+    finally:
+        await sweep.close()

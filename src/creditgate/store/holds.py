@@ -11,6 +11,14 @@ hold unexpired, so the worker notes every hold it publishes (replays too: a cras
 between deciding a hold and noting it is answered by the replay), and healing notes the
 holds it restores.
 
+A Redis that forgot may also have kept a hold and lost its note: the script's write and
+the note are two commands (on a cluster, on two nodes), and a restart or failover loses a
+suffix of one node's writes. Such a note came before the ledger checkpoint was raised
+past the hold's entry (a raise follows the batch's publication, the note precedes it),
+so the lost suffix took the raise too, and the heal check that follows reads the hold's
+entry again: for every organisation whose holds it reads there, it notes the earliest
+expiry that organisation's own key holds (``note_from_expiries``).
+
 An expired hold leaves its organisation's expiries only once its ``hold.expired`` is on
 the broker (``expired``): a worker killed in between finds it again, and the script
 answers with the expiry it stored (a replay), so it is published exactly as decided.
@@ -48,6 +56,22 @@ class HoldSweepIndex:
         if due:
             async with unavailable_as("noting holds to expire"):
                 await self._redis.zadd(self._keys.hold_sweep, dict(due), lt=True)
+
+    async def note_from_expiries(self, org_ids: Sequence[str]) -> None:
+        """Note each organisation at its earliest hold expiry, read from its own expiries:
+        the index may have forgotten a note its organisation's node kept (see the
+        module; ``stream.healing`` calls this for the organisations whose holds it read
+        in the ledger)."""
+        if not org_ids:
+            return
+        async with unavailable_as("noting holds to expire"):
+            pipe = self._redis.pipeline(transaction=False)
+            for org_id in org_ids:
+                pipe.zrange(self._keys.org(org_id).hold_expiries, 0, 0, withscores=True)
+            nearest = await pipe.execute()
+        await self.note(
+            {org: int(found[0][1]) for org, found in zip(org_ids, nearest, strict=True) if found}
+        )
 
     async def due(self, now_ms: int, orgs: int, holds: int) -> dict[str, list[str]]:
         """Up to ``orgs`` organisations due by ``now_ms``, each with up to ``holds`` of its

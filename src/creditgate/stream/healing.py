@@ -25,8 +25,10 @@ replication lose a *suffix* of its writes, never a middle. So:
   decisions may have been published late, after another worker raised the checkpoint)
   to the end offsets, and for every organisation whose sequence in Redis is below the
   last one read, folds the missing entries onto its state (``CreditStore.heal_org``, the
-  fold of ``creditgate rebuild`` applied incrementally, in one WATCHed transaction). Then
-  it raises the checkpoint to the end offsets read.
+  fold of ``creditgate rebuild`` applied incrementally, in one WATCHed transaction). It
+  notes the holds it read in the hold sweep's index again (which may have forgotten a
+  note while the hold stayed: ``store.holds``). Then it raises the checkpoint to the end
+  offsets read.
 - **The scripts' sequence check** catches a Redis that forgot without dropping the
   connection (a FLUSHALL): every call carries the organisation's last sequence this worker
   saw published (``PublishedSequences``), and the script decides nothing when Redis's is
@@ -51,6 +53,7 @@ from creditgate.errors import RedisMayHaveForgotten
 from creditgate.observability import Metrics
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
+from creditgate.store.holds import HoldSweepIndex
 from creditgate.stream.ledger_reader import LedgerReader, ledger_entry
 from creditgate.stream.limits import BROKER_DEFAULT_MAX_MESSAGE_BYTES
 
@@ -112,6 +115,15 @@ class _Found:
         return {org_id: max(by_sequence) for org_id, by_sequence in self.entries.items()}
 
 
+# the ledger kinds that put holds in an organisation's expiries: a hold, and a new period
+# (its open holds are due at once)
+_EXPIRY_KINDS = frozenset({"held", "period_started"})
+
+
+def _sets_expiries(entries: Mapping[int, Mapping[str, Any]]) -> bool:
+    return any(entry.get("kind") in _EXPIRY_KINDS for entry in entries.values())
+
+
 class Healer:
     """Checks Redis against the ledger and restores what it forgot (see the module)."""
 
@@ -124,8 +136,10 @@ class Healer:
         clock: Clock,
         metrics: Metrics,
         max_message_bytes: int = BROKER_DEFAULT_MAX_MESSAGE_BYTES,
+        sweep: HoldSweepIndex | None = None,
     ) -> None:
         self._store = store
+        self._sweep = sweep
         self._topic = ledger_topic
         self.sequences = sequences
         self._clock = clock
@@ -171,6 +185,11 @@ class Healer:
             report.entries_read += older.read
             await self._restore(older, report)
             found.entries.update(older.entries)
+        if self._sweep is not None:
+            # a hold whose note the sweep's index forgot is among those read (store/holds.py)
+            await self._sweep.note_from_expiries(
+                sorted(org for org, entries in found.entries.items() if _sets_expiries(entries))
+            )
         # every entry below the end offsets read is in Redis now
         await self._store.raise_ledger_checkpoint(self._topic, end)
         self.sequences.update(found.last_sequences())
