@@ -259,6 +259,26 @@ async def test_a_hold_is_refused_like_a_charge(worker: Worker) -> None:
     assert await worker.balance(org) == 2
 
 
+def notifications(worker: Worker, kind: str) -> list[dict[str, Any]]:
+    topic = worker.registry.name(t.NOTIFICATIONS)
+    found = [orjson.loads(m.value) for m in worker.published if m.topic == topic]
+    return [n for n in found if n["type"] == kind]
+
+
+async def test_held_credits_count_towards_the_usage_thresholds_once(worker: Worker) -> None:
+    org = await org_with(worker)  # 10 credits, thresholds 80, 90, 100 %
+    held = await worker.request(org, [contact(f"c{i}") for i in range(8)], hold={})
+    assert held["type"] == "charge.held"
+    assert [n["threshold_percent"] for n in notifications(worker, "credits.threshold_reached")] == [
+        80
+    ]
+    await worker.settle(org, held["request_id"], release=True)
+    again = await worker.request(org, [contact(f"c{i}") for i in range(8)], hold={})
+    assert again["type"] == "charge.held"
+    # once a period: the hold released and another one taking use there again is not told
+    assert len(notifications(worker, "credits.threshold_reached")) == 1
+
+
 # ---- settling ----------------------------------------------------------------------------
 
 
