@@ -175,6 +175,19 @@ def ledger_of(big: Big, org: str) -> dict[int, dict[str, Any]]:
     return found
 
 
+async def last_part(big: Big, org: str, sequence: int) -> None:
+    """Until the last part of the org's ledger entry ``sequence`` is in (an org's ledger
+    messages keep their order: the last part comes last)."""
+    await big.client.wait_many(
+        t.LEDGER,
+        lambda m: (
+            m["org_id"] == org and m.get("sequence") == sequence and m.get("part") == m.get("parts")
+        ),
+        1,
+        timeout=60,
+    )
+
+
 async def test_a_10000_item_request_gets_its_result_and_the_stream_goes_on(big: Big) -> None:
     org = await big.org()
     # 1,000 of the big request's contacts exported before: free repeats in it
@@ -207,17 +220,7 @@ async def test_a_10000_item_request_gets_its_result_and_the_stream_goes_on(big: 
         assert decided["items_truncated"] is False
 
     # the ledger entry came in parts that join to the full decision
-    # an org's ledger messages keep their order: the last part comes last
-    await big.client.wait_many(
-        t.LEDGER,
-        lambda m: (
-            m["org_id"] == org
-            and m.get("sequence") == result["sequence"]
-            and m.get("part") == m.get("parts")
-        ),
-        1,
-        timeout=60,
-    )
+    await last_part(big, org, result["sequence"])
     entry = ledger_of(big, org)[result["sequence"]]
     assert entry["request_id"] == "r-big"
     assert entry["credits_delta"] == -9000
@@ -272,16 +275,7 @@ async def test_a_refund_naming_10000_items_is_applied_and_its_ledger_entry_comes
     assert (status, event["type"]) == (200, "command.applied"), event
     assert event["message"].startswith(f"{ITEMS} credits of request r-refunded refunded")
 
-    await big.client.wait_many(
-        t.LEDGER,
-        lambda m: (
-            m["org_id"] == org
-            and m.get("sequence") == event["sequence"]
-            and m.get("part") == m.get("parts")
-        ),
-        1,
-        timeout=60,
-    )
+    await last_part(big, org, event["sequence"])
     entries = ledger_of(big, org)
     entry, opened = entries[event["sequence"]], entries[charged["sequence"]]["windows"]
     assert entry["kind"] == "refunded"

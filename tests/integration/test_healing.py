@@ -53,16 +53,15 @@ async def contents(d: Deployment) -> dict[str, tuple[str, Any]]:
     return {name: (key.type, key.value) for name, key in found.items()}
 
 
-def healer(d: Deployment, published: PublishedSequences) -> Healer:
+def healer(
+    d: Deployment, published: PublishedSequences, sweep: HoldSweepIndex | None = None
+) -> Healer:
     ledger = d.registry.name(t.LEDGER)
-    return Healer(d.store, d.settings, ledger, published, d.clock, Metrics())
+    return Healer(d.store, d.settings, ledger, published, d.clock, Metrics(), sweep=sweep)
 
 
-async def test_a_stale_redis_is_healed_to_what_the_ledger_says(
-    deployment: Deployment,  # noqa: F811
-) -> None:
-    d = deployment
-    prefix, stale = d.settings.key_prefix, f"{d.settings.key_prefix}-shadow"
+async def two_orgs(d: Deployment) -> None:
+    """acme and globex, each with an admin and 10 credits from day 0 to day 100."""
     await d.commands(
         day(0),
         upsert("acme", "a-1", "ana", "admin"),
@@ -70,6 +69,14 @@ async def test_a_stale_redis_is_healed_to_what_the_ledger_says(
         upsert("globex", "g-1", "boss", "admin"),
         period("globex", "g-2", "p1", 10, day(0), day(100)),
     )
+
+
+async def test_a_stale_redis_is_healed_to_what_the_ledger_says(
+    deployment: Deployment,  # noqa: F811
+) -> None:
+    d = deployment
+    prefix, stale = d.settings.key_prefix, f"{d.settings.key_prefix}-shadow"
+    await two_orgs(d)
     first = await d.requests(day(1), request("acme", "r-1", "ana", [contact("c1")]))
     await shadow_copy(d.settings, prefix, stale)
     # published, then forgotten by Redis: a window opened, a grant, a member removed
@@ -165,13 +172,7 @@ async def test_a_hold_whose_sweep_note_was_forgotten_is_noted_again_by_the_heal_
     (another node, or a later command of the same one): the heal check that follows
     notes it again from the organisation's own expiries, and the sweep then finds it."""
     d = deployment
-    await d.commands(
-        day(0),
-        upsert("acme", "a-1", "ana", "admin"),
-        period("acme", "a-2", "p1", 10, day(0), day(100)),
-        upsert("globex", "g-1", "boss", "admin"),
-        period("globex", "g-2", "p1", 10, day(0), day(100)),
-    )
+    await two_orgs(d)
     out = await d.requests(
         day(1),
         request("acme", "h-1", "ana", [contact("c1")], hold={"expires_in_seconds": 60}),
@@ -185,15 +186,7 @@ async def test_a_hold_whose_sweep_note_was_forgotten_is_noted_again_by_the_heal_
     try:
         assert await sweep.due(expires, orgs=10, holds=10) == {}
 
-        h = Healer(
-            d.store,
-            d.settings,
-            d.registry.name(t.LEDGER),
-            PublishedSequences(),
-            d.clock,
-            Metrics(),
-            sweep=sweep,
-        )
+        h = healer(d, PublishedSequences(), sweep)
         await h.start()
         try:
             report = await h.heal({})

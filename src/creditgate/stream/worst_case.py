@@ -146,13 +146,18 @@ def _window_names(n: int) -> list[str]:
     return [f"company:{_id('company', i)}" for i in range(2 * n + 4)]
 
 
+def _most_listed(n: int, bound: int) -> list[Outcome]:
+    """Outcomes of ``n`` items that render the largest result: free repeats render the
+    most per item (an outcome and a free_until), as many as a result lists, the rest
+    charged (so exactly those are listed when truncated)."""
+    listed = min(n, bound)
+    return [Outcome.FREE_REPEAT] * listed + [Outcome.CHARGED] * (n - listed)
+
+
 def _results(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     view = _view(settings)
     n, bound = len(view.items), settings.result_items_max
-    # free repeats render the most per item (an outcome and a free_until): as many as a
-    # result lists, the rest charged (so exactly those are listed when truncated)
-    listed = min(n, bound)
-    outcomes = [Outcome.FREE_REPEAT] * listed + [Outcome.CHARGED] * (n - listed)
+    outcomes = _most_listed(n, bound)
     approved = _record(view, settings, outcomes)
     rejected = _record(
         view,
@@ -187,8 +192,7 @@ def _holds(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     repeats as a result lists), and a settlement refused with the longest detail."""
     view = _view(settings)
     n, bound = len(view.items), settings.result_items_max
-    listed = min(n, bound)
-    outcomes = [Outcome.FREE_REPEAT] * listed + [Outcome.CHARGED] * (n - listed)
+    outcomes = _most_listed(n, bound)
     topics = OutputTopics(
         results=names[t.CHARGE_RESULTS],
         events=names[t.LICENSE_EVENTS],
