@@ -195,7 +195,7 @@ class Healer:
         self.sequences.update(found.last_sequences())
         if stale:
             self.sequences.update(await self._store.sequences(sorted(stale)))
-        self._observe(report)
+        self._metrics.heal_checks.inc()
         return report
 
     async def _read(
@@ -240,6 +240,10 @@ class Healer:
             if healed.applied:
                 report.organisations_healed += 1
                 report.entries_applied += healed.applied
+                # counted as restored, not when the check ends: a check that fails later
+                # (Redis away again) is repeated, and finds these already in Redis
+                self._metrics.healed_entries.inc(healed.applied)
+                self._metrics.healed_organisations.inc()
                 log.warning(
                     "healed %s from the ledger: Redis had sequence %d, %d entries restored",
                     org_id,
@@ -249,12 +253,6 @@ class Healer:
             if healed.inconsistencies:
                 report.inconsistencies[org_id] = healed.inconsistencies
         return further_back
-
-    def _observe(self, report: HealReport) -> None:
-        self._metrics.heal_checks.inc()
-        if report.entries_applied:
-            self._metrics.healed_entries.inc(report.entries_applied)
-            self._metrics.healed_organisations.inc(report.organisations_healed)
 
 
 class LedgerGuard:
