@@ -25,7 +25,13 @@ from typing import Any
 
 from creditgate.api.errors import InvalidInput
 from creditgate.domain.charges import Action, Outcome
-from creditgate.domain.decisions import ChargeRecord, RequestView, charge_result, item_counts
+from creditgate.domain.decisions import (
+    ChargeRecord,
+    RequestView,
+    charge_result,
+    item_counts,
+    itemised,
+)
 from creditgate.domain.holds import resolution_message
 from creditgate.domain.ids import is_identifier, rfc3339
 from creditgate.store.gateway import USAGE_METRICS, CreditStore, StoredDecision
@@ -398,11 +404,7 @@ async def one_decision(
     )
     items = found["items"]
     if record is not decision.record:  # a resolved hold: its items as resolved
-        for item, outcome, until in zip(items, record.outcomes, record.free_until_ms, strict=False):
-            item["outcome"] = outcome.value
-            item.pop("free_until", None)
-            if outcome is Outcome.FREE_REPEAT:
-                item["free_until"] = rfc3339(until)
+        items = itemised(view.items, record)
     for index in decision.refunded:
         items[index]["outcome"] = Outcome.REFUNDED.value
     found["counts"] = item_counts([item["outcome"] for item in items])

@@ -225,16 +225,20 @@ def charge_message(view: RequestView, record: ChargeRecord, window_days: float) 
             return str(record.reason)
 
 
-def _items(view: RequestView, record: ChargeRecord) -> list[dict[str, Any]]:
-    items = []
-    for item, outcome, until in zip(
-        view.items, record.outcomes, record.free_until_ms, strict=False
-    ):
+def itemised(items: list[dict[str, Any]], record: ChargeRecord) -> list[dict[str, Any]]:
+    """``items`` with the outcome ``record`` gave each (a free repeat with its
+    free_until): a decision's, or a hold's resolution's."""
+    out = []
+    for item, outcome, until in zip(items, record.outcomes, record.free_until_ms, strict=False):
         entry = {**item, "outcome": outcome.value}
         if outcome is Outcome.FREE_REPEAT:
             entry["free_until"] = rfc3339(until)
-        items.append(entry)
-    return items
+        out.append(entry)
+    return out
+
+
+def _items(view: RequestView, record: ChargeRecord) -> list[dict[str, Any]]:
+    return itemised(view.items, record)
 
 
 def item_counts(outcomes: list[str]) -> dict[str, int]:

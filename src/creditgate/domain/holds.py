@@ -16,8 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from creditgate.domain.charges import Outcome, Reason, body_fingerprint
-from creditgate.domain.decisions import ChargeRecord, RequestView, bounded_items, item_counts
+from creditgate.domain.charges import Reason, body_fingerprint
+from creditgate.domain.decisions import (
+    ChargeRecord,
+    RequestView,
+    bounded_items,
+    item_counts,
+    itemised,
+)
 from creditgate.domain.ids import Identifier, rfc3339
 
 HOLD_SETTLE = "hold.settle"
@@ -140,15 +146,7 @@ def resolution_message(record: ChargeRecord, window_days: float) -> str:
 def _items(view: SettlementView, record: ChargeRecord) -> list[dict[str, Any]]:
     if view.hold is None or record.status == "rejected":
         return []
-    items = []
-    for item, outcome, until in zip(
-        view.hold.items, record.outcomes, record.free_until_ms, strict=False
-    ):
-        entry = {**item, "outcome": outcome.value}
-        if outcome is Outcome.FREE_REPEAT:
-            entry["free_until"] = rfc3339(until)
-        items.append(entry)
-    return items
+    return itemised(view.hold.items, record)
 
 
 def hold_result(
