@@ -36,7 +36,13 @@ from creditgate.devstack.kafka import (
     kafka_answers,
     new_cluster_id,
 )
-from creditgate.devstack.process import find_free_port, require_executable, wait_ports_free
+from creditgate.devstack.process import (
+    ephemeral_port_start,
+    find_free_port,
+    port_is_free,
+    require_executable,
+    wait_ports_free,
+)
 from creditgate.devstack.redis import RedisNode, find_redis_server, redis_answers
 
 KAFKA_NODES = 3
@@ -387,10 +393,12 @@ class ClusterStack:
         if saved is not None:
             return saved
         chosen: list[int] = []
+        below = ephemeral_port_start()
         while len(set(chosen)) < 2 * KAFKA_NODES + REDIS_NODES:
-            # a Redis Cluster node also listens on its port + 10000 (the cluster bus)
+            # a Redis Cluster node also listens on its port + 10000 (the cluster bus),
+            # which must be free and below the ephemeral range too (devstack.process)
             port = find_free_port()
-            if port + 10000 < 65536 and port not in chosen:
+            if port + 10000 < below and port_is_free(port + 10000) and port not in chosen:
                 chosen.append(port)
         ports = ClusterPorts(
             kafka=tuple(chosen[:KAFKA_NODES]),

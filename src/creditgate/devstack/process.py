@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,11 +21,35 @@ _TAIL_LINES = 30
 _PROC = Path("/proc")
 
 
+# The ports the OS picks itself (a bind to port 0, and the local port of every outgoing
+# connection) come from its ephemeral range, so a port picked there and free a moment ago
+# can be taken by some client's connection before the server binds it: a broker of the
+# fault tests failed so ("Address already in use"). The stacks' ports are picked below
+# that range instead, at random, and none twice in one process.
+_LOWEST_PORT = 10_000
+_EPHEMERAL_RANGE = _PROC / "sys/net/ipv4/ip_local_port_range"
+_handed_out: set[int] = set()
+
+
+def ephemeral_port_start() -> int:
+    """The first port of the OS's ephemeral range (Linux's default when unreadable)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def find_free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that was free a moment ago, below the OS's ephemeral range
+    (see above), never one this process was given before."""
+    highest = max(ephemeral_port_start() - 1, _LOWEST_PORT + 1000)
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randint(_LOWEST_PORT, highest)
+        if port not in _handed_out and port_is_free(port):
+            _handed_out.add(port)
+            return port
+    raise DevStackError(f"no free TCP port between {_LOWEST_PORT} and {highest} on 127.0.0.1")
 
 
 def port_is_free(port: int) -> bool:
