@@ -237,10 +237,6 @@ def itemised(items: list[dict[str, Any]], record: ChargeRecord) -> list[dict[str
     return out
 
 
-def _items(view: RequestView, record: ChargeRecord) -> list[dict[str, Any]]:
-    return itemised(view.items, record)
-
-
 def item_counts(outcomes: list[str]) -> dict[str, int]:
     """Items per outcome, in the order ``Outcome`` lists them; outcomes with no item are
     left out: ``{"charged": 9000, "free_repeat": 1000}``."""
@@ -276,7 +272,7 @@ def charge_result(
     (``bounded_items``; None: all of them) and ``items_truncated`` says whether some
     were left out. It is always there: false for a result that lists every item.
     """
-    items = _items(view, record)
+    items = itemised(view.items, record)
     listed, truncated = (items, False) if items_max is None else bounded_items(items, items_max)
     held = (
         {"credits_held": record.held, "hold_expires_at": rfc3339(record.hold_expires_ms or 0)}

@@ -43,7 +43,6 @@ from creditgate.domain.license_events import (
 )
 from creditgate.domain.outgoing import (
     Outgoing,
-    OutputTopics,
     charge_messages,
     command_messages,
     dead_letter,
@@ -122,13 +121,7 @@ class Decider:
         self._actions = {
             registry.name(logical): action for logical, action in t.REQUEST_ACTIONS.items()
         }
-        self._topics = OutputTopics(
-            results=registry.name(t.CHARGE_RESULTS),
-            events=registry.name(t.LICENSE_EVENTS),
-            notifications=registry.name(t.NOTIFICATIONS),
-            ledger=registry.name(t.LEDGER),
-            deadletter=registry.name(t.DEADLETTER),
-        )
+        self._topics = t.output_topics(registry)
 
     # ---- charge requests -------------------------------------------------------
 

@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from creditgate.connection_checks import check_kafka
 from creditgate.connections import aiokafka_options
 from creditgate.domain.charges import Action
+from creditgate.domain.outgoing import OutputTopics
 from creditgate.errors import ConfigurationError, InfrastructureError
 from creditgate.settings import Settings
 
@@ -258,3 +259,14 @@ async def check_topics(
         return problems
     finally:
         await admin.close()
+
+
+def output_topics(registry: TopicRegistry) -> OutputTopics:
+    """The names decisions are published on, under the registry's prefix."""
+    return OutputTopics(
+        results=registry.name(CHARGE_RESULTS),
+        events=registry.name(LICENSE_EVENTS),
+        notifications=registry.name(NOTIFICATIONS),
+        ledger=registry.name(LEDGER),
+        deadletter=registry.name(DEADLETTER),
+    )

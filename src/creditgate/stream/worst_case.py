@@ -54,9 +54,10 @@ from creditgate.settings import Settings
 from creditgate.stream import topics as t
 from creditgate.stream.decider import Incoming
 from creditgate.stream.publish import record_bytes
-from creditgate.stream.topics import TopicRegistry
+from creditgate.stream.topics import TopicRegistry, output_topics
 
 MAX_ID = 128  # Identifier: 1-128 characters
+_Commands = list[tuple[CommandView, CommandRecord]]
 # the latest time an RFC 3339 rendering of ms since the epoch spends the most bytes on
 LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 # the most credits validation lets through (domain/charges.py): balances, credits and
@@ -141,6 +142,21 @@ def _record(
     return ChargeRecord.from_script(data)
 
 
+def _rejected(
+    view: RequestView, settings: Settings, outcomes: list[Outcome], reason: Reason, **raw: Any
+) -> ChargeRecord:
+    """A rejection as large as ``_record``'s, with the longest detail."""
+    return _record(
+        view,
+        settings,
+        outcomes,
+        status="rejected",
+        reason=reason.value,
+        detail="\x00" * MAX_DETAIL_CHARS,  # escaped as \u0000: six bytes a character
+        **raw,
+    )
+
+
 def _window_names(n: int) -> list[str]:
     # window names are "<kind>:<entity id>"; "company:" and "contact:" are the longest
     return [f"company:{_id('company', i)}" for i in range(2 * n + 4)]
@@ -159,14 +175,7 @@ def _results(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     n, bound = len(view.items), settings.result_items_max
     outcomes = _most_listed(n, bound)
     approved = _record(view, settings, outcomes)
-    rejected = _record(
-        view,
-        settings,
-        [Outcome.NOT_CHARGED] * n,
-        status="rejected",
-        reason=Reason.INVALID_REQUEST.value,
-        detail="\x00" * MAX_DETAIL_CHARS,  # escaped as \u0000: six bytes a character
-    )
+    rejected = _rejected(view, settings, [Outcome.NOT_CHARGED] * n, Reason.INVALID_REQUEST)
     held = _record(view, settings, outcomes, status="held", held=_BIG, hold_exp=LATEST_MS)
     bodies = [
         charge_result(view, approved, settings.repeat_window_days, bound),
@@ -187,31 +196,18 @@ def _results(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     ]
 
 
-def _holds(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
+def _holds(settings: Settings, topics: OutputTopics) -> list[Outgoing]:
     """What resolving the largest hold publishes: settled on every item (as many free
     repeats as a result lists), and a settlement refused with the longest detail."""
     view = _view(settings)
     n, bound = len(view.items), settings.result_items_max
     outcomes = _most_listed(n, bound)
-    topics = OutputTopics(
-        results=names[t.CHARGE_RESULTS],
-        events=names[t.LICENSE_EVENTS],
-        notifications=names[t.NOTIFICATIONS],
-        ledger=names[t.LEDGER],
-        deadletter=names[t.DEADLETTER],
-    )
     resolution = {"user": view.user_id, "action": view.action.value, "hold_period": _id("period")}
     settled = _record(
         view, settings, outcomes, status="settled", released=_BIG, delta=_BIG, **resolution
     )
-    refused = _record(
-        view,
-        settings,
-        [Outcome.NOT_CHARGED] * n,
-        status="rejected",
-        reason=Reason.ITEM_NOT_HELD.value,
-        detail="\x00" * MAX_DETAIL_CHARS,
-        **resolution,
+    refused = _rejected(
+        view, settings, [Outcome.NOT_CHARGED] * n, Reason.ITEM_NOT_HELD, **resolution
     )
     body = {
         "settlement_id": _id("settlement"),
@@ -236,23 +232,16 @@ def _holds(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     return out
 
 
-def _ledger(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
+def _ledger(settings: Settings, names: dict[str, str], commands: _Commands) -> list[Outgoing]:
     view = _view(settings)
     n = len(view.items)
     longest = max(Outcome, key=lambda o: len(o.value))
     record = _record(view, settings, [longest] * n)
     entry = charge_ledger_entry(view, record, _window_names(n))
-    rejected = _record(
-        view,
-        settings,
-        [longest] * n,
-        status="rejected",
-        reason=Reason.INSUFFICIENT_CREDITS.value,
-        detail="\x00" * MAX_DETAIL_CHARS,
-    )
+    rejected = _rejected(view, settings, [longest] * n, Reason.INSUFFICIENT_CREDITS)
     rejected_entry = charge_ledger_entry(view, rejected, _window_names(n))
     out = ledger_messages(names[t.LEDGER], entry) + ledger_messages(names[t.LEDGER], rejected_entry)
-    for view_, command in _commands(settings):
+    for view_, command in commands:
         if command.applied:  # only applied commands have entries
             out += ledger_messages(names[t.LEDGER], command_ledger_entry(view_, command))
     return out
@@ -272,7 +261,7 @@ def worst_case_refund(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _commands(settings: Settings) -> list[tuple[CommandView, CommandRecord]]:
+def _commands(settings: Settings) -> _Commands:
     """The largest command outcomes: a grant with the longest reason, a period start,
     a refund of every item of the largest request, closing two windows an item, and a
     rejection with the longest detail and echoed type."""
@@ -341,9 +330,9 @@ def _commands(settings: Settings) -> list[tuple[CommandView, CommandRecord]]:
     ]
 
 
-def _events(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
+def _events(names: dict[str, str], commands: _Commands) -> list[Outgoing]:
     out = []
-    for view, record in _commands(settings):
+    for view, record in commands:
         event = license_event(view, record)
         out.append(
             outgoing(
@@ -358,11 +347,13 @@ def _events(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
     return out
 
 
-def _notifications(settings: Settings, names: dict[str, str]) -> list[Outgoing]:
+def _notifications(
+    settings: Settings, names: dict[str, str], commands: _Commands
+) -> list[Outgoing]:
     view = _view(settings)
     record = _record(view, settings, [Outcome.CHARGED])
     notes = charge_notifications(view, record)
-    for view_, command in _commands(settings):
+    for view_, command in commands:
         notes += command_notifications(view_, command)
     return [
         outgoing(
@@ -398,13 +389,15 @@ def worst_case_output_bytes(settings: Settings, registry: TopicRegistry) -> dict
     """Per output topic (by its logical name): the largest message, as a record batch of
     its own, that creditgate can write there from valid input under ``settings``."""
     names = {logical: registry.name(logical) for logical in registry.specs}
-    holds = _holds(settings, names)
+    holds = _holds(settings, output_topics(registry))
+    commands = _commands(settings)  # a refund of max_items among them: built once
     built = {
         t.CHARGE_RESULTS: _results(settings, names)
         + [m for m in holds if m.topic == names[t.CHARGE_RESULTS]],
-        t.LEDGER: _ledger(settings, names) + [m for m in holds if m.topic == names[t.LEDGER]],
-        t.LICENSE_EVENTS: _events(settings, names),
-        t.NOTIFICATIONS: _notifications(settings, names),
+        t.LEDGER: _ledger(settings, names, commands)
+        + [m for m in holds if m.topic == names[t.LEDGER]],
+        t.LICENSE_EVENTS: _events(names, commands),
+        t.NOTIFICATIONS: _notifications(settings, names, commands),
         t.DEADLETTER: _dead_letters(registry, names),
     }
     return {logical: max(record_bytes(m) for m in found) for logical, found in built.items()}
