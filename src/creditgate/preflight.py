@@ -241,16 +241,7 @@ async def topic_lifetimes(
 ) -> list[TopicLifetime]:
     """Each topic's retention and segment time as the broker applies them: its own
     override, else the broker's default (a topic's described value already is one)."""
-    resources = [
-        ConfigResource(ConfigResourceType.TOPIC, name, configs=dict.fromkeys(_TOPIC_CONFIGS))
-        for name in topics
-    ]
-    found: dict[str, dict[str, str | None]] = {}
-    for response in await admin.describe_configs(resources):
-        for error_code, _, _, name, entries in response.resources:
-            if error_code:
-                raise for_code(error_code)(f"describing the configs of topic {name}")
-            found[name] = {entry[0]: entry[1] for entry in entries}
+    found = await t.topic_configs(admin, list(topics), _TOPIC_CONFIGS)
     lifetimes = []
     for name in topics:
         configs = found.get(name, {})

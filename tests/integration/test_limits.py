@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -9,7 +10,13 @@ import pytest
 from creditgate.settings import Settings
 from creditgate.store.gateway import CreditStore
 from creditgate.stream.limits import broker_limits, check_redis_query_buffer
-from creditgate.stream.topics import TopicRegistry, TopicSpec, admin_client, apply_topics
+from creditgate.stream.topics import (
+    TopicRegistry,
+    TopicSpec,
+    admin_client,
+    apply_topics,
+    topic_configs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -50,3 +57,26 @@ async def test_a_batch_payload_must_fit_redis_query_buffer(
     assert problem is not None
     assert "client-query-buffer-limit of 67108864" in problem
     assert "batch_max_bytes 209715200" in problem
+
+
+async def test_a_topic_a_broker_has_not_heard_of_yet_is_asked_for_again(
+    endpoints: tuple[str, str],
+) -> None:
+    # a broker behind the controller answers "unknown topic" for one just created (seen
+    # on the cluster stack): a describe made before the topic exists stands in for it
+    bootstrap = endpoints[0]
+    name = f"late{uuid.uuid4().hex[:8]}"
+    registry = TopicRegistry({name: TopicSpec(name, 1, 1, {"retention.ms": "3600000"})})
+
+    async def created_a_moment_later() -> None:
+        await asyncio.sleep(1.0)
+        await apply_topics(bootstrap, registry)
+
+    admin = await admin_client(bootstrap, None)
+    try:
+        creating = asyncio.create_task(created_a_moment_later())
+        found = await topic_configs(admin, [name], ("retention.ms",))
+        await creating
+    finally:
+        await admin.close()
+    assert found == {name: {"retention.ms": "3600000"}}

@@ -47,13 +47,11 @@ def fetch_sizes(max_message_bytes: int, fetch_bytes: int | None = None) -> dict[
 async def broker_limits(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
     """Each topic's ``max.message.bytes`` as the broker applies it: its own setting, else
     the broker's ``message.max.bytes``."""
-    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in topics]
     found: dict[str, int] = {}
-    for response in await admin.describe_configs(resources):
-        for resource in response.resources:
-            for entry in resource[4]:
-                if entry[0] == "max.message.bytes" and entry[1] is not None:
-                    found[resource[3]] = int(entry[1])
+    for name, configs in (await t.topic_configs(admin, topics, ("max.message.bytes",))).items():
+        limit = configs.get("max.message.bytes")
+        if limit is not None:
+            found[name] = int(limit)
     missing = [name for name in topics if name not in found]
     if missing:
         default = await _broker_default(admin)

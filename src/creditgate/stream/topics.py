@@ -16,7 +16,12 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 
 from creditgate.connection_checks import check_kafka
 from creditgate.connections import aiokafka_options
@@ -212,6 +217,40 @@ async def _until_served(admin: AIOKafkaAdminClient, names: list[str]) -> None:
         await asyncio.sleep(0.1)  # polling, bounded by the deadline
 
 
+# A topic is created in the controller's log a moment before every broker has read it
+# there, and a broker still behind answers "unknown topic" for it. On the three-broker
+# cluster stack a describe sent to another broker a second after `apply_topics` returned
+# (which waits until one broker serves the topic) was answered so: that answer is asked
+# again for this long before it stands.
+_UNKNOWN_TOPIC_GRACE_SECONDS = 10.0
+
+
+async def topic_configs(
+    admin: AIOKafkaAdminClient, names: list[str], keys: tuple[str, ...] = ()
+) -> dict[str, dict[str, str | None]]:
+    """Each topic's configs as the broker applies them (only ``keys``, when given); a
+    topic the broker refuses to describe raises that refusal."""
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, name, configs=dict.fromkeys(keys) or None)
+        for name in names
+    ]
+    deadline = time.monotonic() + _UNKNOWN_TOPIC_GRACE_SECONDS
+    while True:
+        found: dict[str, dict[str, str | None]] = {}
+        unknown = False
+        for response in await admin.describe_configs(resources):
+            for error_code, _, _, name, entries in response.resources:
+                if error_code == UnknownTopicOrPartitionError.errno and time.monotonic() < deadline:
+                    unknown = True
+                elif error_code:
+                    raise for_code(error_code)(f"describing the configs of topic {name}")
+                else:
+                    found[name] = {entry[0]: entry[1] for entry in entries}
+        if not unknown:
+            return found
+        await asyncio.sleep(0.2)  # polling, bounded by the deadline
+
+
 async def check_topics(
     bootstrap: str, registry: TopicRegistry, *, settings: Settings | None = None
 ) -> list[str]:
@@ -234,11 +273,7 @@ async def check_topics(
             d["topic"]: min((len(p["replicas"]) for p in d["partitions"]), default=0)
             for d in described
         }
-        resources = [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in present]
-        configs: dict[str, dict[str, str]] = {}
-        for response in await admin.describe_configs(resources):
-            for resource in response.resources:
-                configs[resource[3]] = {entry[0]: entry[1] for entry in resource[4]}
+        configs = await topic_configs(admin, [s.name for s in present])
         for spec in present:
             if partitions.get(spec.name) != spec.partitions:
                 problems.append(
