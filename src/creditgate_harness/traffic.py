@@ -183,6 +183,8 @@ class Seen:
     # expired, rejected: each once, by its digest)
     hold_outcomes: dict[str, set[bytes]] = field(default_factory=lambda: defaultdict(set))
     events: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    # per command, how many requests had a decision when its first event was read
+    event_after_decisions: dict[str, int] = field(default_factory=dict)
     # per (org, window): when the window opened by the last charge of it ends, and the
     # charges inside an open window (a window paid twice), with a few examples
     window_ends: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -344,6 +346,7 @@ class Observer:
         digest = _digest(record.key, record.value, record.headers)
         if topic == t.LICENSE_EVENTS:
             seen.events[body["command_id"]][body["type"]] += 1
+            seen.event_after_decisions.setdefault(body["command_id"], len(seen.decisions))
         elif topic == t.CHARGE_RESULTS:
             if body["type"].startswith("hold."):
                 # a hold's outcome, under the hold's request_id: not a second decision

@@ -116,3 +116,26 @@ async def test_request_ids_sent_twice_some_with_another_body(
     # and a same-body repeat re-emits the stored decision, byte for byte
     assert verdict.result_copies - verdict.decided >= repeats - other_bodies
     assert_holds(run, verdict)
+
+
+@pytest.mark.timeout(420)
+async def test_license_commands_do_not_wait_behind_a_backlog_of_requests(
+    tmp_path: Path, workload_spec: Callable[..., WorkloadSpec], worker_fault_stack: DevStack
+) -> None:
+    # the whole stream waits on the broker, its grants and new periods among 20,000
+    # requests, when the worker starts: the commands must not wait for the requests
+    # sent before them (they did, until the end of the backlog, 27 s in a fault run)
+    spec = workload_spec(20_000, seed=5)
+    async with FaultRun(tmp_path, spec, shared_stack=worker_fault_stack) as run:
+        await run.setup(["w"])
+        await run.rig.stop_worker("w", count=False)
+        run.start_stream()
+        await run.stream_sent()
+        commands = [c for c in run.feeder.sent.commands if c not in run.observer.seen.events]
+        assert len(commands) >= 20  # the stream's grants and periods, none decided yet
+        run.rig.start_worker("w")
+        verdict = await run.finish()
+    assert_holds(run, verdict)
+    after = run.observer.seen.event_after_decisions
+    late = {c: after[c] for c in commands if after[c] > spec.requests // 10}
+    assert not late, f"commands decided after most of the backlog: {late}"

@@ -2,8 +2,10 @@
 
 Three stages, each working on another batch at the same time:
 
-1. *prepare* takes what the broker has fetched, across every input partition, reads and
-   validates it and packs its Redis calls, again and again while the next stage is busy
+1. *prepare* takes what the broker has fetched, across every input partition (license
+   commands and hold settlements first, so that they never wait behind a backlog of
+   charge requests), reads and validates it and packs its Redis calls, again and again
+   while the next stage is busy
    (up to ``batch_size`` records and ``batch_max_bytes`` bytes of input values: records
    fetched beyond that wait for the next batch, and a single larger request is a batch
    of its own);
@@ -49,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -133,6 +135,7 @@ class DecisionLoop(Service):
             self._commands,
             self._settlements,
         ]
+        self._urgent = frozenset({self._commands, self._settlements})  # fetched first
         self._next_sweep = 0.0  # monotonic time the hold sweep is due
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -263,12 +266,7 @@ class DecisionLoop(Service):
             if self._carry is not None:
                 (generation, fetched), self._carry = self._carry, None
             else:
-                room = size - self._waiting
-                fetched = await consumer.getmany(timeout_ms=_IDLE_POLL_MS, max_records=room)
-                # the rebalance these records are in hand in. Read after the fetch, not
-                # before: records fetched after a rebalance reset their partitions are
-                # past that reset, and dropping them would lose them
-                generation = self._generation
+                generation, fetched = await self._fetch(consumer, size - self._waiting)
             if fetched:
                 room = max_bytes - self._waiting_bytes
                 fetched, rest = within_bytes(fetched, room, first=not self._parts)
@@ -283,6 +281,36 @@ class DecisionLoop(Service):
                     if self._waiting >= size or self._waiting_bytes >= max_bytes:
                         self._room.clear()
                     self._parts_ready.set()
+
+    async def _fetch(self, consumer: AIOKafkaConsumer, room: int) -> tuple[int, Fetched]:
+        """Up to ``room`` records fetched, license commands and hold settlements first,
+        with the rebalance they are in hand in.
+
+        First because the consumer hands out what it fetched partition after partition: a
+        command behind a backlog of requests waited until that whole backlog was decided.
+        A fault run (20,000 requests on the broker, the worker killed five times) saw
+        grants and new periods published 27 s after they were sent, at the very end,
+        while the organisations' requests were refused for want of the credits they
+        brought. Kafka keeps no order between topics, so nothing is lost by it.
+        """
+        urgent = [tp for tp in consumer.assignment() if tp.topic in self._urgent]
+        fetched: dict[TopicPartition, Sequence[Any]] = {}
+        if urgent:
+            fetched = await consumer.getmany(*urgent, timeout_ms=0, max_records=room)
+            room -= sum(len(records) for records in fetched.values())
+        # the generation is read after each fetch, not before: records fetched after a
+        # rebalance reset their partitions are past that reset, and dropping them would
+        # lose them; records fetched before it are fetched again after it
+        generation = self._generation
+        if room > 0:
+            rest = await consumer.getmany(
+                timeout_ms=0 if fetched else _IDLE_POLL_MS, max_records=room
+            )
+            if self._generation != generation:
+                fetched, generation = {}, self._generation
+            for tp, records in rest.items():
+                fetched[tp] = [*fetched.get(tp, ()), *records]
+        return generation, fetched
 
     async def _quiet(self) -> None:
         """Until no batch is in hand. Once it has the lock it keeps it: no further batch
