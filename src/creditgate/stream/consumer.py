@@ -348,8 +348,9 @@ class DecisionLoop(Service):
                         self._metrics,
                     )
                     await self._published()  # the batch before goes out first
-                    if self.should_stop:
-                        return  # decided but not published: decided again, identically
+                    # published even if a stop came meanwhile: the stop waits for it
+                    # (within its grace), rather than leave decisions in Redis for the
+                    # partitions' next owner to publish, whenever one comes
                     self._publishing = asyncio.ensure_future(self._publish(batch, decided))
 
     async def _while_idle(self) -> None:
