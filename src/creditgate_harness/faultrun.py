@@ -150,17 +150,20 @@ class FaultRun:
         )
 
     async def finish(self, timeout: float = 240.0, *, first_body_wins: bool = False) -> Verdict:
-        """Send the rest of the stream, wait for every decision, stop the workers, read
-        to the end, check everything."""
+        """Send the rest of the stream, wait for every decision and license event, stop
+        the workers, read to the end, check everything."""
         if self._stream is not None:
             await self.stream_sent(timeout)
         await asyncio.wait_for(self.feeder.send_all(self._sends, rate=self.rate), timeout)
         self.timings.mark("stream sent")
         try:
             await self.observer.wait_decided(self.feeder.sent.requests, timeout)
+            # and every license command: they come on a topic of their own, so the last
+            # requests can be decided before the last commands
+            await self.observer.wait_events(self.feeder.sent.commands, timeout)
         except Deadline:
             # fall through to the verdict: it names what is missing, beside the rest
-            log.exception("not every request was decided")
+            log.exception("not every request or command was decided")
         self.timings.mark("all decided")
         crashed = self.rig.crashed()
         for name, worker in self.rig.workers.items():
