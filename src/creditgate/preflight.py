@@ -153,7 +153,7 @@ class TopicLifetime:
 
 def request_topics(registry: TopicRegistry) -> list[str]:
     """The topics whose messages are decided once: a replay of them must find its record."""
-    return [registry.name(n) for n in (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS, t.HOLD_SETTLEMENTS)]
+    return [registry.name(n) for n in t.INPUTS]
 
 
 async def check_lifetimes(settings: Settings, registry: TopicRegistry) -> None:

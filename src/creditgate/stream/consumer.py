@@ -131,10 +131,7 @@ class DecisionLoop(Service):
         self._registry = registry
         self._commands = registry.name(t.LICENSE_COMMANDS)
         self._settlements = registry.name(t.HOLD_SETTLEMENTS)
-        self._topics = [registry.name(n) for n in t.REQUEST_ACTIONS] + [
-            self._commands,
-            self._settlements,
-        ]
+        self._topics = [registry.name(n) for n in t.INPUTS]
         self._urgent = frozenset({self._commands, self._settlements})  # fetched first
         self._next_sweep = 0.0  # monotonic time the hold sweep is due
         self._consumer: AIOKafkaConsumer | None = None
@@ -166,10 +163,6 @@ class DecisionLoop(Service):
         # checks its messages against, what the clients must fetch and send
         limits = await read_limits(self._settings, self._registry)
         outputs = [self._registry.name(n) for n in t.OUTPUTS]
-        inputs = [
-            self._registry.name(n)
-            for n in (*t.REQUEST_ACTIONS, t.LICENSE_COMMANDS, t.HOLD_SETTLEMENTS)
-        ]
         # acks=all: a decision counts as published once every in-sync replica has it (at
         # least min.insync.replicas of them). Idempotent: a send retried after a lost
         # acknowledgement (a broker failing over) is written once, not twice.
@@ -222,7 +215,9 @@ class DecisionLoop(Service):
             heartbeat_interval_ms=int(heartbeat_seconds(session) * 1000),
             max_poll_records=self._settings.batch_size,
             # records as large as the input topics take; one fetch about a batch's bytes
-            **fetch_sizes(max(limits[name] for name in inputs), self._settings.batch_max_bytes),
+            **fetch_sizes(
+                max(limits[name] for name in self._topics), self._settings.batch_max_bytes
+            ),
             **security,
         )
         self._consumer.subscribe(self._topics, listener=_Handover(self))

@@ -117,13 +117,6 @@ def limits_report(found: list[OutputLimit]) -> list[str]:
     ]
 
 
-def output_topics(registry: TopicRegistry) -> list[str]:
-    return [
-        registry.name(n)
-        for n in (t.CHARGE_RESULTS, t.LEDGER, t.LICENSE_EVENTS, t.NOTIFICATIONS, t.DEADLETTER)
-    ]
-
-
 async def read_limits(settings: Settings, registry: TopicRegistry) -> dict[str, int]:
     """Every topic's ``max.message.bytes`` as the broker applies it, by broker name."""
     admin = await t.admin_client(settings.kafka_bootstrap, settings)

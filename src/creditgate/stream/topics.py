@@ -48,6 +48,8 @@ REQUEST_ACTIONS = {
     PUSH_REQUESTS: Action.CRM_PUSH,
     VERIFICATION_REQUESTS: Action.EMAIL_VERIFICATION,
 }
+# what the worker consumes: each message is decided once, by its idempotency record
+INPUTS = (*REQUEST_ACTIONS, LICENSE_COMMANDS, HOLD_SETTLEMENTS)
 
 
 def default_topics_dir() -> Path:
